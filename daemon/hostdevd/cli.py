@@ -1,0 +1,345 @@
+"""hostdevctl: status, dry-run plans, host checks, and prepare/release by hand.
+
+Exit codes: 0 ok, 1 refused or problem found, 2 usage error. Every command
+takes --json. Read-only commands work without the daemon.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .address import PciAddress
+from .checks import run_checks
+from .config import Config, load_config
+from .domxml import parse_domain
+from .engine import Engine
+from .errors import HostdevError, Refused, UsageError
+from .ledger import Ledger, LedgerStore, Owner
+from .planner import plan_prepare, plan_release
+from .sysfs import RealHost, Sysfs
+from .topology import Topology, from_snapshot
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 as well; keep one line
+        raise UsageError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*headers).rstrip()]
+    lines += [fmt.format(*r).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+class Context:
+    """What every command needs, built lazily from the global options."""
+
+    def __init__(self, args: argparse.Namespace, sysfs: Sysfs | None = None):
+        self.args = args
+        self._sysfs = sysfs
+        self._config: Config | None = None
+        self._engine: Engine | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.args.config)
+            if self.args.state_dir:
+                self._config.state_dir = self.args.state_dir
+            if self.args.sysfs_root:
+                self._config.sysfs_root = self.args.sysfs_root
+        return self._config
+
+    @property
+    def sysfs(self) -> Sysfs:
+        if self._sysfs is None:
+            self._sysfs = Sysfs(RealHost(self.config.sysfs_root), self.config.write_timeout)
+        return self._sysfs
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.config, self.sysfs, LedgerStore(self.config.state_dir))
+        return self._engine
+
+    def ledger(self) -> Ledger:
+        try:
+            return LedgerStore(self.config.state_dir).read()
+        except PermissionError:
+            return Ledger()  # not root: show the host without owners
+
+    def topology(self) -> tuple[Topology, dict[PciAddress, str]]:
+        """The topology to work on, and class cautions (listing only)."""
+        a = self.args
+        if getattr(a, "listing", None):
+            from .listing import class_warnings, parse_listing
+            topo = parse_listing(_read_text(a.listing))
+            return topo, class_warnings(topo)
+        if getattr(a, "snapshot", None):
+            return from_snapshot(_read_text(a.snapshot)), {}
+        return self.engine.topology(), {}
+
+
+def _read_text(path: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from e
+
+
+def _owner_label(ledger: Ledger, addr: PciAddress) -> str | None:
+    claim = ledger.claim_for_device(addr)
+    if claim is None:
+        return "reserved" if str(addr) in ledger.reservations else None
+    label = claim.owner.name
+    return label if claim.state == "active" else f"{label} ({claim.state})"
+
+
+# ---------------------------------------------------------------- commands
+def cmd_groups(ctx: Context, out: Callable[[str], None]) -> int:
+    topo, _ = ctx.topology()
+    ledger = ctx.ledger() if topo.source == "sysfs" else Ledger()
+    data = topo.to_json()
+    for g in data["groups"]:
+        for d in g["devices"]:
+            d["owner"] = _owner_label(ledger, PciAddress.parse(d["address"]))
+    if ctx.args.save:
+        Path(ctx.args.save).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if ctx.args.json:
+        out(json.dumps(data, indent=2))
+        return EXIT_OK
+    if not topo.iommu_active:
+        out("No IOMMU groups: the IOMMU is off or absent on this host, so no device can be passed through.")
+        out("Enable VT-d / AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on); "
+            "`hostdevctl check` explains.")
+        return EXIT_PROBLEM
+    rows = []
+    for g in data["groups"]:
+        for d in g["devices"]:
+            kind = "bridge" if d["bridge"] else ""
+            crit = topo.critical.get(PciAddress.parse(d["address"]))
+            rows.append([g["group"], d["address"], d["class"], f"{d['vendor']}:{d['device']}",
+                         d.get("driver") or ("" if topo.source == "listing" else "-"),
+                         d["owner"], ", ".join(x for x in (kind, "host-critical" if crit else "") if x) or "",
+                         d.get("name") or ""])
+    headers = ["GROUP", "ADDRESS", "CLASS", "VENDOR:DEV", "DRIVER", "OWNER", "NOTE", "NAME"]
+    if topo.source != "listing":
+        headers, rows = headers[:-1], [r[:-1] for r in rows]
+    out(_table(headers, rows))
+    return EXIT_OK
+
+
+def _requests(ctx: Context) -> tuple[list[PciAddress], Owner | None, list[str]]:
+    """Addresses from a domain XML file and/or --device; the owner the XML names."""
+    a = ctx.args
+    addrs: list[PciAddress] = [PciAddress.parse(d) for d in (a.device or [])]
+    notes: list[str] = []
+    owner = None
+    if a.xml:
+        dom = parse_domain(_read_text(a.xml).encode())
+        addrs += [r.address for r in dom.requests]
+        if dom.name:
+            owner = Owner(name=dom.name, uuid=dom.uuid)
+        notes += [f"out of scope ({o.kind}): {o.detail} - not bound by hostdevd" for o in dom.out_of_scope]
+        notes += [f"interface type='network' source {n.network!r}: libvirt picks the device at start; "
+                  "the hook prepares it then" for n in dom.networks]
+    if getattr(a, "owner", None):
+        owner = Owner(name=a.owner, uuid=getattr(a, "uuid", None) or (owner.uuid if owner else None))
+    return addrs, owner, notes
+
+
+def _print_plan(ctx: Context, plan_json: dict, out: Callable[[str], None], title: str) -> None:
+    if ctx.args.json:
+        out(json.dumps(plan_json, indent=2))
+        return
+    out(f"{title} for {plan_json['owner']['name']}: {'OK' if plan_json['ok'] else 'REFUSED'}")
+    for g in plan_json["groups"]:
+        out(f"  group {g['group']}: bind {', '.join(g['bind']) or '-'}"
+            + (f"; companions {', '.join(g['companions'])}" if g["companions"] else "")
+            + (f"; skip bridges {', '.join(g['skip'])}" if g["skip"] else ""))
+    if plan_json.get("steps"):
+        out("  steps:")
+        for s in plan_json["steps"]:
+            target = s["address"] or f"group {s['group']}"
+            out(f"    {s['action']:<8} {target}" + (f"  {s['detail']}" if s["detail"] else ""))
+    for r in plan_json.get("refusals", []):
+        out(f"  refused: {r['reason']}")
+        out(f"    fix: {r['hint']}")
+    for w in plan_json.get("warnings", []):
+        out(f"  warning: {w}")
+    for n in plan_json.get("notes", []):
+        out(f"  note: {n}")
+
+
+def cmd_plan(ctx: Context, out: Callable[[str], None]) -> int:
+    addrs, owner, notes = _requests(ctx)
+    owner = owner or Owner(name="plan", kind="manual")
+    topo, warnings = ctx.topology()
+    ledger = ctx.ledger() if topo.source == "sysfs" else Ledger()
+    if ctx.args.release:
+        plan = plan_release(topo, owner, ledger, addrs or None)
+    else:
+        if not addrs:
+            raise UsageError("nothing to plan: give a domain XML file or --device BDF")
+        plan = plan_prepare(topo, addrs, owner, ledger, ctx.engine.policy if topo.source == "sysfs"
+                            else _policy(ctx), warnings)
+    data = plan.to_json()
+    data["source"] = topo.source
+    data["notes"] = notes
+    _print_plan(ctx, data, out, "release plan" if ctx.args.release else "plan")
+    return EXIT_OK if plan.ok else EXIT_PROBLEM
+
+
+def _policy(ctx: Context):
+    from .planner import Policy
+    return Policy.from_config(ctx.config)
+
+
+def cmd_prepare(ctx: Context, out: Callable[[str], None]) -> int:
+    addrs, owner, notes = _requests(ctx)
+    if owner is None:
+        raise UsageError("prepare needs an owner: a domain XML with <name>, or --owner NAME")
+    if not addrs:
+        raise UsageError("nothing to prepare: give a domain XML file or --device BDF")
+    try:
+        plan, result = ctx.engine.prepare(addrs, owner)
+    except Refused as e:
+        plan = ctx.engine.plan_prepare(addrs, owner)
+        data = plan.to_json()
+        data["ok"] = False
+        data.setdefault("refusals", e.refusals or [{"device": "-", "reason": e.message, "hint": e.hint or ""}])
+        _print_plan(ctx, data, out, "prepare")
+        return EXIT_PROBLEM
+    data = plan.to_json()
+    data["result"] = result.to_json()
+    data["notes"] = notes
+    _print_plan(ctx, data, out, "prepared")
+    return EXIT_OK
+
+
+def cmd_release(ctx: Context, out: Callable[[str], None]) -> int:
+    addrs, owner, _ = _requests(ctx)
+    if owner is None:
+        raise UsageError("release needs an owner: a domain XML with <name>, or --owner NAME")
+    plan, result = ctx.engine.release(owner, addrs or None)
+    data = plan.to_json()
+    data["result"] = result.to_json()
+    if not plan.groups:
+        data["warnings"].append(f"{owner.name} holds no groups")
+    _print_plan(ctx, data, out, "released")
+    return EXIT_OK
+
+
+def cmd_status(ctx: Context, out: Callable[[str], None]) -> int:
+    ledger = ctx.ledger()
+    data = json.loads(ledger.model_dump_json())
+    if ctx.args.json:
+        out(json.dumps(data, indent=2))
+        return EXIT_OK
+    rows = []
+    for _, c in sorted(ledger.claims.items(), key=lambda kv: int(kv[0])):
+        for d in c.devices:
+            rows.append([c.group, c.owner.label(), c.state, d.address, d.role, d.state,
+                         d.original_driver or "none", d.original_override or ""])
+    if not rows:
+        out("no claims: every device is with the host")
+        return EXIT_OK
+    out(_table(["GROUP", "OWNER", "CLAIM", "ADDRESS", "ROLE", "STATE", "ORIG DRIVER", "ORIG OVERRIDE"], rows))
+    for c in ledger.claims.values():
+        for n in c.notes:
+            out(f"group {c.group}: {n}")
+    return EXIT_OK
+
+
+def cmd_check(ctx: Context, out: Callable[[str], None]) -> int:
+    results = run_checks(ctx.sysfs, ctx.ledger())
+    failed = any(r.status == "fail" for r in results)
+    if ctx.args.json:
+        out(json.dumps({"ok": not failed, "checks": [r.to_json() for r in results]}, indent=2))
+    else:
+        for r in results:
+            out(f"{r.status.upper():<5} {r.name:<22} {r.message}")
+            if r.hint and r.status != "ok":
+                out(f"      fix: {r.hint}")
+    return EXIT_PROBLEM if failed else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _Parser(prog="hostdevctl", description=__doc__.splitlines()[0], parents=[common])
+    p.add_argument("--version", action="version", version=f"hostdevctl {__version__}")
+    p.add_argument("--config", help="config file (default /etc/hostdevd/hostdevd.toml)")
+    p.add_argument("--state-dir", help="ledger directory (default from config: /var/lib/hostdevd)")
+    p.add_argument("--sysfs-root", help="sysfs mount point (default /sys; for tests and the lab)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def source_opts(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--listing", metavar="FILE", help="an IOMMU-group listing (forum post style) instead of sysfs")
+        g.add_argument("--snapshot", metavar="FILE", help="a JSON snapshot from `groups --save`")
+
+    def request_opts(sp: argparse.ArgumentParser, owner: bool = True) -> None:
+        sp.add_argument("xml", nargs="?", help="domain XML file (or - for stdin)")
+        sp.add_argument("--device", action="append", metavar="BDF", help="PCI address; repeatable")
+        if owner:
+            sp.add_argument("--owner", metavar="NAME", help="owning domain name")
+            sp.add_argument("--uuid", metavar="UUID", help="owning domain UUID")
+
+    sp = sub.add_parser("groups", parents=[common], help="IOMMU groups, devices, drivers and owners")
+    source_opts(sp)
+    sp.add_argument("--save", metavar="FILE", help="also write a JSON snapshot")
+    sp.set_defaults(func=cmd_groups)
+
+    sp = sub.add_parser("plan", parents=[common], help="dry run: what prepare (or --release) would do")
+    request_opts(sp)
+    source_opts(sp)
+    sp.add_argument("--release", action="store_true", help="plan a release instead")
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("check", parents=[common], help="validate the host for passthrough")
+    sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("prepare", parents=[common], help="claim groups and bind them to vfio-pci")
+    request_opts(sp)
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("release", parents=[common], help="release claims and restore recorded drivers")
+    request_opts(sp)
+    sp.set_defaults(func=cmd_release)
+
+    sp = sub.add_parser("status", parents=[common], help="the ledger: claims, owners, recorded drivers")
+    sp.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None, sysfs: Sysfs | None = None,
+         out: Callable[[str], None] = print) -> int:
+    logging.basicConfig(level=logging.WARNING, format="hostdevctl: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(Context(args, sysfs), out)
+    except HostdevError as e:
+        as_json = "--json" in (argv if argv is not None else sys.argv[1:])
+        if as_json and not isinstance(e, UsageError):
+            out(json.dumps({"ok": False, "error": e.to_dict()}))
+        print(f"hostdevctl: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

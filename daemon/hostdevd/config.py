@@ -1,0 +1,137 @@
+"""/etc/hostdevd/hostdevd.toml: tomllib + pydantic, one clear error line per mistake."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .address import PciAddress
+from .errors import ConfigError, InvalidAddress
+
+DEFAULT_PATH = "/etc/hostdevd/hostdevd.toml"
+_VD_RE = re.compile(r"^[0-9a-fA-F]{4}:(?:[0-9a-fA-F]{4}|\*)$")
+
+ResetPreference = Literal["auto", "flr", "pm", "bus", "device_specific", "none"]
+
+
+def _check_matcher(value: str) -> str:
+    """A device matcher is a PCI address (DDDD:BB:SS.F or BB:SS.F) or vendor:device (device may be *)."""
+    if _VD_RE.match(value):
+        return value.lower()
+    try:
+        return str(PciAddress.parse(value))
+    except InvalidAddress:
+        raise ValueError(f"{value!r} is neither a PCI address (0000:01:00.0) nor vendor:device (10de:1b80)")
+
+
+class DeviceMatcher:
+    """Matches a device by address or vendor:device."""
+
+    def __init__(self, patterns: list[str]):
+        self.patterns = [_check_matcher(p) for p in patterns]
+
+    def matches(self, address: PciAddress, vendor: str | None = None, device: str | None = None) -> bool:
+        for p in self.patterns:
+            if _VD_RE.match(p):
+                if vendor and device and fnmatch.fnmatchcase(f"{vendor}:{device}", p):
+                    return True
+            elif p == str(address):
+                return True
+        return False
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PolicyConfig(_Strict):
+    allow: list[str] = Field(default_factory=list, description=(
+        "When non-empty, only these devices (address or vendor:device) may be bound to vfio-pci."))
+    deny: list[str] = Field(default_factory=list, description="Devices that are never bound.")
+    allow_host_critical: list[str] = Field(default_factory=list, description=(
+        "Explicit override: host-critical devices (root disk controller, default-route NIC, boot VGA) "
+        "that may still be passed through."))
+
+    @field_validator("allow", "deny", "allow_host_critical")
+    @classmethod
+    def _matchers(cls, v: list[str]) -> list[str]:
+        return [_check_matcher(x) for x in v]
+
+
+class ResetConfig(_Strict):
+    default: ResetPreference = "auto"
+    devices: dict[str, ResetPreference] = Field(default_factory=dict, description=(
+        "Per-device reset preference, keyed by address or vendor:device."))
+
+    @field_validator("devices")
+    @classmethod
+    def _keys(cls, v: dict[str, str]) -> dict[str, str]:
+        return {_check_matcher(k): p for k, p in v.items()}
+
+
+class Config(_Strict):
+    libvirt_uri: str = "qemu:///system"
+    state_dir: str = "/var/lib/hostdevd"
+    runtime_dir: str = "/run/hostdevd"
+    sysfs_root: str = "/sys"
+    write_timeout: float = Field(default=10.0, gt=0, le=600)
+    bind_verify_timeout: float = Field(default=5.0, gt=0, le=600)
+    release_wait_timeout: float = Field(default=10.0, ge=0, le=600, description=(
+        "How long release waits for QEMU to close /dev/vfio/N before giving up on a group."))
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    reset: ResetConfig = Field(default_factory=ResetConfig)
+
+    def reset_preference(self, address: PciAddress, vendor: str, device: str) -> str:
+        for key, pref in self.reset.devices.items():
+            if DeviceMatcher([key]).matches(address, vendor, device):
+                return pref
+        return self.reset.default
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_config(text: str, source: str = DEFAULT_PATH) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}", "fix the syntax, then restart hostdevd") from e
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = _loc(err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(f"{source}: {key}: {msg}", "see README.md, section Configuration") from e
+
+
+def load_config(path: str | None = None) -> Config:
+    """Load the config; a missing file at the default path means defaults."""
+    p = Path(path or DEFAULT_PATH)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if path is None:
+            return Config()
+        raise ConfigError(f"{p}: no such config file", "create it or leave out --config")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from e
+    return parse_config(text, str(p))
+
+
+def config_json_schema() -> str:
+    return json.dumps(Config.model_json_schema(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,340 @@
+"""The executor: the only writer.
+
+Applies a :class:`~hostdevd.planner.Plan` to the host through
+:class:`~hostdevd.sysfs.Sysfs`, recording intent in the ledger before each
+step so a crash at any point leaves enough on disk to finish or undo it.
+
+* Prepare is all-or-nothing: each step registers its undo the moment it
+  succeeds; on failure the undos run in reverse and the claim is dropped
+  (or kept as ``failed`` with a note naming what could not be undone).
+* Release is best effort: each device's failure is logged and the rest
+  continue (libvirt's reattach does the same); a group whose devices did not
+  all come back keeps a ``failed`` claim so nothing is forgotten.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .address import PciAddress
+from .errors import ExecutionFailed, HostdevError, Refused
+from .ledger import Claim, DeviceRecord, LedgerStore
+from .logfields import log_action
+from .planner import VFIO, Plan
+from .sysfs import Sysfs
+
+log = logging.getLogger("hostdevd.executor")
+
+
+def default_modprobe(module: str) -> None:
+    proc = subprocess.run(["modprobe", module], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        msg = proc.stderr.strip() or f"exit status {proc.returncode}"
+        raise ExecutionFailed(f"modprobe {module} failed: {msg}",
+                              "is the module blacklisted (install ... /bin/false)? remove that line")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+@dataclass
+class Result:
+    ok: bool
+    groups: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "groups": self.groups, "errors": self.errors, "notes": self.notes}
+
+
+class Executor:
+    def __init__(self, sysfs: Sysfs, store: LedgerStore, *,
+                 modprobe: Callable[[str], None] | None = default_modprobe,
+                 verify_timeout: float = 5.0, release_wait: float = 10.0,
+                 on_step: Callable[[str], None] | None = None):
+        self.sysfs = sysfs
+        self.store = store
+        self.modprobe = modprobe
+        self.verify_timeout = verify_timeout
+        self.release_wait = release_wait
+        # Called at every step boundary with a name ("claim:12", "bind:0000:01:00.0", ...);
+        # tests use it to crash the executor at each boundary.
+        self.on_step = on_step
+
+    def _boundary(self, name: str) -> None:
+        if self.on_step:
+            self.on_step(name)
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self, plan: Plan) -> Result:
+        """Apply a prepare plan; raise Refused/ExecutionFailed after rolling back."""
+        if not plan.ok:
+            raise Refused(plan.refusal_message(), refusals=[r.to_json() for r in plan.refusals])
+        undo: list[tuple[str, Callable[[], None]]] = []
+        result = Result(ok=True)
+        try:
+            for gp in plan.groups:
+                steps = [s for s in plan.steps if s.group == gp.group]
+                if gp.already_held:
+                    self._update_requested(plan, gp.group, gp.requested)
+                    result.groups.append(gp.group)
+                    continue
+                self._claim(plan, gp, undo)
+                for step in steps:
+                    if step.action == "bind":
+                        self._bind_step(plan, gp.group, PciAddress.parse(step.address), undo)
+                    elif step.action == "reset":
+                        self._reset_step(plan, gp.group, PciAddress.parse(step.address))
+                self._boundary(f"activate:{gp.group}")
+                with self.store.transaction() as ledger:
+                    claim = ledger.claim_for_group(gp.group)
+                    claim.state = "active"
+                    ledger.put(claim)
+                log_action(log, logging.INFO, "claim", "group %s active for %s", gp.group, plan.owner.label(),
+                           group=gp.group, owner=plan.owner, action="prepare", result="ok")
+                result.groups.append(gp.group)
+        except Exception as e:
+            failures = self._rollback(plan, undo)
+            msg = str(e)
+            if failures:
+                msg += "; rollback incomplete: " + "; ".join(failures)
+            log_action(log, logging.ERROR, "rollback", "prepare for %s failed, rolled back: %s",
+                       plan.owner.label(), msg, owner=plan.owner, action="prepare", result="failed")
+            if isinstance(e, HostdevError) and not failures:
+                raise
+            raise ExecutionFailed(msg, getattr(e, "hint", None)) from e
+        return result
+
+    def _update_requested(self, plan: Plan, group: int, requested: list[str]) -> None:
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            for rec in claim.devices:
+                if rec.address in requested:
+                    rec.role = "requested"
+            ledger.put(claim)
+
+    def _claim(self, plan: Plan, gp, undo: list) -> None:
+        """Record the claim atomically: a racing owner loses here, before any sysfs write."""
+        self._boundary(f"claim:{gp.group}")
+        with self.store.transaction() as ledger:
+            holder = ledger.claim_for_group(gp.group)
+            if holder is not None and not holder.owner.same(plan.owner):
+                raise Refused(f"IOMMU group {gp.group} is held by {holder.owner.kind} {holder.owner.label()}",
+                              f"stop {holder.owner.name} or release its devices first")
+            if holder is not None:
+                raise Refused(f"IOMMU group {gp.group} is already being prepared for {plan.owner.label()}",
+                              "wait for the first request to finish")
+            records = []
+            for a in gp.bind:
+                addr = PciAddress.parse(a)
+                records.append(DeviceRecord(
+                    address=a, role="companion" if a in gp.companions else "requested",
+                    state="vfio" if a in gp.keep else "host",
+                    # Read live: the topology may be seconds old.
+                    original_driver=self.sysfs.driver(addr),
+                    original_override=self.sysfs.driver_override(addr),
+                    bound_by_us=False))
+            ledger.put(Claim(group=gp.group, owner=plan.owner, state="claimed", devices=records))
+        log_action(log, logging.INFO, "claim", "claimed group %s for %s", gp.group, plan.owner.label(),
+                   group=gp.group, owner=plan.owner, action="claim", result="ok")
+        undo.append((f"claim:{gp.group}", lambda g=gp.group: self._drop_claim(g)))
+
+    def _set_state(self, group: int, addr: PciAddress, **changes) -> DeviceRecord:
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            rec = claim.device(addr)
+            for k, v in changes.items():
+                setattr(rec, k, v)
+            ledger.put(claim)
+            return rec.model_copy()
+
+    def _bind_step(self, plan: Plan, group: int, addr: PciAddress, undo: list) -> None:
+        self._boundary(f"bind:{addr}")
+        if self.sysfs.driver(addr) == VFIO:
+            self._set_state(group, addr, state="vfio")
+            return
+        if not self.sysfs.driver_loaded(VFIO):
+            if self.modprobe is None:
+                raise ExecutionFailed("the vfio-pci driver is not loaded", "run `modprobe vfio-pci`")
+            self.modprobe(VFIO)
+        # Intent first: a crash from here on leaves a record saying we were moving it.
+        rec = self._set_state(group, addr, state="binding", bound_by_us=True)
+        undo.append((f"bind:{addr}", lambda r=rec, g=group: self._restore(g, r)))
+        self.sysfs.set_driver_override(addr, VFIO)
+        self.sysfs.unbind(addr)
+        self.sysfs.drivers_probe(addr)
+        if not wait_until(lambda: self.sysfs.driver(addr) == VFIO, self.verify_timeout):
+            raise ExecutionFailed(f"{addr} did not bind to vfio-pci (driver is now {self.sysfs.driver(addr)})",
+                                  "check `dmesg` for vfio-pci errors")
+        self._set_state(group, addr, state="vfio")
+        log_action(log, logging.INFO, "bind", "bound %s to vfio-pci (was %s)", addr,
+                   rec.original_driver or "no driver", address=addr, group=group, owner=plan.owner,
+                   action="bind", result="ok")
+
+    def _reset_step(self, plan: Plan, group: int, addr: PciAddress) -> None:
+        self._boundary(f"reset:{addr}")
+        if not self.sysfs.read_device(addr).has_reset:
+            log_action(log, logging.WARNING, "reset", "%s has no reset method; not reset", addr,
+                       address=addr, group=group, owner=plan.owner, action="reset", result="skipped")
+            return
+        self.sysfs.reset(addr)
+        log_action(log, logging.INFO, "reset", "reset %s", addr, address=addr, group=group,
+                   owner=plan.owner, action="reset", result="ok")
+
+    def _drop_claim(self, group: int) -> None:
+        with self.store.transaction() as ledger:
+            ledger.drop(group)
+
+    def _rollback(self, plan: Plan, undo: list) -> list[str]:
+        failures = []
+        for name, fn in reversed(undo):
+            try:
+                fn()
+            except Exception as e:  # keep undoing the rest
+                failures.append(f"{name}: {e}")
+                log_action(log, logging.ERROR, "step_failed", "undo of %s failed: %s", name, e,
+                           owner=plan.owner, action="rollback", result="failed")
+        if failures:
+            # Keep what could not be undone visible, never silently forgotten.
+            groups = {int(n.split(":")[1]) for n, _ in undo if n.startswith("claim:")}
+            with self.store.transaction() as ledger:
+                for g in groups:
+                    claim = ledger.claim_for_group(g)
+                    if claim is None:
+                        continue
+                    claim.state = "failed"
+                    claim.notes.append("rollback incomplete: " + "; ".join(failures))
+                    ledger.put(claim)
+        return failures
+
+    # ------------------------------------------------------------------ restore
+    def _restore(self, group: int, rec: DeviceRecord) -> None:
+        """Put one device back exactly as recorded (driver and driver_override).
+
+        A reprobe is not enough: a VF with sriov_drivers_autoprobe=0 is never
+        probed unless driver_override names a driver, and a device whose
+        override pointed elsewhere would land on the wrong driver.
+        """
+        addr = rec.pci
+        self._boundary(f"restore:{addr}")
+        if not self.sysfs.exists(addr):
+            log_action(log, logging.WARNING, "restore", "%s is gone (hot-unplugged); dropped from the ledger", addr,
+                       address=addr, group=group, action="restore", result="vanished")
+            self._forget_device(group, addr)
+            return
+        self._set_state(group, addr, state="restoring")
+        want = rec.original_driver
+        self.sysfs.set_driver_override(addr, rec.original_override)
+        current = self.sysfs.driver(addr)
+        if current is not None and current != want:
+            self.sysfs.unbind(addr)
+        if want is not None and self.sysfs.driver(addr) != want:
+            self.sysfs.drivers_probe(addr)
+            if self.sysfs.driver(addr) != want and self.sysfs.driver_loaded(want):
+                # Not probed (autoprobe off) or matched another driver: name it explicitly.
+                if self.sysfs.driver(addr) is not None:
+                    self.sysfs.unbind(addr)
+                self.sysfs.set_driver_override(addr, want)
+                try:
+                    self.sysfs.drivers_probe(addr)
+                finally:
+                    self.sysfs.set_driver_override(addr, rec.original_override)
+            if not wait_until(lambda: self.sysfs.driver(addr) == want, self.verify_timeout):
+                raise ExecutionFailed(f"{addr} did not return to {want} (driver is now "
+                                      f"{self.sysfs.driver(addr) or 'none'})",
+                                      f"check `dmesg`; bind it by hand with driverctl or sysfs")
+        self._set_state(group, addr, state="host", bound_by_us=False)
+        log_action(log, logging.INFO, "restore", "returned %s to %s", addr, want or "no driver",
+                   address=addr, group=group, action="restore", result="ok")
+
+    def _forget_device(self, group: int, addr: PciAddress) -> None:
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if claim is not None:
+                claim.devices = [d for d in claim.devices if d.address != str(addr)]
+                claim.notes.append(f"{addr} vanished; dropped")
+                ledger.put(claim)
+
+    # ------------------------------------------------------------------ release
+    def release(self, plan: Plan) -> Result:
+        """Give groups back to the host, best effort; raise ExecutionFailed naming what stayed."""
+        result = Result(ok=True)
+        for gp in plan.groups:
+            if gp.group in plan.keep_claims:
+                self._shrink_claim(gp.group, plan.keep_claims[gp.group])
+                result.notes.append(f"group {gp.group} stays held for {', '.join(plan.keep_claims[gp.group])}")
+                continue
+            err = self._release_group(plan, gp.group)
+            if err:
+                result.ok = False
+                result.errors.append(err)
+            else:
+                result.groups.append(gp.group)
+        if not result.ok:
+            raise ExecutionFailed("; ".join(result.errors), "see `hostdevctl status`; the ledger keeps the record")
+        return result
+
+    def _shrink_claim(self, group: int, remaining: list[str]) -> None:
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            for rec in claim.devices:
+                if rec.role == "requested" and rec.address not in remaining:
+                    rec.role = "companion"
+            ledger.put(claim)
+
+    def _release_group(self, plan: Plan, group: int) -> str | None:
+        self._boundary(f"release:{group}")
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if claim is None:
+                return None
+            claim.state = "releasing"
+            ledger.put(claim)
+            records = [r.model_copy() for r in claim.devices]
+        # R6: rebind only after QEMU has closed the group, or the host driver's probe hits EBUSY.
+        if not wait_until(lambda: self.sysfs.vfio_group_users(group) == 0, self.release_wait, 0.1):
+            msg = f"group {group}: /dev/vfio/{group} is still open; devices left on vfio-pci"
+            with self.store.transaction() as ledger:
+                claim = ledger.claim_for_group(group)
+                claim.state = "failed"
+                claim.notes.append(msg)
+                ledger.put(claim)
+            log_action(log, logging.ERROR, "release", msg, group=group, owner=plan.owner,
+                       action="release", result="busy")
+            return msg
+        failures = []
+        for rec in reversed(records):
+            if not rec.bound_by_us:
+                continue
+            try:
+                self._restore(group, rec)
+            except Exception as e:  # best effort: continue with the others
+                failures.append(f"{rec.address}: {e}")
+                log_action(log, logging.ERROR, "step_failed", "could not restore %s: %s", rec.address, e,
+                           address=rec.address, group=group, owner=plan.owner, action="restore", result="failed")
+        self._boundary(f"drop:{group}")
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if not failures:
+                ledger.drop(group)
+            elif claim is not None:
+                claim.state = "failed"
+                claim.notes.append("release incomplete: " + "; ".join(failures))
+                ledger.put(claim)
+        if failures:
+            return f"group {group}: " + "; ".join(failures)
+        log_action(log, logging.INFO, "release", "released group %s of %s", group, plan.owner.label(),
+                   group=group, owner=plan.owner, action="release", result="ok")
+        return None
+

@@ -1,0 +1,230 @@
+"""The ledger: hostdevd's only state.
+
+One JSON file (validated pydantic model, versioned) under the state dir,
+replaced atomically (write temp, fsync, rename, fsync dir). Every claim says
+who owns an IOMMU group, which devices it moved, and what driver and
+driver_override each had before, so nothing is ever forgotten across
+crashes, daemon restarts or libvirtd restarts (libvirt itself loses its
+"inactive" list on restart; we must not).
+
+Device states: ``host`` (not touched yet) -> ``binding`` (intent recorded,
+sysfs writes under way) -> ``vfio`` (on vfio-pci) -> ``restoring`` -> gone.
+Claim states: ``claimed`` -> ``active`` -> ``releasing`` -> gone; ``failed``
+keeps a claim whose undo did not complete so an operator can see it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .address import PciAddress
+from .errors import LedgerError
+
+LEDGER_VERSION = 1
+LEDGER_FILE = "ledger.json"
+
+DeviceState = Literal["host", "binding", "vfio", "restoring"]
+ClaimState = Literal["claimed", "active", "releasing", "failed"]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Owner(_Model):
+    name: str = Field(min_length=1, max_length=256)
+    uuid: str | None = Field(default=None, max_length=64)
+    kind: Literal["domain", "manual", "reservation"] = "domain"
+
+    def same(self, other: "Owner") -> bool:
+        if self.uuid and other.uuid:
+            return self.uuid == other.uuid
+        return self.name == other.name and self.kind == other.kind
+
+    def label(self) -> str:
+        return f"{self.name} ({self.uuid})" if self.uuid else self.name
+
+
+class VfNetConfig(_Model):
+    pf_netdev: str
+    vf_index: int
+    mac: str | None = None
+    vlan: int | None = None
+    qos: int | None = None
+    spoofchk: bool | None = None
+    trust: bool | None = None
+
+
+class DeviceRecord(_Model):
+    address: str
+    role: Literal["requested", "companion"]
+    state: DeviceState = "host"
+    original_driver: str | None
+    original_override: str | None
+    # False when the device was already on vfio-pci before we came: we leave it there.
+    bound_by_us: bool = False
+    vf_netconfig: VfNetConfig | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        return str(PciAddress.parse(v))
+
+    @property
+    def pci(self) -> PciAddress:
+        return PciAddress.parse(self.address)
+
+
+class Claim(_Model):
+    group: int = Field(ge=0)
+    owner: Owner
+    state: ClaimState = "claimed"
+    devices: list[DeviceRecord]
+    created: str = Field(default_factory=now)
+    updated: str = Field(default_factory=now)
+    notes: list[str] = Field(default_factory=list)
+
+    def device(self, addr: PciAddress | str) -> DeviceRecord | None:
+        key = str(addr)
+        return next((d for d in self.devices if d.address == key), None)
+
+    @property
+    def requested(self) -> list[str]:
+        return [d.address for d in self.devices if d.role == "requested"]
+
+
+class Ledger(_Model):
+    version: Literal[1] = LEDGER_VERSION
+    claims: dict[str, Claim] = Field(default_factory=dict, description="Keyed by IOMMU group number.")
+    reservations: list[str] = Field(default_factory=list)
+    updated: str = Field(default_factory=now)
+
+    def claim_for_group(self, group: int) -> Claim | None:
+        return self.claims.get(str(group))
+
+    def claim_for_device(self, addr: PciAddress | str) -> Claim | None:
+        key = str(addr)
+        for c in self.claims.values():
+            if c.device(key):
+                return c
+        return None
+
+    def claims_of(self, owner: Owner) -> list[Claim]:
+        return [c for _, c in sorted(self.claims.items(), key=lambda kv: int(kv[0])) if c.owner.same(owner)]
+
+    def put(self, claim: Claim) -> None:
+        claim.updated = now()
+        self.claims[str(claim.group)] = claim
+
+    def drop(self, group: int) -> None:
+        self.claims.pop(str(group), None)
+
+
+def ledger_json_schema() -> str:
+    return json.dumps(Ledger.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+class LedgerStore:
+    """Load and atomically replace the ledger file.
+
+    ``transaction()`` holds a process lock and an flock on ``ledger.lock`` so the
+    daemon and a hand-run hostdevctl never interleave a read-modify-write.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike):
+        self.dir = Path(state_dir)
+        self.path = self.dir / LEDGER_FILE
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._lock_fd: int | None = None
+        self.saves = 0
+
+    def load(self) -> Ledger:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return Ledger()
+        except OSError as e:
+            raise LedgerError(f"cannot read ledger {self.path}: {e.strerror}") from e
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise LedgerError(
+                f"ledger {self.path} is not valid JSON ({e})",
+                "it was not written by hostdevd; restore it from the .bak copy or move it aside after checking "
+                "`hostdevctl groups` for devices on vfio-pci",
+            ) from e
+        if isinstance(data, dict) and data.get("version") not in (None, LEDGER_VERSION):
+            raise LedgerError(f"ledger {self.path} has version {data.get('version')!r}; this hostdevd reads "
+                              f"version {LEDGER_VERSION}", "upgrade hostdevd")
+        try:
+            return Ledger.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise LedgerError(f"ledger {self.path} is invalid at {'.'.join(map(str, err['loc']))}: {err['msg']}",
+                              "restore it from the .bak copy") from e
+
+    def save(self, ledger: Ledger) -> None:
+        ledger.updated = now()
+        data = ledger.model_dump_json(indent=2).encode() + b"\n"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(f".{LEDGER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.path.exists():
+            # One previous generation, for an operator recovering by hand.
+            with contextlib.suppress(OSError):
+                os.replace(self.path, self.path.with_suffix(".json.bak"))
+        os.replace(tmp, self.path)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.saves += 1
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._lock_fd = os.open(self.dir / "ledger.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Ledger]:
+        """Read-modify-write under the lock; saved only when the block succeeds."""
+        with self.locked():
+            ledger = self.load()
+            yield ledger
+            self.save(ledger)
+
+    def read(self) -> Ledger:
+        with self.locked():
+            return self.load()
+

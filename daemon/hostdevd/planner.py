@@ -1,0 +1,286 @@
+"""The planner: pure rules, no I/O.
+
+topology + requests + ledger + policy -> a :class:`Plan` (ordered steps) or
+a refusal that says why and how to fix it. Every rule of
+``docs/hostdev-rules.md`` that can be decided before touching the host lives
+here (R1 groups, R2 viability and companions, R3 ownership and host-critical
+devices, R6 refcounted release), so most tests aim here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+from .address import PciAddress
+from .config import Config, DeviceMatcher
+from .ledger import Claim, Ledger, Owner
+from .topology import Device, Topology
+
+VFIO = "vfio-pci"
+
+
+@dataclass(frozen=True)
+class Policy:
+    allow: DeviceMatcher = field(default_factory=lambda: DeviceMatcher([]))
+    deny: DeviceMatcher = field(default_factory=lambda: DeviceMatcher([]))
+    allow_critical: DeviceMatcher = field(default_factory=lambda: DeviceMatcher([]))
+    config: Config = field(default_factory=Config)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Policy":
+        return cls(DeviceMatcher(cfg.policy.allow), DeviceMatcher(cfg.policy.deny),
+                   DeviceMatcher(cfg.policy.allow_host_critical), cfg)
+
+    def reset_preference(self, dev: Device) -> str:
+        return self.config.reset_preference(dev.address, dev.vendor, dev.device)
+
+
+@dataclass
+class Refusal:
+    device: str
+    reason: str
+    hint: str
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "reason": self.reason, "hint": self.hint}
+
+    def __str__(self) -> str:
+        return f"{self.device}: {self.reason} ({self.hint})"
+
+
+StepAction = Literal["claim", "bind", "keep", "skip", "reset", "activate", "restore", "drop", "update"]
+
+
+@dataclass
+class Step:
+    action: StepAction
+    group: int
+    address: str | None = None
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"action": self.action, "group": self.group, "address": self.address, "detail": self.detail}
+
+    def __str__(self) -> str:
+        target = self.address or f"group {self.group}"
+        return f"{self.action:<8} {target}" + (f"  {self.detail}" if self.detail else "")
+
+
+@dataclass
+class GroupPlan:
+    group: int
+    requested: list[str] = field(default_factory=list)
+    bind: list[str] = field(default_factory=list)        # every endpoint that must sit on vfio-pci
+    companions: list[str] = field(default_factory=list)  # endpoints bound only because they share the group
+    skip: list[str] = field(default_factory=list)        # bridges, never bound
+    keep: list[str] = field(default_factory=list)        # already on vfio-pci/pci-stub: left as they are
+    already_held: bool = False                           # this owner holds the group already
+
+    def to_json(self) -> dict:
+        return {"group": self.group, "requested": self.requested, "bind": self.bind,
+                "companions": self.companions, "skip": self.skip, "keep": self.keep,
+                "already_held": self.already_held}
+
+
+@dataclass
+class Plan:
+    action: Literal["prepare", "release"]
+    owner: Owner
+    groups: list[GroupPlan] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    # Release only: groups whose claim merely shrinks (other requested devices still held).
+    keep_claims: dict[int, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refusals
+
+    def group(self, n: int) -> GroupPlan | None:
+        return next((g for g in self.groups if g.group == n), None)
+
+    def refusal_message(self) -> str:
+        return "; ".join(str(r) for r in self.refusals)
+
+    def to_json(self) -> dict:
+        d = {"ok": self.ok, "action": self.action, "owner": self.owner.model_dump(),
+             "groups": [g.to_json() for g in self.groups],
+             "steps": [s.to_json() for s in self.steps],
+             "warnings": self.warnings}
+        if self.refusals:
+            d["refusals"] = [r.to_json() for r in self.refusals]
+        return d
+
+
+NO_IOMMU_HINT = ("enable VT-d / AMD-Vi in the firmware and boot with intel_iommu=on (Intel) or "
+                 "amd_iommu=on (AMD); `hostdevctl check` verifies")
+
+
+def _refuse_device(dev: Device, role: str, topo: Topology, policy: Policy,
+                   warnings: dict[PciAddress, str]) -> Refusal | None:
+    """Host-critical and policy rules for one endpoint that would go to vfio-pci."""
+    addr = str(dev.address)
+    what = "requested device" if role == "requested" else f"companion in group {dev.group}"
+    if policy.deny.matches(dev.address, dev.vendor, dev.device):
+        return Refusal(addr, f"{what} {addr} [{dev.vendor_device}] is denied by policy.deny",
+                       "remove it from policy.deny in /etc/hostdevd/hostdevd.toml to allow passthrough")
+    if policy.allow and not policy.allow.matches(dev.address, dev.vendor, dev.device):
+        return Refusal(addr, f"{what} {addr} [{dev.vendor_device}] is not in policy.allow",
+                       "add its address or vendor:device to policy.allow in /etc/hostdevd/hostdevd.toml")
+    reason = topo.critical.get(dev.address) or ("boot VGA (the host console)" if dev.boot_vga else None)
+    if reason and not policy.allow_critical.matches(dev.address, dev.vendor, dev.device):
+        return Refusal(addr, f"{what} {addr} is host-critical: {reason}",
+                       f"pass another device, or add {addr} to policy.allow_host_critical if the host can "
+                       "really do without it")
+    if dev.sriov_numvfs and role == "companion":
+        return Refusal(addr, f"{what} {addr} is an SR-IOV PF with {dev.sriov_numvfs} VFs enabled; unbinding it "
+                       "would destroy them", "the platform lacks ACS between the PF and its VFs; assign the "
+                       "whole PF instead, or use a slot with ACS")
+    return None
+
+
+def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, ledger: Ledger,
+                 policy: Policy | None = None, class_warnings: dict[PciAddress, str] | None = None) -> Plan:
+    """Plan moving whole groups to vfio-pci for ``owner`` (all-or-nothing)."""
+    policy = policy or Policy()
+    plan = Plan("prepare", owner)
+    warn = class_warnings or {}
+    wanted: dict[int, list[PciAddress]] = {}
+    for addr in dict.fromkeys(requests):  # de-duplicate, keep order
+        dev = topo.get(addr)
+        if dev is None:
+            plan.refusals.append(Refusal(str(addr), f"no PCI device {addr} on this host",
+                                         "`hostdevctl groups` lists the devices and their addresses"))
+            continue
+        if not topo.iommu_active or dev.group is None:
+            plan.refusals.append(Refusal(str(addr), f"{addr} has no IOMMU group: the IOMMU is off or absent",
+                                         NO_IOMMU_HINT))
+            continue
+        if dev.bridge:
+            plan.refusals.append(Refusal(str(addr), f"{addr} is a PCI bridge; bridges are never bound to vfio-pci",
+                                         "pass the endpoint devices behind it instead"))
+            continue
+        wanted.setdefault(dev.group, []).append(addr)
+
+    for group, addrs in sorted(wanted.items()):
+        gp = GroupPlan(group, requested=[str(a) for a in addrs])
+        plan.groups.append(gp)
+        holder = ledger.claim_for_group(group)
+        if holder and not holder.owner.same(owner):
+            plan.refusals.append(Refusal(
+                str(addrs[0]), f"IOMMU group {group} is held by {holder.owner.kind} {holder.owner.label()}",
+                f"stop {holder.owner.name} or release its devices first (`hostdevctl release --owner "
+                f"{holder.owner.name}`)"))
+        gp.already_held = bool(holder and holder.owner.same(owner))
+        for dev in topo.group_members(group):
+            a = str(dev.address)
+            if dev.bridge:
+                gp.skip.append(a)
+                continue
+            role = "requested" if dev.address in addrs else "companion"
+            gp.bind.append(a)
+            if role == "companion":
+                gp.companions.append(a)
+            held = holder.device(a) if gp.already_held and holder else None
+            if dev.on_vfio or dev.driver == "pci-stub" or held:
+                gp.keep.append(a)
+            refusal = _refuse_device(dev, role, topo, policy, warn)
+            if refusal:
+                plan.refusals.append(refusal)
+            elif dev.address in warn:
+                plan.warnings.append(f"{a}: {warn[dev.address]}")
+        for a in gp.bind:
+            other = ledger.claim_for_device(a)
+            if other and other.group != group:
+                plan.refusals.append(Refusal(a, f"the ledger records {a} in group {other.group}, the host now "
+                                             f"reports group {group}", "the topology changed; run `hostdevctl check`"))
+    if not topo.iommu_active and not plan.refusals:
+        plan.refusals.append(Refusal("-", "the IOMMU is off or absent", NO_IOMMU_HINT))
+
+    for gp in plan.groups:
+        if gp.already_held:
+            claim = ledger.claim_for_group(gp.group)
+            new = [a for a in gp.requested if claim and a not in claim.requested]
+            if new:
+                plan.steps.append(Step("update", gp.group, None, "add requested " + ", ".join(new)))
+            continue
+        plan.steps.append(Step("claim", gp.group, None, f"owner {owner.label()}"))
+        for a in gp.skip:
+            plan.steps.append(Step("skip", gp.group, a, "bridge: left on its driver"))
+        for a in gp.bind:
+            dev = topo.get(PciAddress.parse(a))
+            role = "companion" if a in gp.companions else "requested"
+            if a in gp.keep:
+                plan.steps.append(Step("keep", gp.group, a, f"{role}, already on {dev.driver or 'no driver'}"))
+            else:
+                plan.steps.append(Step("bind", gp.group, a, f"{role}, {dev.driver or 'no driver'} -> {VFIO}"))
+        for a in gp.bind:
+            dev = topo.get(PciAddress.parse(a))
+            pref = policy.reset_preference(dev)
+            if pref not in ("auto", "none") and a not in gp.keep:
+                plan.steps.append(Step("reset", gp.group, a, f"{pref} (after every member is detached)"))
+        plan.steps.append(Step("activate", gp.group, None, "persist claim as active"))
+    return plan
+
+
+def plan_release(topo: Topology, owner: Owner, ledger: Ledger,
+                 addresses: Iterable[PciAddress] | None = None) -> Plan:
+    """Plan giving ``owner``'s groups back to the host (best effort, refcounted).
+
+    With ``addresses``, only those requested devices are let go; a group goes back
+    to the host only when no requested device of it remains held (refcount).
+    """
+    plan = Plan("release", owner)
+    only = {str(a) for a in addresses} if addresses is not None else None
+    claims = ledger.claims_of(owner)
+    if only is not None:
+        known = {d.address for c in claims for d in c.devices}
+        for a in sorted(only - known):
+            holder = ledger.claim_for_device(a)
+            why = (f"{a} is held by {holder.owner.label()}, not {owner.label()}" if holder
+                   else f"{a} is not held by {owner.label()}")
+            plan.warnings.append(why)
+    for claim in claims:
+        remaining = [a for a in claim.requested if only is not None and a not in only]
+        if only is not None and len(remaining) == len(claim.requested):
+            continue  # nothing of this claim is being released
+        gp = GroupPlan(claim.group, requested=claim.requested)
+        plan.groups.append(gp)
+        if remaining:
+            plan.keep_claims[claim.group] = remaining
+            plan.steps.append(Step("update", claim.group, None,
+                                   "still held for " + ", ".join(remaining) + "; group stays on vfio-pci"))
+            continue
+        _plan_restore(plan, gp, claim, topo)
+    return plan
+
+
+def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> None:
+    for rec in reversed(claim.devices):
+        dev = topo.get(rec.pci)
+        gp.bind.append(rec.address)
+        if rec.role == "companion":
+            gp.companions.append(rec.address)
+        if dev is None:
+            plan.steps.append(Step("drop", claim.group, rec.address, "device is gone (hot-unplugged)"))
+        elif not rec.bound_by_us:
+            gp.keep.append(rec.address)
+            plan.steps.append(Step("keep", claim.group, rec.address,
+                                   f"was on {rec.original_driver or 'no driver'} before hostdevd: left there"))
+        else:
+            target = rec.original_driver or "no driver"
+            extra = f", driver_override {rec.original_override!r}" if rec.original_override else ""
+            plan.steps.append(Step("restore", claim.group, rec.address, f"vfio-pci -> {target}{extra}"))
+    for dev in topo.group_members(claim.group):
+        if dev.bridge:
+            gp.skip.append(str(dev.address))
+    users = topo.group_users.get(claim.group, 0)
+    if users:
+        plan.warnings.append(f"group {claim.group}: /dev/vfio/{claim.group} is still open ({users} users); "
+                             "release waits for QEMU to close it")
+    plan.steps.append(Step("drop", claim.group, None, "remove claim from ledger"))
+
+
+def groups_of(topo: Topology, addrs: Iterable[PciAddress]) -> set[int]:
+    return {d.group for a in addrs if (d := topo.get(a)) is not None and d.group is not None}

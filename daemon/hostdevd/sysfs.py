@@ -1,0 +1,486 @@
+"""The only module that touches /sys (and the few /proc and /dev facts the rules need).
+
+Two layers:
+
+* a *host backend* does raw file operations on paths relative to its roots.
+  :class:`RealHost` uses the real filesystem; ``hostdevd.simkernel.SimKernel``
+  implements the same methods in memory with the kernel's semantics.
+* :class:`Sysfs` turns validated :class:`PciAddress` objects into paths, reads
+  the attributes the rules need, and performs every write with a timeout.
+
+No other module builds a sysfs path. Paths are only ever built from a
+``PciAddress`` (validated), an ``int`` group number, or a name read back from
+sysfs itself and checked against :data:`_NAME_RE`.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .address import PciAddress
+from .errors import InvalidAddress, SysfsError, SysfsTimeout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WRITE_TIMEOUT = 10.0
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
+_BDF_IN_PATH = re.compile(r"(?<![0-9a-fA-F])([0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])(?![0-9a-fA-F])")
+
+
+class HostBackend(Protocol):
+    """Raw file operations. Paths are relative to the backend's sysfs root
+    (``bus/pci/devices/...``) except the ``proc_*`` and ``dev_*`` methods."""
+
+    def read(self, rel: str) -> str: ...
+    def read_bytes(self, rel: str, size: int) -> bytes: ...
+    def write(self, rel: str, data: str) -> None: ...
+    def readlink(self, rel: str) -> str: ...
+    def listdir(self, rel: str) -> list[str]: ...
+    def exists(self, rel: str) -> bool: ...
+    def proc_read(self, rel: str) -> str: ...
+    def dev_exists(self, rel: str) -> bool: ...
+    def vfio_group_users(self, group: int) -> int: ...
+
+
+class RealHost:
+    """The real filesystem under configurable roots (tests and the lab may point elsewhere)."""
+
+    def __init__(self, sys_root: str = "/sys", proc_root: str = "/proc", dev_root: str = "/dev"):
+        self.sys_root = sys_root
+        self.proc_root = proc_root
+        self.dev_root = dev_root
+
+    def _p(self, rel: str) -> str:
+        return os.path.join(self.sys_root, rel)
+
+    def read(self, rel: str) -> str:
+        with open(self._p(rel), "r", encoding="ascii", errors="replace") as f:
+            return f.read()
+
+    def read_bytes(self, rel: str, size: int) -> bytes:
+        with open(self._p(rel), "rb") as f:
+            return f.read(size)
+
+    def write(self, rel: str, data: str) -> None:
+        # sysfs attributes want one write() call with the whole value.
+        fd = os.open(self._p(rel), os.O_WRONLY)
+        try:
+            os.write(fd, data.encode("ascii"))
+        finally:
+            os.close(fd)
+
+    def readlink(self, rel: str) -> str:
+        return os.readlink(self._p(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        return os.listdir(self._p(rel))
+
+    def exists(self, rel: str) -> bool:
+        return os.path.lexists(self._p(rel))
+
+    def realpath(self, rel: str) -> str:
+        return os.path.realpath(self._p(rel))
+
+    def proc_read(self, rel: str) -> str:
+        with open(os.path.join(self.proc_root, rel), "r", encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def dev_exists(self, rel: str) -> bool:
+        return os.path.exists(os.path.join(self.dev_root, rel))
+
+    def vfio_group_users(self, group: int) -> int:
+        """Count open file descriptors on /dev/vfio/<group> across all processes."""
+        target = os.path.join(self.dev_root, "vfio", str(int(group)))
+        users = 0
+        try:
+            pids = [p for p in os.listdir(self.proc_root) if p.isdigit()]
+        except OSError:
+            return 0
+        for pid in pids:
+            fd_dir = os.path.join(self.proc_root, pid, "fd")
+            try:
+                for fd in os.listdir(fd_dir):
+                    try:
+                        if os.readlink(os.path.join(fd_dir, fd)) == target:
+                            users += 1
+                    except OSError:
+                        continue
+            except OSError:
+                continue
+        return users
+
+
+@dataclass
+class RawDevice:
+    """Everything the rules need about one PCI function, as sysfs reports it."""
+    address: PciAddress
+    vendor: str                 # 4 lower-case hex digits
+    device: str
+    pci_class: str              # 6 hex digits, e.g. "030000"
+    header_type: int | None     # config[0x0e] & 0x7f; None when config is unreadable
+    driver: str | None
+    driver_override: str | None
+    iommu_group: int | None
+    physfn: PciAddress | None = None
+    virtfns: list[PciAddress] = field(default_factory=list)
+    sriov_totalvfs: int | None = None
+    sriov_numvfs: int | None = None
+    sriov_drivers_autoprobe: bool | None = None
+    boot_vga: bool = False
+    reset_method: list[str] | None = None
+    has_reset: bool = False
+    vfio_variant: bool = False  # bound to a vfio variant driver (has vfio-dev/)
+    net: list[str] = field(default_factory=list)
+
+
+def _hex4(text: str) -> str:
+    return f"{int(text.strip(), 16):04x}"
+
+
+class Sysfs:
+    """Validated reads and timed writes of PCI sysfs attributes."""
+
+    def __init__(self, backend: HostBackend | None = None, write_timeout: float = DEFAULT_WRITE_TIMEOUT):
+        self.backend = backend if backend is not None else RealHost()
+        self.write_timeout = write_timeout
+
+    # ----- paths ---------------------------------------------------------
+    @staticmethod
+    def _dev(addr: PciAddress, attr: str = "") -> str:
+        if not isinstance(addr, PciAddress):
+            raise InvalidAddress(f"internal: sysfs path requested for unvalidated {addr!r}")
+        return f"bus/pci/devices/{addr}" + (f"/{attr}" if attr else "")
+
+    @staticmethod
+    def _name(name: str, what: str) -> str:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise SysfsError(f"refusing unsafe {what} name {str(name)[:40]!r}")
+        return name
+
+    # ----- raw reads -----------------------------------------------------
+    def _read(self, rel: str) -> str | None:
+        try:
+            return self.backend.read(rel).strip()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise SysfsError(f"cannot read /sys/{rel}: {e.strerror or e}", path=rel) from e
+
+    def _link_name(self, rel: str) -> str | None:
+        try:
+            return os.path.basename(self.backend.readlink(rel).rstrip("/"))
+        except (FileNotFoundError, OSError):
+            return None
+
+    def _int(self, rel: str) -> int | None:
+        v = self._read(rel)
+        try:
+            return int(v, 0) if v is not None else None
+        except ValueError:
+            return None
+
+    # ----- enumeration ---------------------------------------------------
+    def device_addresses(self) -> list[PciAddress]:
+        try:
+            names = self.backend.listdir("bus/pci/devices")
+        except OSError:
+            return []
+        out = []
+        for name in names:
+            try:
+                out.append(PciAddress.parse(name))
+            except InvalidAddress:
+                log.warning("ignoring unexpected entry %r in /sys/bus/pci/devices", name)
+        return sorted(out)
+
+    def exists(self, addr: PciAddress) -> bool:
+        return self.backend.exists(self._dev(addr))
+
+    def iommu_groups(self) -> dict[int, list[PciAddress]]:
+        """Every group the kernel reports, from /sys/kernel/iommu_groups."""
+        groups: dict[int, list[PciAddress]] = {}
+        try:
+            names = self.backend.listdir("kernel/iommu_groups")
+        except OSError:
+            return groups
+        for name in names:
+            if not name.isdigit():
+                continue
+            members = []
+            try:
+                entries = self.backend.listdir(f"kernel/iommu_groups/{int(name)}/devices")
+            except OSError:
+                entries = []
+            for e in entries:
+                try:
+                    members.append(PciAddress.parse(e))
+                except InvalidAddress:
+                    continue  # non-PCI group members (platform devices) are not ours
+            groups[int(name)] = sorted(members)
+        return groups
+
+    def iommu_active(self) -> bool:
+        try:
+            return bool(self.backend.listdir("class/iommu"))
+        except OSError:
+            return False
+
+    def iommu_units(self) -> list[str]:
+        try:
+            return sorted(self.backend.listdir("class/iommu"))
+        except OSError:
+            return []
+
+    def module_loaded(self, module: str) -> bool:
+        module = self._name(module.replace("-", "_"), "module")
+        return self.backend.exists(f"module/{module}")
+
+    def unsafe_interrupts_allowed(self) -> bool:
+        v = self._read("module/vfio_iommu_type1/parameters/allow_unsafe_interrupts")
+        return v in ("Y", "1")
+
+    def interrupt_remapping(self) -> bool | None:
+        """True when MSI interrupts go through the IOMMU's remapping table.
+
+        /proc/interrupts names remapped chips "IR-PCI-MSI"/"IR-IO-APIC"; the
+        kernel log line ("DMAR-IR: Enabled IRQ remapping") may have rotated away.
+        """
+        try:
+            text = self.backend.proc_read("interrupts")
+        except OSError:
+            return None
+        return "IR-" in text
+
+    # ----- one device ----------------------------------------------------
+    def driver(self, addr: PciAddress) -> str | None:
+        return self._link_name(self._dev(addr, "driver"))
+
+    def driver_override(self, addr: PciAddress) -> str | None:
+        v = self._read(self._dev(addr, "driver_override"))
+        return None if v in (None, "", "(null)") else v
+
+    def iommu_group(self, addr: PciAddress) -> int | None:
+        name = self._link_name(self._dev(addr, "iommu_group"))
+        return int(name) if name and name.isdigit() else None
+
+    def header_type(self, addr: PciAddress) -> int | None:
+        try:
+            cfg = self.backend.read_bytes(self._dev(addr, "config"), 64)
+        except OSError:
+            return None
+        return cfg[0x0E] & 0x7F if len(cfg) > 0x0E else None
+
+    def read_device(self, addr: PciAddress) -> RawDevice:
+        if not self.exists(addr):
+            raise SysfsError(f"PCI device {addr} does not exist", "check the address with `hostdevctl groups`")
+        d = self._dev(addr)
+        vendor = self._read(f"{d}/vendor") or "0xffff"
+        device = self._read(f"{d}/device") or "0xffff"
+        cls = self._read(f"{d}/class") or "0x000000"
+        physfn = self._link_name(f"{d}/physfn")
+        virtfns = []
+        try:
+            for e in self.backend.listdir(d):
+                if e.startswith("virtfn") and e[6:].isdigit():
+                    name = self._link_name(f"{d}/{e}")
+                    if name:
+                        virtfns.append((int(e[6:]), PciAddress.parse(name)))
+        except OSError:
+            pass
+        autoprobe = self._int(f"{d}/sriov_drivers_autoprobe")
+        rm = self._read(f"{d}/reset_method")
+        try:
+            net = sorted(self.backend.listdir(f"{d}/net"))
+        except OSError:
+            net = []
+        return RawDevice(
+            address=addr,
+            vendor=_hex4(vendor),
+            device=_hex4(device),
+            pci_class=f"{int(cls, 16):06x}",
+            header_type=self.header_type(addr),
+            driver=self.driver(addr),
+            driver_override=self.driver_override(addr),
+            iommu_group=self.iommu_group(addr),
+            physfn=PciAddress.parse(physfn) if physfn else None,
+            virtfns=[a for _, a in sorted(virtfns)],
+            sriov_totalvfs=self._int(f"{d}/sriov_totalvfs"),
+            sriov_numvfs=self._int(f"{d}/sriov_numvfs"),
+            sriov_drivers_autoprobe=None if autoprobe is None else bool(autoprobe),
+            boot_vga=self._read(f"{d}/boot_vga") == "1",
+            reset_method=rm.split() if rm else None,
+            has_reset=self.backend.exists(f"{d}/reset"),
+            vfio_variant=self.backend.exists(f"{d}/vfio-dev"),
+            net=[n for n in net if _NAME_RE.match(n)],
+        )
+
+    def vfio_group_users(self, group: int) -> int:
+        return self.backend.vfio_group_users(int(group))
+
+    def vfio_group_node_exists(self, group: int) -> bool:
+        return self.backend.dev_exists(f"vfio/{int(group)}")
+
+    # ----- host-critical devices (R3) -------------------------------------
+    def _pci_in_link(self, rel: str) -> list[PciAddress]:
+        try:
+            target = self.backend.readlink(rel)
+        except OSError:
+            return []
+        return [PciAddress.parse(m) for m in _BDF_IN_PATH.findall(target)]
+
+    def _block_holders(self, name: str, seen: set[str]) -> list[PciAddress]:
+        """PCI controllers behind a block device, following dm/md slaves and partitions."""
+        if name in seen or not _NAME_RE.match(name):
+            return []
+        seen.add(name)
+        chain = self._pci_in_link(f"class/block/{name}")
+        out = chain[-1:] if chain else []
+        try:
+            slaves = self.backend.listdir(f"class/block/{name}/slaves")
+        except OSError:
+            slaves = []
+        for s in slaves:
+            out += self._block_holders(s, seen)
+        return out
+
+    def host_critical(self) -> dict[PciAddress, str]:
+        """Devices the host needs: block devices in use, the default-route NIC, the boot VGA."""
+        critical: dict[PciAddress, str] = {}
+        seen: set[str] = set()
+        # mountinfo field 3 is MAJ:MIN, which also covers /dev/root and device-mapper.
+        try:
+            for line in self.backend.proc_read("self/mountinfo").splitlines():
+                parts = line.split()
+                if len(parts) < 5 or not re.match(r"^\d+:\d+$", parts[2]) or parts[2].startswith("0:"):
+                    continue
+                name = self._link_name(f"dev/block/{parts[2]}")
+                for a in self._block_holders(name or "", seen):
+                    critical.setdefault(a, f"controller of a mounted filesystem ({parts[4]})")
+        except OSError:
+            pass
+        try:
+            for line in self.backend.proc_read("swaps").splitlines()[1:]:
+                dev = line.split()[0] if line.split() else ""
+                if dev.startswith("/dev/"):
+                    for a in self._block_holders(os.path.basename(dev), seen):
+                        critical.setdefault(a, f"controller of swap device {dev}")
+        except OSError:
+            pass
+        for iface in self.default_route_interfaces():
+            for a in self._net_devices(iface, set()):
+                critical.setdefault(a, f"NIC carrying the default route ({iface})")
+        for addr in self.device_addresses():
+            if self._read(self._dev(addr, "boot_vga")) == "1":
+                critical.setdefault(addr, "boot VGA (the host console)")
+        return critical
+
+    def default_route_interfaces(self) -> list[str]:
+        out = []
+        try:
+            for line in self.backend.proc_read("net/route").splitlines()[1:]:
+                f = line.split()
+                if len(f) > 2 and f[1] == "00000000" and f[7] == "00000000" and _NAME_RE.match(f[0]):
+                    out.append(f[0])
+        except (OSError, IndexError):
+            pass
+        try:
+            for line in self.backend.proc_read("net/ipv6_route").splitlines():
+                f = line.split()
+                if len(f) == 10 and f[0] == "0" * 32 and f[1] == "00" and _NAME_RE.match(f[9]) and f[9] != "lo":
+                    out.append(f[9])
+        except OSError:
+            pass
+        return sorted(set(out))
+
+    def _net_devices(self, iface: str, seen: set[str]) -> list[PciAddress]:
+        """PCI functions under a netdev, through bonds, bridges and VLANs."""
+        if iface in seen or not _NAME_RE.match(iface):
+            return []
+        seen.add(iface)
+        chain = self._pci_in_link(f"class/net/{iface}/device")
+        if chain:
+            return chain[-1:]
+        out: list[PciAddress] = []
+        try:
+            entries = self.backend.listdir(f"class/net/{iface}")
+        except OSError:
+            entries = []
+        for e in entries:
+            if e.startswith("lower_"):
+                out += self._net_devices(e[6:], seen)
+        try:
+            for e in self.backend.listdir(f"class/net/{iface}/brif"):
+                out += self._net_devices(e, seen)
+        except OSError:
+            pass
+        return out
+
+    # ----- writes (every one timed) -----------------------------------------
+    def _write(self, rel: str, value: str, device: PciAddress | None = None) -> None:
+        """Write with a timeout; a write the kernel never returns from is abandoned.
+
+        A blocked sysfs write cannot be cancelled from user space (a driver's
+        remove() may wait for its users); the thread is a daemon so it cannot
+        hold up exit, and the caller is told which device hung.
+        """
+        result: dict[str, BaseException | None] = {"error": None}
+
+        def run() -> None:
+            try:
+                self.backend.write(rel, value)
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                result["error"] = e
+
+        t = threading.Thread(target=run, name=f"sysfs-write {rel}", daemon=True)
+        t.start()
+        t.join(self.write_timeout)
+        what = f"device {device}" if device else f"/sys/{rel}"
+        if t.is_alive():
+            raise SysfsTimeout(
+                f"writing {value!r} to /sys/{rel} did not return within {self.write_timeout:g}s ({what} hung)",
+                "the driver may be waiting for its users to let go; check `dmesg` and processes using the device",
+                path=rel,
+            )
+        err = result["error"]
+        if err is not None:
+            if isinstance(err, OSError):
+                raise SysfsError(
+                    f"writing {value!r} to /sys/{rel} failed for {what}: "
+                    f"{errno.errorcode.get(err.errno or 0, '')} {err.strerror or err}".replace("  ", " "),
+                    path=rel,
+                ) from err
+            raise SysfsError(f"writing {value!r} to /sys/{rel} failed for {what}: {err}", path=rel) from err
+
+    def set_driver_override(self, addr: PciAddress, driver: str | None) -> None:
+        # An empty write ("\n") clears the override (kernel: driver_override_store).
+        value = self._name(driver, "driver") if driver else "\n"
+        self._write(self._dev(addr, "driver_override"), value, addr)
+
+    def unbind(self, addr: PciAddress) -> None:
+        drv = self.driver(addr)
+        if drv is None:
+            return
+        self._write(f"bus/pci/drivers/{self._name(drv, 'driver')}/unbind", str(addr), addr)
+
+    def drivers_probe(self, addr: PciAddress) -> None:
+        self._write("bus/pci/drivers_probe", str(addr), addr)
+
+    def bind(self, addr: PciAddress, driver: str) -> None:
+        self._write(f"bus/pci/drivers/{self._name(driver, 'driver')}/bind", str(addr), addr)
+
+    def driver_loaded(self, driver: str) -> bool:
+        return self.backend.exists(f"bus/pci/drivers/{self._name(driver, 'driver')}")
+
+    def reset(self, addr: PciAddress) -> None:
+        self._write(self._dev(addr, "reset"), "1", addr)
+
+    def set_sriov_numvfs(self, addr: PciAddress, count: int) -> None:
+        self._write(self._dev(addr, "sriov_numvfs"), str(int(count)), addr)
+
+    def set_sriov_drivers_autoprobe(self, addr: PciAddress, enabled: bool) -> None:
+        self._write(self._dev(addr, "sriov_drivers_autoprobe"), "1" if enabled else "0", addr)

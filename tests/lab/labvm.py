@@ -1,0 +1,540 @@
+"""Python harness for the hostdevd nested-VM lab.
+
+The lab is an "L1" Debian bookworm guest under QEMU TCG: a q35 machine with an
+emulated Intel IOMMU and a fixed PCIe test topology (see README.md and
+run-l1.sh), real vfio-pci and a real libvirtd. Control goes only through the
+QEMU guest agent (qga.py); the guest has no network.
+
+    vm = LabVM()
+    ensure_image()                 # build-image.sh (cached in HOSTDEVD_LAB_DIR)
+    vm.boot(share_dir=REPO_ROOT)   # checkout at /mnt/src (9p)
+    vm.install_hostdevd()          # wheels built on the host -> venv /opt/hostdevd
+    r = vm.run("cat /proc/cmdline", timeout=10)
+    print(r.rc, r.stdout, r.stderr)
+    vm.stop()
+
+Only the Python standard library is used, so the harness also works outside
+pytest (``python3 tests/lab/labvm.py`` boots, installs, prints the topology).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LAB_SRC = Path(__file__).resolve().parent          # tests/lab
+REPO_ROOT = LAB_SRC.parents[1]                     # the checkout
+sys.path.insert(0, str(LAB_SRC))
+import qga  # noqa: E402  (tests/lab/qga.py)
+
+DEFAULT_LAB_DIR = "/var/tmp/hostdevd-lab"
+GUEST_VENV = "/opt/hostdevd"
+GUEST_WHEELS = "/root/wheels"
+
+# Third-party wheels installed into the guest venv (their dependencies come along).
+# Must match what the project needs at run time; CPython 3.11 manylinux x86_64 like
+# the guest's bookworm python3.11. libvirt-python, systemd-python and lxml come
+# from Debian packages through --system-site-packages.
+DEP_REQUIREMENTS = ["pydantic>=2.5,<3", "pyudev>=0.24", "pyroute2>=0.7"]
+DEP_NAMES = ["pydantic", "pydantic_core", "annotated_types", "typing_extensions",
+             "typing_inspection", "pyudev", "pyroute2"]
+
+
+def lab_dir() -> Path:
+    return Path(os.environ.get("HOSTDEVD_LAB_DIR", DEFAULT_LAB_DIR))
+
+
+class LabError(RuntimeError):
+    """The lab could not be built, booted, or driven."""
+
+
+@dataclass
+class Result:
+    cmd: str | list
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    def __str__(self) -> str:
+        return ("guest command %r: rc=%s after %.1fs\n--- stdout\n%s--- stderr\n%s"
+                % (self.cmd, self.rc, self.seconds, self.stdout, self.stderr))
+
+
+class GuestCommandError(LabError):
+    def __init__(self, result: Result):
+        super().__init__(str(result))
+        self.result = result
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write("[labvm] %s\n" % msg)
+    sys.stderr.flush()
+
+
+def _script_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["HOSTDEVD_LAB_DIR"] = str(lab_dir())
+    env.update(extra or {})
+    return env
+
+
+def image_ready() -> bool:
+    img = lab_dir() / "img"
+    return all((img / f).is_file() and (img / f).stat().st_size > 0
+               for f in ("l1-base.raw", "vmlinuz", "initrd.img", "l2-initrd.img", ".complete"))
+
+
+def ensure_image(force: bool = False, timeout: float = 1200) -> float:
+    """Run build-image.sh (a no-op if the cached image is current). Returns seconds taken."""
+    t0 = time.monotonic()
+    env = _script_env({"FORCE": "1" if force else "0"})
+    try:
+        p = subprocess.run([str(LAB_SRC / "build-image.sh")], env=env, timeout=timeout,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except subprocess.TimeoutExpired as e:
+        raise LabError("build-image.sh did not finish within %ss:\n%s"
+                       % (timeout, (e.output or "")[-4000:])) from None
+    if p.returncode != 0 or not image_ready():
+        raise LabError("build-image.sh failed (rc=%s):\n%s" % (p.returncode, p.stdout[-6000:]))
+    return time.monotonic() - t0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale_instances() -> list[str]:
+    """Stop lab instances whose owning process is gone (e.g. a SIGKILLed pytest)."""
+    reaped = []
+    run = lab_dir() / "run"
+    if not run.is_dir():
+        return reaped
+    for d in run.iterdir():
+        owner = d / "owner"
+        if not d.is_dir() or not owner.is_file():
+            continue
+        try:
+            pid = int(owner.read_text().split()[0])
+        except (ValueError, IndexError):
+            continue
+        if _pid_alive(pid):
+            continue
+        if not (d / "qemu.pid").is_file():
+            # stopped long ago: drop its logs after a day
+            if time.time() - d.stat().st_mtime > 86400:
+                shutil.rmtree(d, ignore_errors=True)
+            continue
+        _log("stopping stale instance %s (owner pid %s is gone)" % (d.name, pid))
+        subprocess.run([str(LAB_SRC / "stop-l1.sh"), "--force"], timeout=60,
+                       env=_script_env({"L1_NAME": d.name}))
+        reaped.append(d.name)
+    return reaped
+
+
+@dataclass
+class LabVM:
+    name: str = field(default_factory=lambda: "hd%d" % os.getpid())
+    mem: str = "3G"
+    smp: int = 2
+    boot_seconds: float | None = None
+    _conn: qga.QGA | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _watchdog: subprocess.Popen | None = field(default=None, repr=False)
+    _topology: dict | None = field(default=None, repr=False)
+    running: bool = False
+    install_info: dict | None = None
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def run_dir(self) -> Path:
+        return lab_dir() / "run" / self.name
+
+    @property
+    def qga_sock(self) -> str:
+        return str(self.run_dir / "qga.sock")
+
+    @property
+    def qmp_sock(self) -> str:
+        return str(self.run_dir / "qmp.sock")
+
+    @property
+    def serial_log(self) -> Path:
+        return self.run_dir / "serial.log"
+
+    def _env(self) -> dict:
+        return _script_env({"L1_NAME": self.name, "L1_MEM": self.mem, "L1_SMP": str(self.smp),
+                            "L1_OWNER": str(os.getpid())})
+
+    # ------------------------------------------------------------------ lifecycle
+    def boot(self, share_dir: str | os.PathLike = REPO_ROOT, timeout: float = 300) -> float:
+        """Boot L1 with share_dir at /mnt/src; returns seconds until the agent answered."""
+        if shutil.which(os.environ.get("QEMU", "qemu-system-x86_64")) is None:
+            raise LabError("qemu-system-x86_64 not found (apt-get install qemu-system-x86 qemu-utils)")
+        if not image_ready():
+            raise LabError("no lab image in %s; run tests/lab/build-image.sh" % lab_dir())
+        reap_stale_instances()
+        env = self._env()
+        env["L1_TIMEOUT"] = str(int(timeout))
+        t0 = time.monotonic()
+        # Stop on any failure from here on, also if run-l1.sh itself times out.
+        self.running = True
+        atexit.register(self.stop)
+        try:
+            p = subprocess.run([str(LAB_SRC / "run-l1.sh"), str(share_dir)], env=env,
+                               timeout=timeout + 60, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise LabError("run-l1.sh hung for %ss; serial log tail:\n%s"
+                           % (timeout + 60, self._serial_tail())) from None
+        if p.returncode != 0:
+            tail = self._serial_tail()
+            self.stop()
+            raise LabError("run-l1.sh failed (rc=%s):\n%s\n%s\nserial log tail:\n%s"
+                           % (p.returncode, p.stdout, p.stderr, tail))
+        self._start_watchdog()
+        self.boot_seconds = time.monotonic() - t0
+        _log("L1 '%s' up after %.1fs (run dir %s)" % (self.name, self.boot_seconds, self.run_dir))
+        return self.boot_seconds
+
+    def _start_watchdog(self) -> None:
+        """A detached shell that force-stops L1 if this process dies without stop()."""
+        try:
+            qpid = int((self.run_dir / "qemu.pid").read_text())
+        except (OSError, ValueError):
+            return
+        script = ('while kill -0 %d 2>/dev/null && kill -0 %d 2>/dev/null; do sleep 2; done; '
+                  'kill -0 %d 2>/dev/null && exec %s --force'
+                  % (os.getpid(), qpid, qpid, shlex.quote(str(LAB_SRC / "stop-l1.sh"))))
+        self._watchdog = subprocess.Popen(
+            ["/bin/sh", "-c", script], env=self._env(), start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self, timeout: float = 60) -> None:
+        """Power L1 off (ACPI, then QMP quit, then SIGKILL); safe to call repeatedly."""
+        if not self.running:
+            return
+        self.running = False
+        self._close()
+        env = self._env()
+        env["L1_STOP_TIMEOUT"] = str(int(timeout))
+        try:
+            subprocess.run([str(LAB_SRC / "stop-l1.sh")], env=env, timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            subprocess.run([str(LAB_SRC / "stop-l1.sh"), "--force"], env=env, timeout=60)
+        if self._watchdog is not None:
+            if self._watchdog.poll() is None:
+                self._watchdog.terminate()
+            try:
+                self._watchdog.wait(5)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+            self._watchdog = None
+        try:
+            atexit.unregister(self.stop)
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _serial_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.serial_log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no serial log)"
+
+    # ------------------------------------------------------------------ agent
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _agent(self) -> qga.QGA:
+        if not self.running:
+            raise LabError("L1 '%s' is not running" % self.name)
+        if self._conn is None:
+            self._conn = qga.QGA(self.qga_sock, timeout=30)
+        return self._conn
+
+    def _call(self, fn):
+        """Run fn(agent) under the lock; drop the connection on any transport error
+        (a fresh connection re-syncs and discards stale replies)."""
+        with self._lock:
+            try:
+                return fn(self._agent())
+            except BaseException:
+                self._close()
+                raise
+
+    def run(self, cmd: str | list, timeout: float = 120, check: bool = True,
+            input: str | bytes | None = None, env: dict | None = None) -> Result:
+        """Run cmd in L1 as root. A string runs under ``bash -c`` (with pipefail), a list
+        is exec'd as argv. The guest kills it after `timeout` seconds (rc 124).
+        check=True raises GuestCommandError on a non-zero exit code."""
+        if isinstance(cmd, str):
+            argv = ["/bin/bash", "-o", "pipefail", "-c", cmd]
+        else:
+            argv = [str(a) for a in cmd]
+        t0 = time.monotonic()
+        try:
+            rc, out, err = self._call(lambda g: g.exec_argv(argv, timeout, input, env))
+        except qga.GuestTimeout as e:
+            raise LabError("guest command timed out after %ss: %r (%s)" % (timeout, cmd, e)) from None
+        except (OSError, qga.AgentError) as e:
+            raise LabError("guest agent failure running %r: %s; serial log tail:\n%s"
+                           % (cmd, e, self._serial_tail(15))) from None
+        res = Result(cmd, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
+                     time.monotonic() - t0)
+        if check and rc != 0:
+            raise GuestCommandError(res)
+        return res
+
+    def put(self, local: str | os.PathLike | bytes, remote: str, mode: str | None = None) -> None:
+        """Copy a host file (path) or bytes to remote in L1; optional chmod mode like '755'."""
+        data = local if isinstance(local, bytes) else Path(local).read_bytes()
+        self._call(lambda g: g.write(remote, data))
+        if mode:
+            self.run(["chmod", mode, remote], timeout=30)
+
+    def get(self, remote: str, local: str | os.PathLike | None = None) -> bytes:
+        """Read a file from L1; also writes it to local if given."""
+        data = self._call(lambda g: g.read(remote))
+        if local is not None:
+            Path(local).write_bytes(data)
+        return data
+
+    def write_text(self, remote: str, text: str) -> None:
+        self.put(text.encode(), remote)
+
+    def read_text(self, remote: str) -> str:
+        return self.get(remote).decode("utf-8", "replace")
+
+    def qmp(self, execute: str, arguments: dict | None = None) -> dict:
+        return qga.qmp(self.qmp_sock, execute, arguments)
+
+    def wait_system_running(self, timeout: float = 180) -> str:
+        """Wait for systemd to finish booting; returns the final state (running/degraded)."""
+        r = self.run("systemctl is-system-running --wait", timeout=timeout, check=False)
+        return r.stdout.strip()
+
+    # ------------------------------------------------------------------ PCI helpers
+    def topology(self, refresh: bool = False) -> dict[str, str]:
+        """Lab device names -> BDF, resolved in L1 from sysfs by parent port (see README).
+
+        Names: rp1..rp6 (root ports), nic1, nvme1, nvme_pf (alias nvme2), nic2a, nic2b,
+        pcibr, nic3a, nic3b, swup, swdn1, swdn2, nic4a, nic4b. Missing devices raise.
+        """
+        if self._topology is None or refresh:
+            r = self.run(["python3", "-c", _TOPOLOGY_PY], timeout=60)
+            topo = json.loads(r.stdout)
+            missing = sorted(k for k, v in topo.items() if not v)
+            if missing:
+                raise LabError("lab topology incomplete, missing %s: %s" % (missing, topo))
+            self._topology = topo
+        return dict(self._topology)
+
+    def pci_info(self, bdf: str) -> dict:
+        """driver (None if unbound), iommu_group (int), group_members (sorted BDFs),
+        vendor, device, driver_override (None if unset) of one PCI function."""
+        r = self.run(["python3", "-c", _PCI_INFO_PY, bdf], timeout=60)
+        return json.loads(r.stdout)
+
+    def driver(self, bdf: str) -> str | None:
+        r = self.run('d=/sys/bus/pci/devices/%s/driver; [ -e "$d" ] && basename "$(readlink "$d")" || true'
+                     % bdf, timeout=30)
+        return r.stdout.strip() or None
+
+    # ------------------------------------------------------------------ hostdevd
+    def install_hostdevd(self, src: str | os.PathLike = REPO_ROOT, extras: str = "daemon",
+                         timeout: float = 600) -> dict:
+        """Build wheels on the host, upload them, install into the venv /opt/hostdevd
+        (--system-site-packages, --no-index). Returns timing/info dict."""
+        t0 = time.monotonic()
+        wheels = build_wheels(src)
+        t_build = time.monotonic() - t0
+        self.run(["rm", "-rf", GUEST_WHEELS], timeout=30)
+        self.run(["mkdir", "-p", GUEST_WHEELS], timeout=30)
+        for w in wheels:
+            self.put(w, "%s/%s" % (GUEST_WHEELS, w.name))
+        t_upload = time.monotonic() - t0 - t_build
+        target = "hostdevd[%s]" % extras if extras else "hostdevd"
+        # Debian's own pip (python3-pip) is used through --system-site-packages;
+        # a venv without its own pip saves ~30 s of ensurepip under TCG.
+        script = """
+set -e
+rm -rf {venv}
+python3 -m venv --without-pip --system-site-packages {venv}
+{venv}/bin/python -m pip install --no-index --find-links {wh} --no-cache-dir \\
+    --disable-pip-version-check --no-warn-script-location '{target}'
+{venv}/bin/python -c 'import hostdevd, pydantic, pyudev, pyroute2, libvirt, lxml, systemd.journal'
+""".format(venv=GUEST_VENV, wh=GUEST_WHEELS, target=target)
+        r = self.run(script, timeout=timeout, check=False)
+        if r.rc != 0:
+            raise LabError("installing hostdevd in L1 failed:\n%s" % r)
+        info = {
+            "wheels": [w.name for w in wheels],
+            "build_s": round(t_build, 1),
+            "upload_s": round(t_upload, 1),
+            "install_s": round(r.seconds, 1),
+            "hostdevctl": self.run(["test", "-x", GUEST_VENV + "/bin/hostdevctl"], timeout=10,
+                                   check=False).ok,
+        }
+        _log("hostdevd installed in L1 %s: %s" % (GUEST_VENV, info))
+        self.install_info = info
+        return info
+
+
+# Runs inside L1 (python3 -c). Root ports are fixed at 00:02.0..00:07.0 by
+# run-l1.sh (addr=0x2..0x7); everything below them is found by walking sysfs.
+_TOPOLOGY_PY = r"""
+import json, os
+S = "/sys/bus/pci/devices"
+def children(bdf):
+    if not bdf:
+        return []
+    p = os.path.realpath(os.path.join(S, bdf))
+    return sorted(e for e in os.listdir(p)
+                  if e.startswith("0000:") and os.path.exists(os.path.join(p, e, "vendor")))
+def nth(lst, i):
+    return lst[i] if len(lst) > i else None
+t = {"rp%d" % i: "0000:00:%02x.0" % (i + 1) for i in range(1, 7)}
+for k, v in list(t.items()):
+    if not os.path.exists(os.path.join(S, v)):
+        t[k] = None
+t["nic1"] = nth(children(t["rp1"]), 0)
+t["nvme1"] = nth(children(t["rp2"]), 0)
+pf = [c for c in children(t["rp3"]) if not os.path.exists(os.path.join(S, c, "physfn"))]
+t["nvme_pf"] = t["nvme2"] = nth(pf, 0)
+c = children(t["rp4"]); t["nic2a"], t["nic2b"] = nth(c, 0), nth(c, 1)
+t["pcibr"] = nth(children(t["rp5"]), 0)
+c = children(t["pcibr"]); t["nic3a"], t["nic3b"] = nth(c, 0), nth(c, 1)
+t["swup"] = nth(children(t["rp6"]), 0)
+c = children(t["swup"]); t["swdn1"], t["swdn2"] = nth(c, 0), nth(c, 1)
+t["nic4a"] = nth(children(t["swdn1"]), 0)
+t["nic4b"] = nth(children(t["swdn2"]), 0)
+print(json.dumps(t))
+"""
+
+_PCI_INFO_PY = r"""
+import json, os, sys
+b = sys.argv[1]
+d = "/sys/bus/pci/devices/" + b
+def rd(n):
+    try:
+        v = open(os.path.join(d, n)).read().strip()
+    except OSError:
+        return None
+    return v if v not in ("", "(null)") else None
+g = os.path.join(d, "iommu_group")
+grp = int(os.path.basename(os.readlink(g))) if os.path.exists(g) else None
+mem = sorted(os.listdir("/sys/kernel/iommu_groups/%d/devices" % grp)) if grp is not None else []
+drv = os.path.join(d, "driver")
+print(json.dumps({
+    "bdf": b,
+    "driver": os.path.basename(os.readlink(drv)) if os.path.exists(drv) else None,
+    "iommu_group": grp, "group_members": mem,
+    "vendor": rd("vendor"), "device": rd("device"), "driver_override": rd("driver_override"),
+}))
+"""
+
+
+# ---------------------------------------------------------------------- wheels
+_TOP_IGNORE = {".git", "tests", "bench", ".lab", ".venv", "build", "dist", ".pytest_cache",
+               ".hypothesis", ".ci"}
+
+
+def _src_ignore(root: str):
+    def ignore(d: str, names: list[str]) -> set[str]:
+        skip = {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".egg-info"))}
+        if os.path.abspath(d) == root:
+            skip |= _TOP_IGNORE & set(names)
+        return skip
+    return ignore
+
+
+def _pip(*args: str, timeout: float = 600) -> None:
+    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise LabError("%s failed (rc=%s):\n%s" % (" ".join(cmd), p.returncode, p.stdout[-4000:]))
+
+
+def dep_wheels(refresh: bool = False) -> list[Path]:
+    """The third-party wheels for the guest, cached in $HOSTDEVD_LAB_DIR/wheels
+    (downloaded once from the package index for cp311 manylinux x86_64)."""
+    d = lab_dir() / "wheels"
+    have = lambda: sorted(d.glob("*.whl")) if d.is_dir() else []  # noqa: E731
+    names = {w.name.split("-")[0].lower() for w in have()}
+    if refresh or not all(n in names for n in DEP_NAMES):
+        tmp = Path(tempfile.mkdtemp(prefix="wheels.", dir=str(lab_dir())))
+        try:
+            _pip("download", "--dest", str(tmp), "--only-binary=:all:",
+                 "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
+                 "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                 "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none",
+                 *DEP_REQUIREMENTS)
+            shutil.rmtree(d, ignore_errors=True)
+            tmp.rename(d)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return have()
+
+
+def build_wheels(src: str | os.PathLike = REPO_ROOT) -> list[Path]:
+    """Dependency wheels (cached) plus a fresh hostdevd wheel built from a copy of
+    src (so the build leaves nothing behind in the checkout)."""
+    deps = dep_wheels()
+    out = lab_dir() / "wheels-hostdevd"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="src.", dir=str(lab_dir())) as tmp:
+        copy = Path(tmp) / "hostdevd"
+        shutil.copytree(src, copy, ignore=_src_ignore(os.path.abspath(src)))
+        _pip("wheel", "--no-deps", "--wheel-dir", str(out), str(copy))
+    own = sorted(out.glob("hostdevd-*.whl"))
+    if not own:
+        raise LabError("pip wheel produced no hostdevd wheel in %s" % out)
+    return deps + own
+
+
+def _main() -> int:
+    """Manual use: boot L1, install hostdevd, print the topology, then wait for Enter."""
+    print("image build: %.1fs" % ensure_image())
+    with LabVM() as vm:
+        print("boot: %.1fs" % vm.boot(REPO_ROOT))
+        print(vm.install_hostdevd())
+        print(json.dumps(vm.topology(), indent=1))
+        if sys.stdin.isatty():
+            print("L1 running: QGA socket %s. Press Enter to stop." % vm.qga_sock)
+            input()
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+    sys.exit(_main())
