@@ -15,9 +15,8 @@ from .errors import InvalidAddress
 _BDF_RE = re.compile(
     r"^(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<slot>[0-9a-fA-F]{2})\.(?P<function>[0-7])$"
 )
-# libvirt numbers: 0x-prefixed hex or plain decimal (virStrToLong_uip with base 0,
-# minus octal, which libvirt's XML never uses for PCI addresses).
-_NUM_RE = re.compile(r"^(?:0[xX][0-9a-fA-F]+|[0-9]+)$")
+# libvirt reads PCI address attributes with strtoul(base 0): 0x-hex, 0-prefixed octal, decimal.
+_NUM_RE = re.compile(r"^(?:0[xX][0-9a-fA-F]{1,8}|0[0-7]{1,11}|[1-9][0-9]{0,9}|0)$")
 
 _LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}
 
@@ -61,7 +60,8 @@ class PciAddress:
             raw = raw.strip()
             if not _NUM_RE.match(raw):
                 raise InvalidAddress(f"PCI {name}={raw[:20]!r} is not a number (use 0x-hex or decimal)")
-            values.append(int(raw, 16) if raw[:2].lower() == "0x" else int(raw, 10))
+            values.append(int(raw, 0) if raw[:2].lower() == "0x" or raw == "0"
+                          else int(raw, 8) if raw.startswith("0") else int(raw, 10))
         return cls(*values)
 
     def __str__(self) -> str:

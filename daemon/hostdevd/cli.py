@@ -120,24 +120,27 @@ def cmd_groups(ctx: Context, out: Callable[[str], None]) -> int:
     if ctx.args.json:
         out(json.dumps(data, indent=2))
         return EXIT_OK
-    if not topo.iommu_active:
-        out("No IOMMU groups: the IOMMU is off or absent on this host, so no device can be passed through.")
-        out("Enable VT-d / AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on); "
-            "`hostdevctl check` explains.")
-        return EXIT_PROBLEM
     rows = []
-    for g in data["groups"]:
-        for d in g["devices"]:
-            kind = "bridge" if d["bridge"] else ""
-            crit = topo.critical.get(PciAddress.parse(d["address"]))
-            rows.append([g["group"], d["address"], d["class"], f"{d['vendor']}:{d['device']}",
-                         d.get("driver") or ("" if topo.source == "listing" else "-"),
-                         d["owner"], ", ".join(x for x in (kind, "host-critical" if crit else "") if x) or "",
-                         d.get("name") or ""])
+    entries = [(g["group"], d) for g in data["groups"] for d in g["devices"]]
+    entries += [(None, d) for d in data["ungrouped"]]
+    for group, d in entries:
+        addr = PciAddress.parse(d["address"])
+        notes = ["bridge"] if d["bridge"] else []
+        if addr in topo.critical:
+            notes.append("host-critical")
+        rows.append([group, d["address"], d["class"], f"{d['vendor']}:{d['device']}",
+                     d.get("driver") or ("" if topo.source == "listing" else "-"),
+                     _owner_label(ledger, addr), ", ".join(notes), d.get("name") or ""])
     headers = ["GROUP", "ADDRESS", "CLASS", "VENDOR:DEV", "DRIVER", "OWNER", "NOTE", "NAME"]
     if topo.source != "listing":
         headers, rows = headers[:-1], [r[:-1] for r in rows]
     out(_table(headers, rows))
+    if not topo.iommu_active:
+        out("")
+        out("No IOMMU groups: the IOMMU is off or absent on this host, so no device can be passed through.")
+        out("Enable VT-d / AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on); "
+            "`hostdevctl check` explains.")
+        return EXIT_PROBLEM
     return EXIT_OK
 
 

@@ -6,9 +6,9 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .address import PciAddress
 from .errors import ConfigError, InvalidAddress
@@ -27,6 +27,9 @@ def _check_matcher(value: str) -> str:
         return str(PciAddress.parse(value))
     except InvalidAddress:
         raise ValueError(f"{value!r} is neither a PCI address (0000:01:00.0) nor vendor:device (10de:1b80)")
+
+
+Matcher = Annotated[str, AfterValidator(_check_matcher)]
 
 
 class DeviceMatcher:
@@ -53,28 +56,18 @@ class _Strict(BaseModel):
 
 
 class PolicyConfig(_Strict):
-    allow: list[str] = Field(default_factory=list, description=(
+    allow: list[Matcher] = Field(default_factory=list, description=(
         "When non-empty, only these devices (address or vendor:device) may be bound to vfio-pci."))
-    deny: list[str] = Field(default_factory=list, description="Devices that are never bound.")
-    allow_host_critical: list[str] = Field(default_factory=list, description=(
+    deny: list[Matcher] = Field(default_factory=list, description="Devices that are never bound.")
+    allow_host_critical: list[Matcher] = Field(default_factory=list, description=(
         "Explicit override: host-critical devices (root disk controller, default-route NIC, boot VGA) "
         "that may still be passed through."))
-
-    @field_validator("allow", "deny", "allow_host_critical")
-    @classmethod
-    def _matchers(cls, v: list[str]) -> list[str]:
-        return [_check_matcher(x) for x in v]
 
 
 class ResetConfig(_Strict):
     default: ResetPreference = "auto"
-    devices: dict[str, ResetPreference] = Field(default_factory=dict, description=(
+    devices: dict[Matcher, ResetPreference] = Field(default_factory=dict, description=(
         "Per-device reset preference, keyed by address or vendor:device."))
-
-    @field_validator("devices")
-    @classmethod
-    def _keys(cls, v: dict[str, str]) -> dict[str, str]:
-        return {_check_matcher(k): p for k, p in v.items()}
 
 
 class Config(_Strict):

@@ -55,7 +55,9 @@ _DECL_RE = re.compile(rb"<!\s*(?:DOCTYPE|ENTITY|ELEMENT|ATTLIST|NOTATION)", re.I
 _XMLDECL_RE = re.compile(rb"<\?xml\s[^>]{0,200}\?>")
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
 _UINT_RE = re.compile(r"^[0-9]{1,10}$")
+_LEADING_ZERO_RE = re.compile(r"^0[0-9]+$")
 _BOM = b"\xef\xbb\xbf"
+_LXML_SOURCE_RE = re.compile(r"\s*\(<string>, line \d+\)\s*$")
 _MAX_NUMBER_CHARS = 16          # longest sane PCI attribute: 0x0000ffff (10), decimal 65535 (5)
 
 
@@ -216,12 +218,10 @@ def _size(limit: int) -> str:
 def _prepare(xml: str | bytes, what: str, max_bytes: int) -> bytes:
     """Encoding, size and declaration checks; returns UTF-8 bytes without a BOM."""
     if isinstance(xml, str):
-        if len(xml) > max_bytes:            # every character is at least one byte
+        if len(xml) > 64 * max_bytes:       # every character is at least one byte; don't copy gigabytes
             raise _err(f"{what} XML is at least {len(xml)} bytes, over the {_size(max_bytes)} limit")
-        try:
-            data = xml.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise _err(f"{what} XML is not valid Unicode (unpaired surrogate at character {e.start})") from None
+        # surrogatepass: a lone surrogate becomes bytes the UTF-8 check below refuses
+        data = xml.encode("utf-8", "surrogatepass")
     elif isinstance(xml, (bytes, bytearray, memoryview)):
         data = bytes(xml)
     else:
@@ -255,7 +255,10 @@ def _parse(data: bytes, what: str) -> etree._Element:
     try:
         root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as e:
-        raise _err(f"{what} XML is not well-formed: {e}") from None
+        message = _LXML_SOURCE_RE.sub("", str(e))
+        if "Excessive depth" in message:
+            message = "elements nested more than 256 deep"
+        raise _err(f"{what} XML is not well-formed: {message}") from None
     except (etree.LxmlError, ValueError, TypeError) as e:   # belt and braces: lxml's other refusals
         raise _err(f"{what} XML could not be parsed: {e}") from None
     if root is None:
@@ -307,12 +310,28 @@ def _yes_no(value: str | None, attr: str, ctx: str) -> bool | None:
     raise _err(f"{ctx} has {attr}={_q(value)}; expected 'yes' or 'no'")
 
 
+def _check_numbers(parts: dict[str, str | None], ctx: str) -> None:
+    """Refuse what PciAddress.from_parts would misread or choke on.
+
+    libvirt reads these attributes with strtoul base 0, so ``bus='010'`` is
+    octal 8 to libvirt; reading it as decimal 10 would bind a different device
+    than the one libvirt then assigns. Such values are refused as ambiguous.
+    """
+    for key, raw in parts.items():
+        if raw is None:
+            continue
+        raw = raw.strip()
+        if len(raw) > _MAX_NUMBER_CHARS:
+            raise _err(f"{ctx}: PCI {key}={_q(raw, 20)} is too long to be a PCI address part")
+        if _LEADING_ZERO_RE.match(raw):
+            raise _err(f"{ctx}: PCI {key}={_q(raw, 20)} is ambiguous (libvirt reads a leading 0 as octal); "
+                       "write 0x-hex or decimal without leading zeros")
+
+
 def _pci(addr: etree._Element, ctx: str) -> PciAddress:
     """A host PCI address from ``<address domain= bus= slot= function=/>``."""
     attrs = {k: addr.get(k) for k in ("domain", "bus", "slot", "function")}
-    for key, raw in attrs.items():
-        if raw is not None and len(raw.strip()) > _MAX_NUMBER_CHARS:
-            raise _err(f"{ctx}: PCI {key}={_q(raw, 20)} is too long to be a PCI address part")
+    _check_numbers(attrs, ctx)
     try:
         return PciAddress.from_parts(attrs["domain"], attrs["bus"], attrs["slot"], attrs["function"])
     except InvalidAddress as e:
@@ -688,9 +707,7 @@ def _nodedev(root: etree._Element) -> NodeDevice:
 def _pci_from_elements(pci: etree._Element, ctx: str) -> PciAddress:
     """nodedev spells the address as child elements: <domain>0</domain><bus>2</bus>…"""
     parts = {k: _text(pci, k, ctx) for k in ("domain", "bus", "slot", "function")}
-    for key, raw in parts.items():
-        if raw is not None and len(raw) > _MAX_NUMBER_CHARS:
-            raise _err(f"{ctx}: PCI {key}={_q(raw, 20)} is too long to be a PCI address part")
+    _check_numbers(parts, ctx)
     try:
         return PciAddress.from_parts(parts["domain"], parts["bus"], parts["slot"], parts["function"])
     except InvalidAddress as e:

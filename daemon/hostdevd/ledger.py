@@ -97,7 +97,7 @@ class Claim(_Model):
     notes: list[str] = Field(default_factory=list)
 
     def device(self, addr: PciAddress | str) -> DeviceRecord | None:
-        key = str(addr)
+        key = str(PciAddress.parse(addr) if isinstance(addr, str) else addr)
         return next((d for d in self.devices if d.address == key), None)
 
     @property
@@ -115,9 +115,8 @@ class Ledger(_Model):
         return self.claims.get(str(group))
 
     def claim_for_device(self, addr: PciAddress | str) -> Claim | None:
-        key = str(addr)
         for c in self.claims.values():
-            if c.device(key):
+            if c.device(addr):
                 return c
         return None
 

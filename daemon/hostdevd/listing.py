@@ -126,7 +126,6 @@ def _address(text: str, lineno: int) -> PciAddress:
 def _parse_device(bdf: str, rest: str, group: int | None, lineno: int) -> Device | None:
     """One device line; None when *rest* is not a device description."""
     rest = rest.strip()
-    tail: str
     m = _NUMERIC_RE.match(rest)
     if m:
         cls, vendor, device, name, tail = m["cls"], m["vendor"], m["device"], None, m["tail"]
@@ -199,11 +198,16 @@ def parse_listing(text: str) -> Topology:
         b = _BDFISH_RE.match(line)
         if b:
             in_section = in_section or group is not None
-            dev = _parse_device(b["bdf"], b["rest"], group if in_section else None, lineno)
+            try:
+                dev = _parse_device(b["bdf"], b["rest"], group if in_section else None, lineno)
+            except ListingError:
+                if in_section:
+                    raise
+                dev = None
             if dev is None:
                 if in_section:
                     raise _fail(lineno, f"not an `lspci -nn` device line: {line[:80]!r}")
-                last = None
+                last = None  # outside any group: someone else's output, not ours to judge
                 continue
             last = _merge(seen, dev, lineno)
             continue

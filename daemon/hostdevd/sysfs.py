@@ -402,7 +402,9 @@ class Sysfs:
         if iface in seen or not _NAME_RE.match(iface):
             return []
         seen.add(iface)
-        chain = self._pci_in_link(f"class/net/{iface}/device")
+        # class/net/<if> links to the full devices/ path (.../0000:00:03.0/virtio2/net/eth0);
+        # its device link may point at an intermediate bus device (virtio2).
+        chain = self._pci_in_link(f"class/net/{iface}") or self._pci_in_link(f"class/net/{iface}/device")
         if chain:
             return chain[-1:]
         out: list[PciAddress] = []

@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,10 +55,13 @@ def lab():
     if missing:
         _fail("missing %s: apt-get install qemu-system-x86 qemu-utils "
               "(plus mmdebstrap e2fsprogs busybox-static cpio for the image build)" % missing)
+    err = None
     try:
         t = labvm.ensure_image()
     except labvm.LabError as e:
-        _fail("building the lab image in %s failed:\n%s" % (labvm.lab_dir(), e))
+        err = "building the lab image in %s failed:\n%s" % (labvm.lab_dir(), e)
+    if err:
+        _fail(err)
     sys.stderr.write("\n[lab] image ready in %s (%.1fs)\n" % (labvm.lab_dir(), t))
 
     vm = labvm.LabVM()
@@ -72,15 +74,15 @@ def lab():
     signal.signal(signal.SIGTERM, _on_term)
     try:
         try:
-            vm.boot(share_dir=labvm.REPO_ROOT, timeout=float(os.environ.get("HOSTDEVD_LAB_BOOT_TIMEOUT", 300)))
+            step = "booting L1"
+            vm.boot(share_dir=labvm.REPO_ROOT,
+                    timeout=float(os.environ.get("HOSTDEVD_LAB_BOOT_TIMEOUT", 300)))
+            step = "installing hostdevd into L1"
+            vm.install_hostdevd()
         except labvm.LabError as e:
-            _fail("booting L1 failed:\n%s" % e)
-        try:
-            t0 = time.monotonic()
-            info = vm.install_hostdevd()
-            sys.stderr.write("[lab] hostdevd installed in %.1fs: %s\n" % (time.monotonic() - t0, info))
-        except labvm.LabError as e:
-            _fail("installing hostdevd into L1 failed:\n%s" % e)
+            err = "%s failed:\n%s" % (step, e)
+        if err:
+            _fail(err)
         yield vm
     finally:
         vm.stop()

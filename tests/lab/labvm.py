@@ -205,14 +205,14 @@ class LabVM:
                                timeout=timeout + 60, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         except subprocess.TimeoutExpired:
-            self.stop()
+            self.stop(force=True)
             raise LabError("run-l1.sh hung for %ss; serial log tail:\n%s"
                            % (timeout + 60, self._serial_tail())) from None
         if p.returncode != 0:
-            tail = self._serial_tail()
-            self.stop()
-            raise LabError("run-l1.sh failed (rc=%s):\n%s\n%s\nserial log tail:\n%s"
-                           % (p.returncode, p.stdout, p.stderr, tail))
+            self.stop(force=True)
+            # run-l1.sh's stderr already ends with the serial log tail
+            raise LabError("run-l1.sh failed (rc=%s), logs in %s:\n%s%s"
+                           % (p.returncode, self.run_dir, p.stdout, p.stderr[-5000:]))
         self._start_watchdog()
         self.boot_seconds = time.monotonic() - t0
         _log("L1 '%s' up after %.1fs (run dir %s)" % (self.name, self.boot_seconds, self.run_dir))
@@ -231,8 +231,9 @@ class LabVM:
             ["/bin/sh", "-c", script], env=self._env(), start_new_session=True,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def stop(self, timeout: float = 60) -> None:
-        """Power L1 off (ACPI, then QMP quit, then SIGKILL); safe to call repeatedly."""
+    def stop(self, timeout: float = 60, force: bool = False) -> None:
+        """Power L1 off (ACPI, then QMP quit, then SIGKILL; force=True skips the ACPI
+        powerdown). Safe to call repeatedly."""
         if not self.running:
             return
         self.running = False
@@ -240,7 +241,8 @@ class LabVM:
         env = self._env()
         env["L1_STOP_TIMEOUT"] = str(int(timeout))
         try:
-            subprocess.run([str(LAB_SRC / "stop-l1.sh")], env=env, timeout=timeout + 30)
+            subprocess.run([str(LAB_SRC / "stop-l1.sh")] + (["--force"] if force else []),
+                           env=env, timeout=timeout + 30)
         except subprocess.TimeoutExpired:
             subprocess.run([str(LAB_SRC / "stop-l1.sh"), "--force"], env=env, timeout=60)
         if self._watchdog is not None:

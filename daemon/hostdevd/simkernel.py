@@ -1,0 +1,1730 @@
+"""A simulated Linux kernel for tests: /sys, the few /proc files and /dev nodes hostdevd reads.
+
+:class:`SimKernel` implements :class:`hostdevd.sysfs.HostBackend` in memory, so
+``Sysfs(SimKernel.from_spec(spec))`` behaves like ``Sysfs(RealHost())`` on a real
+machine (libvirt's ``tests/virpcimock.c`` does the same job in C).
+
+Layout (relative to /sys, as the kernel builds it):
+
+* ``devices/pci0000:00/<bridge>/.../<bdf>/`` the real device directories, nested under
+  their parent bridge (a bridge's ``secondary_bus``, or a device's ``parent``);
+  ``bus/pci/devices/<bdf>`` links there. Attributes: vendor, device, class,
+  subsystem_*, revision, config (256 bytes), driver (link), driver_override
+  ("(null)" when unset), iommu_group (link), physfn / virtfnN, sriov_* (PFs),
+  boot_vga (VGA class only), reset_method and reset (when the device has reset
+  methods), remove, net/<if>/ and the block tree (while bound to a host driver),
+  virtioN/ (while bound to virtio-pci: its net and block devices live under it, so
+  ``class/net/<if>/device`` points at ``virtioN`` as on a real VM), vfio-dev/vfioN
+  (while bound to vfio-pci or a vfio variant driver, kernel 6.1+).
+* ``bus/pci/drivers/<name>/{bind,unbind,new_id,remove_id,module,<bdf>}``,
+  ``bus/pci/drivers_probe``; ``kernel/iommu_groups/N/{devices/<bdf>,type}``;
+  ``class/iommu/<unit>``; ``module/<name>`` (vfio_iommu_type1 has
+  ``parameters/allow_unsafe_interrupts``); ``class/net/<if>``, ``class/block/<name>``,
+  ``dev/block/MAJ:MIN`` links into ``devices/``.
+* /proc (``proc_read``): interrupts (IR-PCI-MSI iff interrupt remapping),
+  self/mountinfo, mounts, swaps, net/route, net/ipv6_route, cmdline, modules.
+* /dev (``dev_exists``): ``vfio/N`` while a member of group N is on a vfio driver,
+  ``vfio/vfio`` while vfio is loaded, block device nodes, ``kvm``.
+
+Kernel semantics (drivers/base/bus.c, dd.c, driver.c; drivers/pci/pci-driver.c,
+pci-sysfs.c, iov.c; drivers/vfio):
+
+* ``driver_override``: the value is cut at the first newline (the kernel strips
+  nothing else); an empty value or "\\n" clears it.
+* ``drivers/X/unbind``: ENODEV unless the device is bound to X.
+  ``drivers/X/bind``: ENODEV unless X matches (override, or id table when no
+  override), EBUSY if already bound, else the probe's own error.
+  ``drivers_probe``: no-op for a bound device; otherwise every matching loaded
+  driver is tried in registration order and probe failures are skipped (the write
+  still succeeds, the device stays unbound). With an override only that driver
+  matches. Bridges (header type != 0) match only ``pcieport`` by id; pcieport's
+  probe refuses endpoints, vfio-pci's probe refuses bridges and devices without
+  an IOMMU group (EINVAL).
+* ``pci_device_can_probe``: a VF whose PF has ``sriov_drivers_autoprobe=0`` is not
+  probed unless it has a driver_override (ENODEV from bind).
+* A driver that is not ``driver_managed_dma`` (everything but vfio-pci, vfio
+  variants, pci-stub and pcieport) fails to probe with EBUSY into a group whose
+  /dev/vfio/N is open (kernel 5.19+).
+* Unbinding a vfio device whose group is open blocks in the kernel until the user
+  lets go. The simulation raises EBUSY by default (``open_group_unbind="ebusy"``);
+  with ``"block"`` the write really blocks until :meth:`SimKernel.close_group`, then
+  completes, so a :class:`~hostdevd.sysfs.Sysfs` write timeout fires.
+* ``sriov_numvfs``: EINVAL for a non-number, ERANGE above totalvfs, same value is a
+  no-op, ENOENT when the PF has no driver (or its driver cannot configure SR-IOV),
+  EBUSY for N>0 while VFs exist. VF K is at routing id PF + offset + K*stride, gets
+  physfn/virtfnK links and its own new group (lowest free number, as the kernel's
+  ida does) unless ``vfs_share_group``. Unbinding a PF's driver removes its VFs.
+* ``reset``: "1" counts a reset (:meth:`SimKernel.reset_count`), anything else EINVAL.
+* Net and block devices of a device exist only while it is bound to a host driver
+  (not vfio/pci-stub); mounts in mountinfo stay, as they do on a real host.
+
+Spec (JSON or TOML; unknown keys are errors)::
+
+    {
+      "iommu": true,                  # false: no groups, no class/iommu entries
+      "iommu_units": ["dmar0"],       # default ["dmar0"] when iommu
+      "interrupt_remapping": true,    # default: same as iommu
+      "unsafe_interrupts": false,     # vfio_iommu_type1.allow_unsafe_interrupts
+      "iommu_group_type": "DMA",      # kernel/iommu_groups/N/type
+      "cmdline": "...", "kvm": true,
+      "open_group_unbind": "ebusy",   # or "block"
+      "modules": ["kvm", "vfio"],     # extra loaded modules (drivers' modules are implied)
+      "blacklisted_modules": [],      # load_module() raises EPERM for these
+      "drivers": {                    # vfio-pci, pci-stub, pcieport are built in (override keys)
+        "e1000e": {"ids": ["8086:10d3", "8086:*", "*:*:0403"],  # vendor:device[:class prefix]
+                   "refuse": false,   # true or an errno name: every probe fails with it
+                   "module": "e1000e", "loaded": true, "sriov_configure": true,
+                   "vfio": false, "driver_managed_dma": false}
+      },
+      "devices": [{
+        "address": "0000:01:00.0", "vendor": "8086", "device": "10d3",
+        "class": "020000", "header_type": 0,        # default 1 for class 0604/0609
+        "group": 12, "driver": "e1000e", "driver_override": null,
+        "boot_vga": false, "reset_method": ["flr"], # endpoints default ["flr"], bridges []
+        "net": ["enp1s0"], "block": ["nvme0n1", "nvme0n1p1", {"name": "sda", "dev": "8:0"}],
+        "secondary_bus": 1,                          # bridges: children nest under it
+        "parent": "0000:00:1c.0",                   # alternative to secondary_bus
+        "refuse_drivers": ["nvme"],                  # probes of these drivers fail here
+        "sriov": {"totalvfs": 8, "numvfs": 0, "vf_device": "1520", "vf_vendor": "8086",
+                  "vf_driver": "igbvf", "offset": 1, "stride": 1, "autoprobe": true,
+                  "vfs_share_group": false, "vf_ifname": "enp3s0f0v{n}",
+                  "vf_refuse_drivers": []}
+      }],
+      "dm": [{"name": "dm-0", "slaves": ["nvme0n1p3"], "dev": "253:0"}],
+      "virtual_net": [{"name": "br0", "brif": ["enp1s0"]}, {"name": "bond0", "lower": ["eth1"]}],
+      "mounts": [{"block": "nvme0n1p2", "mountpoint": "/", "fstype": "ext4"},
+                 {"source": "src", "mountpoint": "/mnt/src", "fstype": "9p"}],
+      "swaps": ["nvme0n1p3"],
+      "default_route": "enp1s0", "default_route6": null
+    }
+"""
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import os
+import posixpath
+import re
+import threading
+import tomllib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .address import PciAddress
+from .errors import ConfigError, InvalidAddress
+
+VFIO_PCI = "vfio-pci"
+PCI_STUB = "pci-stub"
+PCIEPORT = "pcieport"
+VIRTIO_PCI = "virtio-pci"
+
+_BUILTIN_DRIVERS: dict[str, dict[str, Any]] = {
+    PCIEPORT: {"module": None, "driver_managed_dma": True, "sriov_configure": False},
+    PCI_STUB: {"module": "pci_stub", "driver_managed_dma": True, "sriov_configure": False},
+    VFIO_PCI: {"module": "vfio_pci", "vfio": True, "driver_managed_dma": True, "sriov_configure": False},
+}
+_VFIO_DEPS = ("vfio", "vfio_pci_core", "vfio_iommu_type1", "irqbypass")
+_HEX_RE = re.compile(r"^(?:0[xX])?[0-9a-fA-F]+$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
+
+
+# ----------------------------------------------------------------------------------------
+# state
+
+@dataclass
+class _Driver:
+    name: str
+    ids: list[tuple[int | None, int | None, str | None]]
+    module: str | None
+    loaded: bool = True
+    refuse: int = 0                 # errno every probe fails with; 0 = probes succeed
+    sriov_configure: bool = True
+    vfio: bool = False
+    driver_managed_dma: bool = False
+    dynids: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def host(self) -> bool:
+        """A driver that gives the host a netdev / disk (not a vfio or stub driver)."""
+        return not self.vfio and self.name != PCI_STUB
+
+
+@dataclass
+class _Block:
+    name: str
+    major: int
+    minor: int
+    disk: str | None = None          # the whole disk, for a partition
+
+    @property
+    def dev(self) -> str:
+        return f"{self.major}:{self.minor}"
+
+
+@dataclass
+class _Sriov:
+    totalvfs: int
+    vf_vendor: int
+    vf_device: int
+    offset: int = 1
+    stride: int = 1
+    autoprobe: bool = True
+    share_group: bool = False
+    vf_ifname: str | None = None
+    vf_refuse_drivers: set[str] = field(default_factory=set)
+    vf_reset_method: list[str] = field(default_factory=lambda: ["flr"])
+    vfs: list[PciAddress] = field(default_factory=list)
+
+
+@dataclass
+class _Dev:
+    addr: PciAddress
+    vendor: int
+    device: int
+    pci_class: int
+    header_type: int
+    group: int | None
+    driver: str | None = None
+    override: str | None = None
+    subsystem_vendor: int = 0
+    subsystem_device: int = 0
+    revision: int = 0
+    boot_vga: bool = False
+    reset_methods: list[str] = field(default_factory=list)
+    supported_resets: list[str] = field(default_factory=list)
+    net: list[str] = field(default_factory=list)
+    block: list[_Block] = field(default_factory=list)
+    parent: PciAddress | None = None
+    secondary_bus: int | None = None
+    sriov: _Sriov | None = None
+    physfn: PciAddress | None = None
+    refuse_drivers: set[str] = field(default_factory=set)
+    virtio_index: int | None = None
+    vfio_index: int | None = None
+    resets: int = 0
+
+    @property
+    def bridge(self) -> bool:
+        return self.header_type != 0
+
+
+class _Dir(dict):
+    pass
+
+
+@dataclass
+class _Link:
+    target: str
+
+
+@dataclass
+class _Attr:
+    read: Callable[[], str | bytes] | None = None
+    write: Callable[[str], None] | None = None
+
+
+@dataclass
+class _Rule:
+    pattern: str
+    value: str | None
+    count: int | None
+    errno: int = 0
+    delay: float = 0.0
+    event: threading.Event | None = None
+
+    def matches(self, rel: str, data: str) -> bool:
+        if any(c in self.pattern for c in "*?["):
+            hit = fnmatch.fnmatchcase(rel, self.pattern)
+        else:
+            hit = self.pattern in rel
+        return hit and (self.value is None or self.value in data)
+
+
+class _WaitForClose(Exception):
+    """Raised inside a write handler: the kernel would block until group N is closed."""
+
+    def __init__(self, group: int):
+        super().__init__(group)
+        self.group = group
+
+
+def _oserror(code: int, path: str | None = None) -> OSError:
+    if path is None:
+        return OSError(code, os.strerror(code))
+    return OSError(code, os.strerror(code), path)
+
+
+def _sysfs_streq(data: str, name: str) -> bool:
+    """The kernel's sysfs_streq: equal, ignoring one trailing newline."""
+    return (data[:-1] if data.endswith("\n") else data) == name
+
+
+def _kstrtoul(data: str) -> int:
+    """kstrtoul(buf, 0): base from prefix, one trailing newline, nothing else."""
+    s = data[:-1] if data.endswith("\n") else data
+    try:
+        if re.fullmatch(r"0[xX][0-9a-fA-F]+", s):
+            return int(s, 16)
+        if re.fullmatch(r"0[0-7]*", s):
+            return int(s, 8) if len(s) > 1 else 0
+        if re.fullmatch(r"[1-9][0-9]*", s):
+            return int(s, 10)
+    except ValueError:
+        pass
+    raise _oserror(errno.EINVAL)
+
+
+def _kstrtobool(data: str) -> bool:
+    s = data[:-1] if data.endswith("\n") else data
+    if s[:1] in ("1", "y", "Y") or s.lower() == "on":
+        return True
+    if s[:1] in ("0", "n", "N") or s.lower() == "off":
+        return False
+    raise _oserror(errno.EINVAL)
+
+
+def _lowest_free(used: set[int], start: int = 0) -> int:
+    n = start
+    while n in used:
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------
+# the kernel
+
+class SimKernel:
+    """An in-memory kernel behind the :class:`~hostdevd.sysfs.HostBackend` protocol.
+
+    Thread-safe: one re-entrant lock guards all state; a write that hangs (fault
+    injection, or ``open_group_unbind="block"``) waits without holding it.
+    """
+
+    sys_root = "/sys"
+
+    def __init__(self, spec: dict | None = None):
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._tree: _Dir | None = None
+        self.devices: dict[PciAddress, _Dev] = {}
+        self.drivers: dict[str, _Driver] = {}
+        self.modules: set[str] = set()
+        self.blacklisted: set[str] = set()
+        self.iommu = True
+        self.iommu_units: list[str] = []
+        self.interrupt_remapping = True
+        self.unsafe_interrupts = False
+        self.iommu_group_type = "DMA"
+        self.cmdline = ""
+        self.kvm = True
+        self.open_group_unbind = "ebusy"
+        self.dm: list[tuple[_Block, list[str]]] = []
+        self.virtual_net: dict[str, dict[str, list[str]]] = {}
+        self.mounts: list[dict[str, str]] = []
+        self.swaps: list[str] = []
+        self.default_route: str | None = None
+        self.default_route6: str | None = None
+        self.group_users: dict[int, int] = {}
+        self.write_log: list[tuple[str, str]] = []
+        self._rules: list[_Rule] = []
+        self._hanging = 0
+        _SpecLoader(self, {} if spec is None else spec).load()
+
+    # ----- construction ----------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: dict) -> "SimKernel":
+        """Build from a declarative spec (see the module docstring); ConfigError if invalid."""
+        return cls(spec)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "SimKernel":
+        """Load a ``.json`` or ``.toml`` spec file."""
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read topology spec {path}: {e.strerror or e}") from e
+        try:
+            if path.endswith(".toml"):
+                spec = tomllib.loads(raw.decode("utf-8"))
+            else:
+                spec = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"topology spec {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}") from e
+        try:
+            return cls(spec)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e.message}", e.hint) from e
+
+    # ----- HostBackend --------------------------------------------------------------
+    def read(self, rel: str) -> str:
+        data = self._read_attr(rel)
+        return data.decode("ascii", "replace") if isinstance(data, bytes) else data
+
+    def read_bytes(self, rel: str, size: int) -> bytes:
+        data = self._read_attr(rel)
+        return (data if isinstance(data, bytes) else data.encode("ascii"))[:size]
+
+    def write(self, rel: str, data: str) -> None:
+        if isinstance(data, bytes):
+            data = data.decode("ascii")
+        with self._lock:
+            self.write_log.append((rel, data))
+            hang: threading.Event | None = None
+            delay = 0.0
+            for rule in list(self._rules):
+                if not rule.matches(rel, data):
+                    continue
+                if rule.count is not None:
+                    rule.count -= 1
+                    if rule.count <= 0:
+                        self._rules.remove(rule)
+                if rule.errno:
+                    raise _oserror(rule.errno)
+                if rule.event is not None and hang is None:
+                    hang = rule.event
+                delay = max(delay, rule.delay)
+        if delay:
+            threading.Event().wait(delay)
+        if hang is not None:
+            with self._lock:
+                self._hanging += 1
+            try:
+                hang.wait()
+            finally:
+                with self._lock:
+                    self._hanging -= 1
+        with self._lock:
+            while True:
+                node = self._lookup(rel, write=True)
+                try:
+                    node.write(data)
+                    return
+                except _WaitForClose as w:
+                    # The kernel's vfio remove() waits here for the group's user.
+                    while self.group_users.get(w.group, 0) > 0:
+                        self._cond.wait()
+
+    def readlink(self, rel: str) -> str:
+        with self._lock:
+            _, node = self._walk(rel, follow_last=False)
+            if not isinstance(node, _Link):
+                raise _oserror(errno.EINVAL, self._abs(rel))
+            return node.target
+
+    def listdir(self, rel: str) -> list[str]:
+        with self._lock:
+            _, node = self._walk(rel)
+            if not isinstance(node, _Dir):
+                raise _oserror(errno.ENOTDIR, self._abs(rel))
+            return list(node)
+
+    def exists(self, rel: str) -> bool:
+        with self._lock:
+            try:
+                self._walk(rel, follow_last=False)
+                return True
+            except OSError:
+                return False
+
+    def realpath(self, rel: str) -> str:
+        with self._lock:
+            parts = [p for p in rel.split("/") if p]
+            for cut in range(len(parts), -1, -1):
+                try:
+                    canon, _ = self._walk("/".join(parts[:cut]))
+                except OSError:
+                    continue
+                return posixpath.normpath(posixpath.join(self.sys_root, canon, *parts[cut:]))
+            return posixpath.join(self.sys_root, rel)
+
+    def proc_read(self, rel: str) -> str:
+        with self._lock:
+            gen = {
+                "interrupts": self._proc_interrupts,
+                "self/mountinfo": self._proc_mountinfo,
+                "mounts": self._proc_mounts,
+                "self/mounts": self._proc_mounts,
+                "swaps": self._proc_swaps,
+                "net/route": self._proc_route,
+                "net/ipv6_route": self._proc_ipv6_route,
+                "cmdline": lambda: self.cmdline + "\n",
+                "modules": self._proc_modules,
+            }.get(rel.strip("/"))
+            if gen is None:
+                raise _oserror(errno.ENOENT, posixpath.join("/proc", rel))
+            return gen()
+
+    def dev_exists(self, rel: str) -> bool:
+        with self._lock:
+            rel = rel.strip("/")
+            if rel == "vfio/vfio":
+                return "vfio" in self._loaded_modules()
+            if rel.startswith("vfio/") and rel[5:].isdigit():
+                return self._vfio_node(int(rel[5:]))
+            if rel == "kvm":
+                return self.kvm
+            return any(b.name == rel for b in self._present_blocks())
+
+    def vfio_group_users(self, group: int) -> int:
+        with self._lock:
+            return self.group_users.get(int(group), 0)
+
+    # ----- the outside world: QEMU, modprobe, hotplug -------------------------------------
+    def open_group(self, group: int) -> None:
+        """QEMU opens /dev/vfio/<group> and attaches it to a container.
+
+        Raises FileNotFoundError when /dev/vfio/N does not exist, EPERM "group N is
+        not viable" unless every member is viable (R2), EPERM when interrupts are not
+        remapped and unsafe interrupts are not allowed.
+        """
+        group = int(group)
+        with self._lock:
+            if not self._vfio_node(group):
+                raise _oserror(errno.ENOENT, f"/dev/vfio/{group}")
+            bad = [str(d.addr) for d in self._members(group) if not self._viable(d)]
+            if bad:
+                raise OSError(errno.EPERM, f"group {group} is not viable "
+                              f"(not bound to vfio-pci: {', '.join(bad)})", f"/dev/vfio/{group}")
+            if not self.interrupt_remapping and not self.unsafe_interrupts:
+                raise OSError(errno.EPERM, "No interrupt remapping support. Use the module param "
+                              "\"allow_unsafe_interrupts\" to enable VFIO IOMMU support on this platform",
+                              f"/dev/vfio/{group}")
+            self.group_users[group] = self.group_users.get(group, 0) + 1
+            self._changed()
+
+    def close_group(self, group: int) -> None:
+        """QEMU closes /dev/vfio/<group>; a blocked vfio unbind proceeds."""
+        group = int(group)
+        with self._lock:
+            if self.group_users.get(group, 0) <= 0:
+                raise ValueError(f"group {group} is not open")
+            self.group_users[group] -= 1
+            if not self.group_users[group]:
+                del self.group_users[group]
+            self._changed()
+            self._cond.notify_all()
+
+    def load_module(self, name: str) -> None:
+        """modprobe: register the module's drivers and let them probe unbound devices."""
+        mod = name.replace("-", "_")
+        with self._lock:
+            if mod in self.blacklisted:
+                raise OSError(errno.EPERM, f"modprobe: ERROR: could not insert '{mod}': "
+                              "Operation not permitted (administratively prohibited)")
+            self.modules.add(mod)
+            if mod == "vfio_pci":
+                self.modules.update(_VFIO_DEPS)
+            for drv in self.drivers.values():
+                if drv.module == mod and not drv.loaded:
+                    drv.loaded = True
+                    self._driver_attach(drv)
+            self._changed()
+
+    def unload_module(self, name: str) -> None:
+        """rmmod: unbind every device of the module's drivers (EBUSY while a vfio group is open)."""
+        mod = name.replace("-", "_")
+        with self._lock:
+            if mod not in self._loaded_modules():
+                raise OSError(errno.ENOENT, f"rmmod: ERROR: Module {mod} is not currently loaded")
+            drvs = [d for d in self.drivers.values() if d.module == mod and d.loaded]
+            for drv in drvs:
+                for dev in self._bound_to(drv.name):
+                    if drv.vfio and self.group_users.get(dev.group or -1, 0):
+                        raise OSError(errno.EBUSY, f"rmmod: ERROR: Module {mod} is in use")
+            for drv in drvs:
+                for dev in self._bound_to(drv.name):
+                    self._release(dev)
+                drv.loaded = False
+            self.modules.discard(mod)
+            self._changed()
+
+    def hot_unplug(self, address: str | PciAddress) -> None:
+        """The device disappears (surprise removal, or ``echo 1 > remove``); a PF takes its VFs."""
+        with self._lock:
+            self._remove_device(self._dev(address))
+            self._changed()
+
+    def set_refuse(self, driver: str, err: int | str | bool | None = errno.ENODEV) -> None:
+        """Make every probe by ``driver`` fail with ``err`` (None/False: probes succeed again)."""
+        with self._lock:
+            self.drivers[driver].refuse = _errno_value(err) if err not in (None, False) else 0
+
+    # ----- fault injection ---------------------------------------------------------------
+    def fail_writes(self, pattern: str, err: int | str = errno.EIO, count: int | None = 1,
+                    value: str | None = None) -> None:
+        """The next ``count`` writes (None: all) to paths matching ``pattern`` (a glob if it
+        has ``*?[``, else a substring; optionally also containing ``value``) fail with ``err``."""
+        with self._lock:
+            self._rules.append(_Rule(pattern, value, count, errno=_errno_value(err)))
+
+    def hang_writes(self, pattern: str, count: int | None = None, value: str | None = None) -> None:
+        """Matching writes block until :meth:`release_hangs`, then complete normally."""
+        with self._lock:
+            self._rules.append(_Rule(pattern, value, count, event=threading.Event()))
+
+    def delay_writes(self, pattern: str, seconds: float, count: int | None = None,
+                     value: str | None = None) -> None:
+        """Matching writes take ``seconds`` before they happen."""
+        with self._lock:
+            self._rules.append(_Rule(pattern, value, count, delay=float(seconds)))
+
+    def release_hangs(self) -> None:
+        """Let every hanging write go on, and stop hanging new ones."""
+        with self._lock:
+            for rule in list(self._rules):
+                if rule.event is not None:
+                    rule.event.set()
+                    self._rules.remove(rule)
+
+    def clear_faults(self) -> None:
+        self.release_hangs()
+        with self._lock:
+            self._rules.clear()
+
+    def hanging_writes(self) -> int:
+        """How many writes are blocked in :meth:`hang_writes` right now."""
+        with self._lock:
+            return self._hanging
+
+    # ----- inspection ----------------------------------------------------------------------
+    def state(self) -> dict[str, tuple[str | None, str | None]]:
+        """{bdf: (driver, driver_override)} for every device."""
+        with self._lock:
+            return {str(a): (d.driver, d.override) for a, d in sorted(self.devices.items())}
+
+    def driver(self, address: str | PciAddress) -> str | None:
+        with self._lock:
+            return self._dev(address).driver
+
+    def driver_override(self, address: str | PciAddress) -> str | None:
+        with self._lock:
+            return self._dev(address).override
+
+    def group_of(self, address: str | PciAddress) -> int | None:
+        with self._lock:
+            return self._dev(address).group
+
+    def groups(self) -> dict[int, list[str]]:
+        with self._lock:
+            out: dict[int, list[str]] = {}
+            for a, d in sorted(self.devices.items()):
+                if d.group is not None:
+                    out.setdefault(d.group, []).append(str(a))
+            return dict(sorted(out.items()))
+
+    def vfs(self, pf: str | PciAddress) -> list[str]:
+        with self._lock:
+            sr = self._dev(pf).sriov
+            return [str(a) for a in sr.vfs] if sr else []
+
+    def reset_count(self, address: str | PciAddress) -> int:
+        with self._lock:
+            return self._dev(address).resets
+
+    def has_device(self, address: str | PciAddress) -> bool:
+        with self._lock:
+            return _addr(address) in self.devices
+
+    def loaded_modules(self) -> list[str]:
+        with self._lock:
+            return sorted(self._loaded_modules())
+
+    def writes_to(self, pattern: str) -> list[tuple[str, str]]:
+        """The logged writes whose path matches ``pattern`` (glob or substring)."""
+        rule = _Rule(pattern, None, None)
+        with self._lock:
+            return [(p, v) for p, v in self.write_log if rule.matches(p, v)]
+
+    # ----- internals: lookups --------------------------------------------------------------
+    def _dev(self, address: str | PciAddress) -> _Dev:
+        a = _addr(address)
+        try:
+            return self.devices[a]
+        except KeyError:
+            raise KeyError(f"no simulated device {a}") from None
+
+    def _changed(self) -> None:
+        self._tree = None
+
+    def _abs(self, rel: str) -> str:
+        return posixpath.join(self.sys_root, rel)
+
+    def _loaded_modules(self) -> set[str]:
+        mods = set(self.modules)
+        for d in self.drivers.values():
+            if d.loaded and d.module:
+                mods.add(d.module)
+                if d.module == "vfio_pci":
+                    mods.update(_VFIO_DEPS)
+        return mods
+
+    def _loaded_driver(self, name: str) -> _Driver | None:
+        drv = self.drivers.get(name)
+        return drv if drv is not None and drv.loaded else None
+
+    def _bound_to(self, name: str) -> list[_Dev]:
+        return [d for _, d in sorted(self.devices.items()) if d.driver == name]
+
+    def _members(self, group: int) -> list[_Dev]:
+        return [d for _, d in sorted(self.devices.items()) if d.group == group]
+
+    def _on_vfio(self, dev: _Dev) -> bool:
+        drv = self.drivers.get(dev.driver or "")
+        return bool(drv and drv.vfio)
+
+    def _host_bound(self, dev: _Dev) -> bool:
+        drv = self.drivers.get(dev.driver or "")
+        return bool(drv and drv.host)
+
+    def _viable(self, dev: _Dev) -> bool:
+        return dev.bridge or dev.driver is None or self._on_vfio(dev) or dev.driver == PCI_STUB
+
+    def _vfio_node(self, group: int) -> bool:
+        return any(self._on_vfio(d) for d in self._members(group))
+
+    def _present_blocks(self) -> list[_Block]:
+        out = [b for d in self.devices.values() if self._host_bound(d) for b in d.block]
+        return out + [b for b, _ in self.dm]
+
+    def _present_netdevs(self) -> set[str]:
+        names = {n for d in self.devices.values() if self._host_bound(d) for n in d.net}
+        return names | set(self.virtual_net) | {"lo"}
+
+    # ----- internals: the driver core ------------------------------------------------------
+    def _match(self, drv: _Driver, dev: _Dev) -> bool:
+        """pci_bus_match(): the override names the only driver; else the id tables."""
+        if dev.override is not None:
+            return dev.override == drv.name
+        if dev.bridge or drv.name == PCIEPORT:
+            return dev.bridge and drv.name == PCIEPORT
+        for v, d, c in drv.ids:
+            if ((v is None or v == dev.vendor) and (d is None or d == dev.device)
+                    and (c is None or f"{dev.pci_class:06x}".startswith(c))):
+                return True
+        return (dev.vendor, dev.device) in drv.dynids
+
+    def _probe(self, drv: _Driver, dev: _Dev) -> int:
+        """really_probe() through pci_device_probe(); returns 0 or the probe's errno."""
+        if dev.physfn is not None and dev.override is None:
+            pf = self.devices.get(dev.physfn)
+            if pf is not None and pf.sriov is not None and not pf.sriov.autoprobe:
+                return errno.ENODEV                       # pci_device_can_probe()
+        if not drv.driver_managed_dma and dev.group is not None and self.group_users.get(dev.group, 0):
+            return errno.EBUSY                            # iommu_device_use_default_domain()
+        if drv.refuse:
+            return drv.refuse
+        if drv.name in dev.refuse_drivers:
+            return errno.ENODEV
+        if drv.vfio and (dev.bridge or dev.group is None):
+            return errno.EINVAL                           # vfio_pci_probe()
+        if drv.name == PCIEPORT and not dev.bridge:
+            return errno.ENODEV
+        self._attach(drv, dev)
+        return 0
+
+    def _attach(self, drv: _Driver, dev: _Dev) -> None:
+        dev.driver = drv.name
+        if drv.vfio:
+            used = {d.vfio_index for d in self.devices.values() if d.vfio_index is not None}
+            dev.vfio_index = _lowest_free(used)
+        if drv.name == VIRTIO_PCI:
+            used = {d.virtio_index for d in self.devices.values() if d.virtio_index is not None}
+            dev.virtio_index = _lowest_free(used)
+        self._changed()
+
+    def _device_attach(self, dev: _Dev) -> None:
+        """device_attach(): try every matching loaded driver; probe errors are skipped."""
+        if dev.driver is not None:
+            return
+        for drv in self.drivers.values():
+            if drv.loaded and self._match(drv, dev) and self._probe(drv, dev) == 0:
+                return
+
+    def _driver_attach(self, drv: _Driver) -> None:
+        """driver_attach(): a new driver (or id) probes every unbound matching device."""
+        for _, dev in sorted(self.devices.items()):
+            if dev.driver is None and self._match(drv, dev):
+                self._probe(drv, dev)
+
+    def _check_release(self, dev: _Dev) -> None:
+        """Would releasing ``dev`` block on an open vfio group? Then EBUSY or wait."""
+        devs = [dev] + [self.devices[v] for v in (dev.sriov.vfs if dev.sriov else []) if v in self.devices]
+        for d in devs:
+            if d.driver and self._on_vfio(d) and d.group is not None and self.group_users.get(d.group, 0):
+                if self.open_group_unbind == "block":
+                    raise _WaitForClose(d.group)
+                raise _oserror(errno.EBUSY)
+
+    def _release(self, dev: _Dev) -> None:
+        """device_release_driver(); a PF driver's remove() disables SR-IOV first."""
+        if dev.sriov and dev.sriov.vfs:
+            self._remove_vfs(dev)
+        dev.driver = None
+        dev.vfio_index = None
+        dev.virtio_index = None
+        self._changed()
+
+    # ----- internals: SR-IOV ---------------------------------------------------------------
+    def _vf_address(self, pf: _Dev, k: int) -> PciAddress:
+        sr = pf.sriov
+        assert sr is not None
+        rid = (pf.addr.bus << 8 | pf.addr.slot << 3 | pf.addr.function) + sr.offset + k * sr.stride
+        if rid > 0xFFFF:
+            raise _oserror(errno.ENOMEM)
+        return PciAddress(pf.addr.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7)
+
+    def _create_vfs(self, pf: _Dev, n: int) -> None:
+        sr = pf.sriov
+        assert sr is not None
+        new: list[_Dev] = []
+        for k in range(n):
+            addr = self._vf_address(pf, k)
+            if addr in self.devices:
+                raise _oserror(errno.EEXIST)
+            if not self.iommu:
+                group = None
+            elif sr.share_group:
+                group = pf.group
+            else:
+                used = {d.group for d in self.devices.values() if d.group is not None}
+                group = _lowest_free(used)
+            net = [sr.vf_ifname.format(n=k, vf=k)] if sr.vf_ifname else []
+            vf = _Dev(addr=addr, vendor=sr.vf_vendor, device=sr.vf_device, pci_class=pf.pci_class,
+                      header_type=0, group=group, subsystem_vendor=pf.subsystem_vendor,
+                      subsystem_device=pf.subsystem_device, revision=pf.revision,
+                      reset_methods=list(sr.vf_reset_method), supported_resets=list(sr.vf_reset_method),
+                      net=net, physfn=pf.addr, refuse_drivers=set(sr.vf_refuse_drivers))
+            self.devices[addr] = vf
+            sr.vfs.append(addr)
+            new.append(vf)
+        self._changed()
+        for vf in new:                                    # pci_bus_add_device() -> device_attach()
+            self._device_attach(vf)
+
+    def _remove_vfs(self, pf: _Dev) -> None:
+        sr = pf.sriov
+        assert sr is not None
+        for addr in reversed(list(sr.vfs)):
+            vf = self.devices.get(addr)
+            if vf is not None:
+                self._remove_device(vf)
+        sr.vfs.clear()
+        self._changed()
+
+    def _remove_device(self, dev: _Dev) -> None:
+        if dev.sriov and dev.sriov.vfs:
+            self._remove_vfs(dev)
+        if dev.physfn is not None:
+            pf = self.devices.get(dev.physfn)
+            if pf is not None and pf.sriov is not None and dev.addr in pf.sriov.vfs:
+                pf.sriov.vfs.remove(dev.addr)
+        self.devices.pop(dev.addr, None)
+        self._changed()
+
+    # ----- internals: write handlers -----------------------------------------------------
+    def _find(self, data: str) -> _Dev | None:
+        for a, d in self.devices.items():
+            if _sysfs_streq(data, str(a)):
+                return d
+        return None
+
+    def _w_override(self, dev: _Dev, data: str) -> None:
+        if len(data) >= 4095:
+            raise _oserror(errno.EINVAL)
+        s = data.split("\0", 1)[0]
+        if not s or s.startswith("\n"):
+            dev.override = None
+        else:
+            dev.override = s.split("\n", 1)[0]
+        self._changed()
+
+    def _w_bind(self, drv: _Driver, data: str) -> None:
+        dev = self._find(data)
+        if dev is None or not self._match(drv, dev):
+            raise _oserror(errno.ENODEV)
+        if dev.driver is not None:
+            raise _oserror(errno.EBUSY)
+        err = self._probe(drv, dev)
+        if err:
+            raise _oserror(err)
+
+    def _w_unbind(self, drv: _Driver, data: str) -> None:
+        dev = self._find(data)
+        if dev is None or dev.driver != drv.name:
+            raise _oserror(errno.ENODEV)
+        self._check_release(dev)
+        self._release(dev)
+
+    def _w_drivers_probe(self, data: str) -> None:
+        dev = self._find(data)
+        if dev is None:
+            raise _oserror(errno.ENODEV)
+        self._device_attach(dev)
+
+    def _w_new_id(self, drv: _Driver, data: str) -> None:
+        f = data.split()
+        try:
+            if len(f) < 2:
+                raise ValueError
+            vendor, device = int(f[0], 16), int(f[1], 16)
+        except ValueError:
+            raise _oserror(errno.EINVAL) from None
+        if any((v is None or v == vendor) and (d is None or d == device) and c is None for v, d, c in drv.ids):
+            raise _oserror(errno.EEXIST)
+        drv.dynids.append((vendor, device))
+        self._driver_attach(drv)
+
+    def _w_remove_id(self, drv: _Driver, data: str) -> None:
+        f = data.split()
+        try:
+            key = (int(f[0], 16), int(f[1], 16))
+        except (ValueError, IndexError):
+            raise _oserror(errno.EINVAL) from None
+        if key not in drv.dynids:
+            raise _oserror(errno.ENODEV)
+        drv.dynids.remove(key)
+
+    def _w_numvfs(self, pf: _Dev, data: str) -> None:
+        sr = pf.sriov
+        assert sr is not None
+        n = _kstrtoul(data)
+        if n > 0xFFFF:
+            raise _oserror(errno.EINVAL)
+        if n > sr.totalvfs:
+            raise _oserror(errno.ERANGE)
+        if n == len(sr.vfs):
+            return
+        drv = self._loaded_driver(pf.driver or "")
+        if drv is None or not drv.sriov_configure:
+            raise _oserror(errno.ENOENT)
+        if n == 0:
+            self._check_release(pf)
+            self._remove_vfs(pf)
+            return
+        if sr.vfs:
+            raise _oserror(errno.EBUSY)
+        self._create_vfs(pf, n)
+
+    def _w_autoprobe(self, pf: _Dev, data: str) -> None:
+        assert pf.sriov is not None
+        pf.sriov.autoprobe = _kstrtobool(data)
+
+    def _w_reset(self, dev: _Dev, data: str) -> None:
+        if _kstrtoul(data) != 1:
+            raise _oserror(errno.EINVAL)
+        dev.resets += 1
+
+    def _w_reset_method(self, dev: _Dev, data: str) -> None:
+        s = data.strip()
+        if s == "default":
+            dev.reset_methods = list(dev.supported_resets)
+        elif not s:
+            dev.reset_methods = []
+        else:
+            names = s.split()
+            if any(n not in dev.supported_resets for n in names):
+                raise _oserror(errno.EINVAL)
+            dev.reset_methods = names
+        self._changed()
+
+    def _w_remove(self, dev: _Dev, data: str) -> None:
+        if _kstrtoul(data):
+            self._check_release(dev)
+            self._remove_device(dev)
+
+    # ----- internals: the tree ------------------------------------------------------------
+    def _read_attr(self, rel: str) -> str | bytes:
+        with self._lock:
+            _, node = self._walk(rel)
+            if isinstance(node, _Dir):
+                raise _oserror(errno.EISDIR, self._abs(rel))
+            assert isinstance(node, _Attr)
+            if node.read is None:
+                raise _oserror(errno.EACCES, self._abs(rel))
+            return node.read()
+
+    def _lookup(self, rel: str, write: bool) -> _Attr:
+        _, node = self._walk(rel)
+        if isinstance(node, _Dir):
+            raise _oserror(errno.EISDIR, self._abs(rel))
+        assert isinstance(node, _Attr)
+        if write and node.write is None:
+            raise _oserror(errno.EACCES, self._abs(rel))
+        return node
+
+    def _walk(self, rel: str, follow_last: bool = True) -> tuple[str, Any]:
+        """Resolve ``rel`` like the VFS: symlinks in every component, ``..`` after them."""
+        if self._tree is None:
+            self._tree = _TreeBuilder(self).build()
+        root = self._tree
+        pending = deque(p for p in rel.split("/") if p not in ("", "."))
+        stack: list[str] = []
+        nodes: list[Any] = [root]
+        hops = 0
+        while pending:
+            name = pending.popleft()
+            if name == "..":
+                if stack:
+                    stack.pop()
+                    nodes.pop()
+                continue
+            cur = nodes[-1]
+            if not isinstance(cur, _Dir):
+                raise _oserror(errno.ENOTDIR, self._abs(rel))
+            node = cur.get(name)
+            if node is None:
+                raise _oserror(errno.ENOENT, self._abs(rel))
+            if isinstance(node, _Link) and (pending or follow_last):
+                hops += 1
+                if hops > 40:
+                    raise _oserror(errno.ELOOP, self._abs(rel))
+                if node.target.startswith("/"):
+                    stack, nodes = [], [root]
+                pending.extendleft(reversed([p for p in node.target.split("/") if p not in ("", ".")]))
+                continue
+            stack.append(name)
+            nodes.append(node)
+        return "/".join(stack), nodes[-1]
+
+    # ----- internals: /proc ----------------------------------------------------------------
+    def _block_by_name(self) -> dict[str, _Block]:
+        out = {b.name: b for d in self.devices.values() for b in d.block}
+        out.update({b.name: b for b, _ in self.dm})
+        return out
+
+    def _proc_interrupts(self) -> str:
+        ir = "IR-" if self.interrupt_remapping else ""
+        lines = ["           CPU0       CPU1",
+                 f"  0:         33          0   {ir}IO-APIC    2-edge      timer",
+                 f"  9:          0          0   {ir}IO-APIC    9-fasteoi   acpi"]
+        irq = 24
+        for a, d in sorted(self.devices.items()):
+            if d.driver and not d.bridge:
+                name = (d.net or [d.driver])[0]
+                hwirq = (a.bus << 16 | a.slot << 11 | a.function << 8)
+                lines.append(f" {irq}:       1024          0   {ir}PCI-MSI {hwirq}-edge      {name}")
+                irq += 1
+        return "\n".join(lines) + "\n"
+
+    def _mount_rows(self) -> list[tuple[str, str, str, str]]:
+        """(maj:min, mountpoint, fstype, source) including the usual virtual filesystems."""
+        blocks = self._block_by_name()
+        rows = [("0:22", "/sys", "sysfs", "sysfs"), ("0:23", "/proc", "proc", "proc"),
+                ("0:5", "/dev", "devtmpfs", "udev"), ("0:25", "/run", "tmpfs", "tmpfs")]
+        extra = 40
+        for m in self.mounts:
+            if m.get("block"):
+                b = blocks[m["block"]]
+                rows.append((b.dev, m["mountpoint"], m.get("fstype", "ext4"), f"/dev/{b.name}"))
+            else:
+                rows.append((f"0:{extra}", m["mountpoint"], m.get("fstype", "tmpfs"), m.get("source", "none")))
+                extra += 1
+        root = [r for r in rows if r[1] == "/"]
+        return root + [r for r in rows if r[1] != "/"]
+
+    def _proc_mountinfo(self) -> str:
+        out = []
+        for i, (dev, mp, fs, src) in enumerate(self._mount_rows()):
+            mid = 21 + i
+            parent = 1 if mp == "/" else 21
+            out.append(f"{mid} {parent} {dev} / {mp.replace(' ', chr(92) + '040')} rw,relatime shared:{i + 1} - {fs} {src} rw")
+        return "\n".join(out) + "\n"
+
+    def _proc_mounts(self) -> str:
+        return "".join(f"{src} {mp} {fs} rw,relatime 0 0\n" for _, mp, fs, src in self._mount_rows())
+
+    def _proc_swaps(self) -> str:
+        lines = ["Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority"]
+        for i, s in enumerate(self.swaps):
+            path, kind = (s, "file") if s.startswith("/") else (f"/dev/{s}", "partition")
+            lines.append(f"{path:<40}{kind}\t8388604\t\t0\t\t{-2 - i}")
+        return "\n".join(lines) + "\n"
+
+    def _proc_route(self) -> str:
+        lines = ["Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT"]
+        if self.default_route and self.default_route in self._present_netdevs():
+            i = self.default_route
+            lines.append(f"{i}\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0")
+            lines.append(f"{i}\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0")
+        return "\n".join(lines) + "\n"
+
+    def _proc_ipv6_route(self) -> str:
+        z = "0" * 32
+        lines = []
+        if self.default_route6 and self.default_route6 in self._present_netdevs():
+            lines.append(f"{z} 00 {z} 00 fe800000000000000000000000000001 00000400 00000001 00000000 00450003 {self.default_route6:>8}")
+        lines.append(f"{z[:-1]}1 80 {z} 00 {z} 00000000 00000002 00000000 80200001       lo")
+        lines.append(f"{z} 00 {z} 00 {z} ffffffff 00000001 00000000 00200200       lo")
+        return "\n".join(lines) + "\n"
+
+    def _proc_modules(self) -> str:
+        return "".join(f"{m} 16384 0 - Live 0x0000000000000000\n" for m in sorted(self._loaded_modules()))
+
+
+def _addr(address: str | PciAddress) -> PciAddress:
+    return address if isinstance(address, PciAddress) else PciAddress.parse(address)
+
+
+def _errno_value(err: int | str | bool) -> int:
+    if err is True:
+        return errno.ENODEV
+    if isinstance(err, str):
+        code = getattr(errno, err.upper(), None)
+        if not isinstance(code, int):
+            raise ValueError(f"unknown errno name {err!r}")
+        return code
+    if isinstance(err, int) and err > 0:
+        return err
+    raise ValueError(f"not an errno: {err!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# building the sysfs tree from the state
+
+class _TreeBuilder:
+    def __init__(self, k: SimKernel):
+        self.k = k
+        self.root = _Dir()
+        self.dirs: dict[PciAddress, str] = {}
+
+    def mkdir(self, path: str) -> _Dir:
+        cur = self.root
+        for p in path.split("/"):
+            nxt = cur.get(p)
+            if nxt is None:
+                nxt = cur[p] = _Dir()
+            cur = nxt
+        return cur
+
+    def put(self, path: str, node: Any) -> None:
+        d, name = posixpath.split(path)
+        self.mkdir(d)[name] = node
+
+    def link(self, path: str, target: str) -> None:
+        # kernfs_get_target_path(): up to an ancestor of the target's parent, then down,
+        # so a link to an ancestor still names it ("../../../0000:01:00.0", never "../..").
+        up = posixpath.relpath(posixpath.dirname(target), posixpath.dirname(path))
+        rel = posixpath.basename(target) if up == "." else f"{up}/{posixpath.basename(target)}"
+        self.put(path, _Link(rel))
+
+    def ro(self, path: str, value: Callable[[], str | bytes] | str) -> None:
+        self.put(path, _Attr(read=value if callable(value) else (lambda v=value: v)))
+
+    def rw(self, path: str, read: Callable[[], str] | None, write: Callable[[str], None]) -> None:
+        self.put(path, _Attr(read=read, write=write))
+
+    def devdir(self, dev: _Dev, seen: frozenset = frozenset()) -> str:
+        if dev.addr in self.dirs:
+            return self.dirs[dev.addr]
+        k = self.k
+        parent: _Dev | None = None
+        if dev.physfn is not None and dev.physfn in k.devices:
+            path = posixpath.join(posixpath.dirname(self.devdir(k.devices[dev.physfn], seen)), str(dev.addr))
+            self.dirs[dev.addr] = path
+            return path
+        if dev.parent is not None:
+            parent = k.devices.get(dev.parent)
+        else:
+            for d in k.devices.values():
+                if d.secondary_bus == dev.addr.bus and d.addr.domain == dev.addr.domain and d is not dev:
+                    parent = d
+                    break
+        if parent is not None and parent.addr not in seen:
+            path = posixpath.join(self.devdir(parent, seen | {dev.addr}), str(dev.addr))
+        else:
+            path = f"devices/pci{dev.addr.domain:04x}:{dev.addr.bus:02x}/{dev.addr}"
+        self.dirs[dev.addr] = path
+        return path
+
+    def build(self) -> _Dir:
+        k = self.k
+        for p in ("bus/pci/devices", "bus/pci/drivers", "bus/pci/slots", "kernel/iommu_groups",
+                  "class/iommu", "class/net", "class/block", "dev/block", "dev/char", "module",
+                  "devices/virtual/net", "devices/system"):
+            self.mkdir(p)
+        self.rw("bus/pci/drivers_probe", None, k._w_drivers_probe)
+        self.rw("bus/pci/drivers_autoprobe", lambda: "1\n", lambda data: None)
+        self.rw("bus/pci/rescan", None, lambda data: None)
+        for mod in sorted(k._loaded_modules()):
+            self.ro(f"module/{mod}/initstate", "live\n")
+            self.ro(f"module/{mod}/refcnt", "0\n")
+        if "vfio_iommu_type1" in k._loaded_modules():
+            self.ro("module/vfio_iommu_type1/parameters/allow_unsafe_interrupts",
+                    lambda: "Y\n" if k.unsafe_interrupts else "N\n")
+            self.ro("module/vfio_iommu_type1/parameters/disable_hugepages", "N\n")
+        if k.iommu:
+            for unit in k.iommu_units:
+                self.mkdir(f"devices/virtual/iommu/{unit}/devices")
+                self.link(f"class/iommu/{unit}", f"devices/virtual/iommu/{unit}")
+        for drv in k.drivers.values():
+            if not drv.loaded:
+                continue
+            base = f"bus/pci/drivers/{drv.name}"
+            self.mkdir(base)
+            self.rw(f"{base}/bind", None, lambda data, drv=drv: k._w_bind(drv, data))
+            self.rw(f"{base}/unbind", None, lambda data, drv=drv: k._w_unbind(drv, data))
+            self.rw(f"{base}/new_id", None, lambda data, drv=drv: k._w_new_id(drv, data))
+            self.rw(f"{base}/remove_id", None, lambda data, drv=drv: k._w_remove_id(drv, data))
+            self.rw(f"{base}/uevent", None, lambda data: None)
+            if drv.module:
+                self.link(f"{base}/module", f"module/{drv.module}")
+                self.link(f"module/{drv.module}/drivers/pci:{drv.name}", base)
+        for _, dev in sorted(k.devices.items()):
+            self.device(dev)
+        for blk, slaves in k.dm:
+            path = f"devices/virtual/block/{blk.name}"
+            self.ro(f"{path}/dev", blk.dev + "\n")
+            self.mkdir(f"{path}/holders")
+            self.mkdir(f"{path}/slaves")
+            self.link(f"class/block/{blk.name}", path)
+            self.link(f"dev/block/{blk.dev}", path)
+        for blk, slaves in k.dm:
+            for s in slaves:
+                src = self.resolve_class("block", s)
+                if src is not None:
+                    self.link(f"devices/virtual/block/{blk.name}/slaves/{s}", src)
+                    self.link(f"{src}/holders/{blk.name}", f"devices/virtual/block/{blk.name}")
+        self.netdev("lo", "devices/virtual/net/lo", None)
+        for name, v in k.virtual_net.items():
+            path = f"devices/virtual/net/{name}"
+            self.netdev(name, path, None)
+            for port in v.get("brif", []):
+                src = self.resolve_class("net", port)
+                if src is not None:
+                    self.mkdir(f"{src}/brport")
+                    self.link(f"{path}/brif/{port}", f"{src}/brport")
+                    self.link(f"{src}/master", path)
+            if v.get("brif") is not None:
+                self.mkdir(f"{path}/brif")
+                self.mkdir(f"{path}/bridge")
+            for low in v.get("lower", []):
+                src = self.resolve_class("net", low)
+                if src is not None:
+                    self.link(f"{path}/lower_{low}", src)
+                    self.link(f"{src}/upper_{name}", path)
+        return self.root
+
+    def resolve_class(self, cls: str, name: str) -> str | None:
+        node = self.root["class"][cls].get(name)
+        if not isinstance(node, _Link):
+            return None
+        return posixpath.normpath(posixpath.join("class", cls, node.target))
+
+    def netdev(self, name: str, path: str, device_dir: str | None) -> None:
+        self.ro(f"{path}/ifindex", "1\n")
+        self.ro(f"{path}/operstate", "up\n")
+        self.ro(f"{path}/address", "52:54:00:00:00:00\n")
+        if device_dir is not None:
+            self.link(f"{path}/device", device_dir)
+        self.link(f"class/net/{name}", path)
+
+    def device(self, dev: _Dev) -> None:
+        k = self.k
+        a = dev.addr
+        d = self.devdir(dev)
+        self.link(f"bus/pci/devices/{a}", d)
+        self.ro(f"{d}/vendor", f"0x{dev.vendor:04x}\n")
+        self.ro(f"{d}/device", f"0x{dev.device:04x}\n")
+        self.ro(f"{d}/subsystem_vendor", f"0x{dev.subsystem_vendor:04x}\n")
+        self.ro(f"{d}/subsystem_device", f"0x{dev.subsystem_device:04x}\n")
+        self.ro(f"{d}/class", f"0x{dev.pci_class:06x}\n")
+        self.ro(f"{d}/revision", f"0x{dev.revision:02x}\n")
+        self.ro(f"{d}/config", lambda: self.config(dev))
+        self.ro(f"{d}/enable", "1\n")
+        self.ro(f"{d}/numa_node", "-1\n")
+        self.ro(f"{d}/modalias", f"pci:v0000{dev.vendor:04X}d0000{dev.device:04X}sv0000{dev.subsystem_vendor:04X}"
+                f"sd0000{dev.subsystem_device:04X}bc{dev.pci_class >> 16:02X}sc{dev.pci_class >> 8 & 0xFF:02X}"
+                f"i{dev.pci_class & 0xFF:02X}\n")
+        self.link(f"{d}/subsystem", "bus/pci")
+        self.rw(f"{d}/driver_override", lambda: f"{dev.override if dev.override is not None else '(null)'}\n",
+                lambda data: k._w_override(dev, data))
+        self.rw(f"{d}/remove", None, lambda data: k._w_remove(dev, data))
+        self.rw(f"{d}/rescan", None, lambda data: None)
+        if dev.driver is not None and k._loaded_driver(dev.driver):
+            self.link(f"{d}/driver", f"bus/pci/drivers/{dev.driver}")
+            self.link(f"bus/pci/drivers/{dev.driver}/{a}", d)
+        if dev.group is not None and k.iommu:
+            g = f"kernel/iommu_groups/{dev.group}"
+            self.ro(f"{g}/type", f"{k.iommu_group_type}\n")
+            self.ro(f"{g}/reserved_regions", "0x00000000fee00000 0x00000000feefffff msi\n")
+            self.link(f"{g}/devices/{a}", d)
+            self.link(f"{d}/iommu_group", g)
+        if dev.physfn is not None and dev.physfn in k.devices:
+            self.link(f"{d}/physfn", self.devdir(k.devices[dev.physfn]))
+        sr = dev.sriov
+        if sr is not None:
+            for i, vf in enumerate(sr.vfs):
+                if vf in k.devices:
+                    self.link(f"{d}/virtfn{i}", self.devdir(k.devices[vf]))
+            self.ro(f"{d}/sriov_totalvfs", f"{sr.totalvfs}\n")
+            self.rw(f"{d}/sriov_numvfs", lambda: f"{len(sr.vfs)}\n", lambda data: k._w_numvfs(dev, data))
+            self.ro(f"{d}/sriov_offset", f"{sr.offset}\n")
+            self.ro(f"{d}/sriov_stride", f"{sr.stride}\n")
+            self.ro(f"{d}/sriov_vf_device", f"{sr.vf_device:x}\n")
+            self.rw(f"{d}/sriov_drivers_autoprobe", lambda: f"{int(sr.autoprobe)}\n",
+                    lambda data: k._w_autoprobe(dev, data))
+        if dev.pci_class >> 8 == 0x0300:
+            self.ro(f"{d}/boot_vga", lambda: "1\n" if dev.boot_vga else "0\n")
+        if dev.supported_resets:
+            self.rw(f"{d}/reset_method", lambda: " ".join(dev.reset_methods) + "\n",
+                    lambda data: k._w_reset_method(dev, data))
+        if dev.reset_methods:
+            self.rw(f"{d}/reset", None, lambda data: k._w_reset(dev, data))
+        if dev.vfio_index is not None and k._on_vfio(dev):
+            self.ro(f"{d}/vfio-dev/vfio{dev.vfio_index}/dev", f"511:{dev.vfio_index}\n")
+        if not k._host_bound(dev):
+            return
+        sub = d
+        if dev.driver == VIRTIO_PCI and dev.virtio_index is not None:
+            sub = f"{d}/virtio{dev.virtio_index}"
+            self.ro(f"{sub}/vendor", f"0x{dev.vendor:04x}\n")
+            self.ro(f"{sub}/status", "0x0000000f\n")
+        for name in dev.net:
+            self.netdev(name, f"{sub}/net/{name}", sub)
+        disks = {b.name: b for b in dev.block if b.disk is None}
+        for b in dev.block:
+            disk = disks[b.disk] if b.disk else b
+            path = f"{sub}/{self.disk_subpath(disk.name)}"
+            if b.disk:
+                path = f"{path}/{b.name}"
+                self.ro(f"{path}/partition", f"{b.minor - disk.minor}\n")
+            self.ro(f"{path}/dev", f"{b.dev}\n")
+            self.ro(f"{path}/size", "2097152\n")
+            self.mkdir(f"{path}/holders")
+            if b.disk is None:
+                self.mkdir(f"{path}/slaves")
+            self.link(f"class/block/{b.name}", path)
+            self.link(f"dev/block/{b.dev}", path)
+
+    @staticmethod
+    def disk_subpath(name: str) -> str:
+        m = re.fullmatch(r"nvme(\d+)n\d+", name)
+        if m:
+            return f"nvme/nvme{m[1]}/{name}"
+        if re.fullmatch(r"vd[a-z]+", name):
+            return f"block/{name}"
+        if re.fullmatch(r"sd[a-z]+", name):
+            idx = ord(name[2]) - ord("a")
+            return f"ata{idx + 1}/host{idx}/target{idx}:0:0/{idx}:0:0:0/block/{name}"
+        return f"block/{name}"
+
+    def config(self, dev: _Dev) -> bytes:
+        cfg = bytearray(256)
+        cfg[0:2] = dev.vendor.to_bytes(2, "little")
+        cfg[2:4] = dev.device.to_bytes(2, "little")
+        cfg[4:6] = (0x0406).to_bytes(2, "little")
+        cfg[6:8] = (0x0010).to_bytes(2, "little")
+        cfg[8] = dev.revision
+        cfg[9:12] = dev.pci_class.to_bytes(3, "little")
+        multifunction = dev.physfn is None and any(
+            o.addr.slot_id == dev.addr.slot_id and o is not dev and o.physfn is None
+            for o in self.k.devices.values())
+        cfg[0x0E] = dev.header_type | (0x80 if multifunction else 0)
+        if dev.header_type == 0:
+            cfg[0x2C:0x2E] = dev.subsystem_vendor.to_bytes(2, "little")
+            cfg[0x2E:0x30] = dev.subsystem_device.to_bytes(2, "little")
+        elif dev.header_type == 1:
+            cfg[0x18] = dev.addr.bus
+            cfg[0x19] = dev.secondary_bus or 0
+            cfg[0x1A] = dev.secondary_bus or 0
+        return bytes(cfg)
+
+
+# ----------------------------------------------------------------------------------------
+# the spec
+
+class _SpecLoader:
+    """Validate a spec and fill a SimKernel. Every problem is one ConfigError line."""
+
+    TOP = {"format", "description", "comment", "iommu", "iommu_units", "interrupt_remapping",
+           "unsafe_interrupts", "iommu_group_type", "cmdline", "kvm", "open_group_unbind", "modules",
+           "blacklisted_modules", "drivers", "devices", "dm", "virtual_net", "mounts", "swaps",
+           "default_route", "default_route6"}
+    DRIVER = {"ids", "refuse", "module", "loaded", "sriov_configure", "vfio", "driver_managed_dma",
+              "comment"}
+    DEVICE = {"address", "name", "comment", "vendor", "device", "subsystem_vendor", "subsystem_device",
+              "class", "revision", "header_type", "group", "driver", "driver_override", "boot_vga",
+              "reset_method", "net", "block", "parent", "secondary_bus", "refuse_drivers", "sriov"}
+    SRIOV = {"totalvfs", "numvfs", "vf_vendor", "vf_device", "vf_driver", "offset", "stride", "autoprobe",
+             "vfs_share_group", "vf_ifname", "vf_refuse_drivers", "vf_reset_method"}
+
+    def __init__(self, k: SimKernel, spec: Any):
+        self.k = k
+        self.spec = spec
+        self.pending_vfs: list[tuple[_Dev, int]] = []
+
+    def fail(self, where: str, msg: str) -> None:
+        raise ConfigError(f"topology spec: {where}: {msg}" if where else f"topology spec: {msg}")
+
+    def keys(self, obj: Any, allowed: set[str], where: str) -> dict:
+        if not isinstance(obj, dict):
+            self.fail(where, f"expected an object, got {type(obj).__name__}")
+        extra = sorted(set(obj) - allowed)
+        if extra:
+            self.fail(where, f"unknown key {extra[0]!r} (allowed: {', '.join(sorted(allowed))})")
+        return obj
+
+    def typed(self, obj: dict, key: str, types: tuple, where: str, default: Any = None) -> Any:
+        v = obj.get(key, default)
+        if v is default:
+            return v
+        if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
+            self.fail(where, f"{key} must be {' or '.join(t.__name__ for t in types)}, got {v!r}")
+        return v
+
+    def hexnum(self, v: Any, where: str, what: str, limit: int) -> int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            n = v
+        elif isinstance(v, str) and _HEX_RE.match(v):
+            n = int(v, 16)
+        else:
+            self.fail(where, f"{what} must be hex like \"8086\", got {v!r}")
+        if not 0 <= n <= limit:
+            self.fail(where, f"{what} {v!r} out of range")
+        return n
+
+    def names(self, obj: dict, key: str, where: str) -> list[str]:
+        v = obj.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) and _NAME_RE.match(x) for x in v):
+            self.fail(where, f"{key} must be a list of names, got {v!r}")
+        return list(v)
+
+    def load(self) -> None:
+        k, spec = self.k, self.keys(self.spec, self.TOP, "")
+        k.iommu = bool(self.typed(spec, "iommu", (bool,), "", True))
+        k.iommu_units = self.names(spec, "iommu_units", "") or (["dmar0"] if k.iommu else [])
+        k.interrupt_remapping = bool(self.typed(spec, "interrupt_remapping", (bool,), "", k.iommu))
+        k.unsafe_interrupts = bool(self.typed(spec, "unsafe_interrupts", (bool,), "", False))
+        k.iommu_group_type = self.typed(spec, "iommu_group_type", (str,), "", "DMA")
+        k.kvm = bool(self.typed(spec, "kvm", (bool,), "", True))
+        k.open_group_unbind = self.typed(spec, "open_group_unbind", (str,), "", "ebusy")
+        if k.open_group_unbind not in ("ebusy", "block"):
+            self.fail("", "open_group_unbind must be \"ebusy\" or \"block\"")
+        k.cmdline = self.typed(spec, "cmdline", (str,), "",
+                               "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro" + (" intel_iommu=on iommu=pt" if k.iommu else ""))
+        k.modules = {m.replace("-", "_") for m in self.names(spec, "modules", "")}
+        k.blacklisted = {m.replace("-", "_") for m in self.names(spec, "blacklisted_modules", "")}
+        self.drivers(spec.get("drivers", {}))
+        devs = spec.get("devices", [])
+        if not isinstance(devs, list):
+            self.fail("", "devices must be a list")
+        for i, d in enumerate(devs):
+            self.device(d, i)
+        self.links()
+        self.blocks(spec)
+        self.net(spec)
+        for pf, n in self.pending_vfs:
+            k._create_vfs(pf, n)
+        k._changed()
+
+    def drivers(self, raw: Any) -> None:
+        if not isinstance(raw, dict):
+            self.fail("drivers", "must be an object {name: {...}}")
+        merged: dict[str, dict] = {n: dict(v) for n, v in _BUILTIN_DRIVERS.items()}
+        for name, v in raw.items():
+            where = f"drivers.{name}"
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                self.fail("drivers", f"bad driver name {name!r}")
+            merged.setdefault(name, {}).update(self.keys(v if v is not None else {}, self.DRIVER, where))
+        for name, v in merged.items():
+            where = f"drivers.{name}"
+            ids = []
+            for pat in v.get("ids", []):
+                ids.append(self.id_pattern(pat, where))
+            refuse = v.get("refuse", False)
+            try:
+                refuse_errno = _errno_value(refuse) if refuse not in (False, None) else 0
+            except ValueError as e:
+                self.fail(where, f"refuse: {e}")
+            module = v.get("module", name.replace("-", "_"))
+            if module is not None and (not isinstance(module, str) or not _NAME_RE.match(module)):
+                self.fail(where, f"module must be a name or null, got {module!r}")
+            drv = _Driver(name=name, ids=ids, module=module.replace("-", "_") if module else None,
+                          loaded=bool(self.typed(v, "loaded", (bool,), where, True)),
+                          refuse=refuse_errno,
+                          sriov_configure=bool(self.typed(v, "sriov_configure", (bool,), where, True)),
+                          vfio=bool(self.typed(v, "vfio", (bool,), where, False)),
+                          driver_managed_dma=bool(self.typed(v, "driver_managed_dma", (bool,), where, False)))
+            if drv.vfio:
+                drv.driver_managed_dma = True
+            if drv.module in self.k.blacklisted:
+                drv.loaded = False
+            self.k.drivers[name] = drv
+
+    def id_pattern(self, pat: Any, where: str) -> tuple[int | None, int | None, str | None]:
+        m = re.fullmatch(r"([0-9a-fA-F]{4}|\*):([0-9a-fA-F]{4}|\*)(?::([0-9a-fA-F]{2}|[0-9a-fA-F]{4}|[0-9a-fA-F]{6}))?",
+                         pat if isinstance(pat, str) else "")
+        if not m:
+            self.fail(where, f"id {pat!r} is not vendor:device[:class prefix] (hex or *)")
+        return (None if m[1] == "*" else int(m[1], 16), None if m[2] == "*" else int(m[2], 16),
+                m[3].lower() if m[3] else None)
+
+    def device(self, raw: Any, i: int) -> None:
+        k = self.k
+        where = f"devices[{i}]"
+        raw = self.keys(raw, self.DEVICE, where)
+        try:
+            addr = PciAddress.parse(raw.get("address"))
+        except InvalidAddress as e:
+            self.fail(where, str(e))
+        where = f"devices[{i}] ({addr})"
+        if addr in k.devices:
+            self.fail(where, "duplicate address")
+        for key in ("vendor", "device", "class"):
+            if key not in raw:
+                self.fail(where, f"missing {key}")
+        cls = raw["class"]
+        if not (isinstance(cls, str) and re.fullmatch(r"(?:0[xX])?[0-9a-fA-F]{6}", cls)):
+            self.fail(where, f"class must be 6 hex digits like \"020000\", got {cls!r}")
+        pci_class = int(cls, 16)
+        default_hdr = 1 if pci_class >> 8 in (0x0604, 0x0609) else 2 if pci_class >> 8 == 0x0607 else 0
+        hdr = self.typed(raw, "header_type", (int,), where, default_hdr)
+        if hdr not in (0, 1, 2):
+            self.fail(where, f"header_type must be 0, 1 or 2, got {hdr!r}")
+        group = self.typed(raw, "group", (int,), where)
+        if k.iommu and group is None:
+            self.fail(where, "missing group (every device has one while the IOMMU is on)")
+        if not k.iommu and group is not None:
+            self.fail(where, "has a group but iommu is false")
+        if group is not None and group < 0:
+            self.fail(where, "group must be >= 0")
+        driver = self.typed(raw, "driver", (str,), where)
+        if driver is not None:
+            drv = k.drivers.get(driver)
+            if drv is None:
+                self.fail(where, f"unknown driver {driver!r} (declare it under \"drivers\")")
+            if not drv.loaded:
+                self.fail(where, f"driver {driver!r} is not loaded")
+            if drv.vfio and (hdr != 0 or group is None):
+                self.fail(where, f"{driver} cannot hold a bridge or a device without an IOMMU group")
+        override = self.typed(raw, "driver_override", (str,), where)
+        if override is not None and not _NAME_RE.match(override):
+            self.fail(where, f"bad driver_override {override!r}")
+        if driver is not None and override is not None and driver != override:
+            self.fail(where, f"bound to {driver} but driver_override is {override} (inconsistent)")
+        rm = raw.get("reset_method", ["flr"] if hdr == 0 and pci_class >> 16 != 0x06 else [])
+        if isinstance(rm, str):
+            rm = rm.split()
+        if not isinstance(rm, list) or not all(isinstance(x, str) for x in rm):
+            self.fail(where, f"reset_method must be a list of names, got {rm!r}")
+        boot_vga = bool(self.typed(raw, "boot_vga", (bool,), where, False))
+        if boot_vga and pci_class >> 8 != 0x0300:
+            self.fail(where, "boot_vga set on a device that is not VGA (class 0300xx)")
+        parent = raw.get("parent")
+        if parent is not None:
+            try:
+                parent = PciAddress.parse(parent)
+            except InvalidAddress as e:
+                self.fail(where, f"parent: {e}")
+        sec = raw.get("secondary_bus")
+        if sec is not None:
+            sec = self.hexnum(sec, where, "secondary_bus", 0xFF) if isinstance(sec, str) else sec
+            if not isinstance(sec, int) or not 0 < sec <= 0xFF or hdr != 1:
+                self.fail(where, "secondary_bus needs a bridge (header type 1) and a bus 1..255")
+        dev = _Dev(addr=addr, vendor=self.hexnum(raw["vendor"], where, "vendor", 0xFFFF),
+                   device=self.hexnum(raw["device"], where, "device", 0xFFFF), pci_class=pci_class,
+                   header_type=hdr, group=group, driver=driver, override=override,
+                   subsystem_vendor=self.hexnum(raw.get("subsystem_vendor", 0), where, "subsystem_vendor", 0xFFFF),
+                   subsystem_device=self.hexnum(raw.get("subsystem_device", 0), where, "subsystem_device", 0xFFFF),
+                   revision=self.hexnum(raw.get("revision", 0), where, "revision", 0xFF),
+                   boot_vga=boot_vga, reset_methods=list(rm), supported_resets=list(rm),
+                   net=self.names(raw, "net", where), parent=parent, secondary_bus=sec,
+                   refuse_drivers=set(self.names(raw, "refuse_drivers", where)))
+        if (dev.net or raw.get("block")) and (driver is None or not k.drivers[driver].host):
+            self.fail(where, "net/block devices need the device bound to a host driver")
+        dev.block = []
+        self.raw_blocks = getattr(self, "raw_blocks", [])
+        self.raw_blocks.append((dev, raw.get("block", []), where))
+        if "sriov" in raw:
+            self.sriov(dev, raw["sriov"], where)
+        k.devices[addr] = dev
+        if driver == VIRTIO_PCI:
+            dev.virtio_index = _lowest_free({d.virtio_index for d in k.devices.values() if d.virtio_index is not None})
+        if driver is not None and k.drivers[driver].vfio:
+            dev.vfio_index = _lowest_free({d.vfio_index for d in k.devices.values() if d.vfio_index is not None})
+
+    def sriov(self, dev: _Dev, raw: Any, where: str) -> None:
+        where = f"{where}.sriov"
+        raw = self.keys(raw, self.SRIOV, where)
+        total = self.typed(raw, "totalvfs", (int,), where)
+        if total is None or not 0 < total <= 0xFFFF:
+            self.fail(where, "totalvfs must be a positive integer")
+        sr = _Sriov(totalvfs=total,
+                    vf_vendor=self.hexnum(raw.get("vf_vendor", dev.vendor), where, "vf_vendor", 0xFFFF),
+                    vf_device=self.hexnum(raw.get("vf_device", dev.device), where, "vf_device", 0xFFFF),
+                    offset=self.typed(raw, "offset", (int,), where, 1),
+                    stride=self.typed(raw, "stride", (int,), where, 1),
+                    autoprobe=bool(self.typed(raw, "autoprobe", (bool,), where, True)),
+                    share_group=bool(self.typed(raw, "vfs_share_group", (bool,), where, False)),
+                    vf_ifname=self.typed(raw, "vf_ifname", (str,), where),
+                    vf_refuse_drivers=set(self.names(raw, "vf_refuse_drivers", where)))
+        if sr.offset < 1 or sr.stride < 1:
+            self.fail(where, "offset and stride must be >= 1")
+        rm = raw.get("vf_reset_method", ["flr"])
+        sr.vf_reset_method = rm.split() if isinstance(rm, str) else list(rm)
+        if sr.vf_ifname is not None and "{n}" not in sr.vf_ifname:
+            self.fail(where, "vf_ifname must contain {n}")
+        vf_driver = self.typed(raw, "vf_driver", (str,), where)
+        if vf_driver is not None:
+            drv = self.k.drivers.get(vf_driver)
+            if drv is None:
+                drv = self.k.drivers[vf_driver] = _Driver(name=vf_driver, ids=[], module=vf_driver.replace("-", "_"))
+            if not any((v in (None, sr.vf_vendor)) and (d in (None, sr.vf_device)) and c is None
+                       for v, d, c in drv.ids):
+                drv.ids.append((sr.vf_vendor, sr.vf_device, None))
+        dev.sriov = sr
+        numvfs = self.typed(raw, "numvfs", (int,), where, 0)
+        if not 0 <= numvfs <= total:
+            self.fail(where, f"numvfs must be 0..{total}")
+        if numvfs:
+            drv = self.k.drivers.get(dev.driver or "")
+            if drv is None or not drv.sriov_configure:
+                self.fail(where, "numvfs > 0 needs the PF bound to a driver that configures SR-IOV")
+            self.pending_vfs.append((dev, numvfs))
+
+    def links(self) -> None:
+        k = self.k
+        buses: dict[tuple[int, int], PciAddress] = {}
+        for a, d in k.devices.items():
+            if d.secondary_bus is not None:
+                key = (a.domain, d.secondary_bus)
+                if key in buses:
+                    self.fail(f"devices ({a})", f"secondary_bus {d.secondary_bus:#x} also claimed by {buses[key]}")
+                buses[key] = a
+        for a, d in k.devices.items():
+            if d.parent is not None:
+                p = k.devices.get(d.parent)
+                if p is None or not p.bridge:
+                    self.fail(f"devices ({a})", f"parent {d.parent} is not a bridge in the spec")
+            seen = {a}
+            cur = d
+            while True:
+                nxt = cur.parent if cur.parent is not None else buses.get((cur.addr.domain, cur.addr.bus))
+                if nxt is None:
+                    break
+                if nxt in seen:
+                    self.fail(f"devices ({a})", "bridge parents form a cycle")
+                seen.add(nxt)
+                cur = k.devices[nxt]
+        vgas = [a for a, d in k.devices.items() if d.boot_vga]
+        if len(vgas) > 1:
+            self.fail("devices", f"more than one boot_vga device: {', '.join(map(str, sorted(vgas)))}")
+        for a, d in k.devices.items():
+            sr = d.sriov
+            if sr is None:
+                continue
+            for n in range(sr.totalvfs):
+                try:
+                    vf = k._vf_address(d, n)
+                except OSError:
+                    self.fail(f"devices ({a})", "VF routing ids run past bus ff")
+                if vf in k.devices:
+                    self.fail(f"devices ({a})", f"VF {n} would be at {vf}, which the spec already uses")
+
+    def blocks(self, spec: dict) -> None:
+        k = self.k
+        used: dict[str, str] = {}
+        counters: dict[int, int] = {259: 0}
+
+        def number(name: str, disk: str | None, explicit: Any, where: str) -> tuple[int, int]:
+            if explicit is not None:
+                if not (isinstance(explicit, str) and re.fullmatch(r"\d+:\d+", explicit)):
+                    self.fail(where, f"block dev must be \"MAJ:MIN\", got {explicit!r}")
+                maj, mnr = map(int, explicit.split(":"))
+            else:
+                m = re.fullmatch(r"(sd|vd)([a-z])(\d*)", name)
+                if m:
+                    maj = 8 if m[1] == "sd" else 254
+                    mnr = (ord(m[2]) - ord("a")) * 16 + int(m[3] or 0)
+                else:
+                    maj, mnr = 259, counters[259]
+                    counters[259] += 1
+            dev = f"{maj}:{mnr}"
+            if dev in used:
+                self.fail(where, f"block {name} number {dev} already used by {used[dev]}")
+            used[dev] = name
+            return maj, mnr
+
+        names: set[str] = set()
+        for dev, raw, where in getattr(self, "raw_blocks", []):
+            if not isinstance(raw, list):
+                self.fail(where, "block must be a list")
+            entries = []
+            for b in raw:
+                if isinstance(b, str):
+                    entries.append((b, None))
+                elif isinstance(b, dict) and set(b) <= {"name", "dev"} and isinstance(b.get("name"), str):
+                    entries.append((b["name"], b.get("dev")))
+                else:
+                    self.fail(where, f"bad block entry {b!r} (a name or {{\"name\", \"dev\"}})")
+            listed = [n for n, _ in entries]
+            for name, explicit in entries:
+                if not _NAME_RE.match(name) or name in names:
+                    self.fail(where, f"bad or duplicate block name {name!r}")
+                names.add(name)
+                disk = next((d for d in listed if d != name and re.fullmatch(re.escape(d) + r"p?\d+", name)), None)
+                maj, mnr = number(name, disk, explicit, where)
+                dev.block.append(_Block(name, maj, mnr, disk))
+        for i, raw in enumerate(spec.get("dm", [])):
+            where = f"dm[{i}]"
+            raw = self.keys(raw, {"name", "slaves", "dev", "dm_name"}, where)
+            name = raw.get("name")
+            if not isinstance(name, str) or not _NAME_RE.match(name) or name in names:
+                self.fail(where, f"bad or duplicate name {name!r}")
+            names.add(name)
+            maj, mnr = number(name, None, raw.get("dev", f"253:{i}"), where)
+            slaves = self.names(raw, "slaves", where)
+            k.dm.append((_Block(name, maj, mnr), slaves))
+        for i, (_, slaves) in enumerate(k.dm):
+            for s in slaves:
+                if s not in names:
+                    self.fail(f"dm[{i}]", f"unknown slave block device {s!r}")
+        for i, m in enumerate(spec.get("mounts", [])):
+            where = f"mounts[{i}]"
+            m = self.keys(m, {"block", "source", "mountpoint", "fstype"}, where)
+            if not isinstance(m.get("mountpoint"), str) or not m["mountpoint"].startswith("/"):
+                self.fail(where, "mountpoint must be an absolute path")
+            if m.get("block") is not None and m["block"] not in names:
+                self.fail(where, f"unknown block device {m['block']!r}")
+            k.mounts.append({kk: str(vv) for kk, vv in m.items() if vv is not None})
+        swaps = spec.get("swaps", [])
+        if not isinstance(swaps, list):
+            self.fail("swaps", "must be a list")
+        for s in swaps:
+            if not isinstance(s, str) or (not s.startswith("/") and s not in names):
+                self.fail("swaps", f"unknown block device {s!r} (or give an absolute swap file path)")
+            k.swaps.append(s)
+
+    def net(self, spec: dict) -> None:
+        k = self.k
+        names: set[str] = {"lo"}
+        for a, d in sorted(k.devices.items()):
+            for n in d.net:
+                if n in names:
+                    self.fail(f"devices ({a})", f"duplicate interface name {n!r}")
+                names.add(n)
+        for i, raw in enumerate(spec.get("virtual_net", [])):
+            where = f"virtual_net[{i}]"
+            raw = self.keys(raw, {"name", "brif", "lower"}, where)
+            name = raw.get("name")
+            if not isinstance(name, str) or not _NAME_RE.match(name) or name in names:
+                self.fail(where, f"bad or duplicate name {name!r}")
+            names.add(name)
+            entry = {}
+            for key in ("brif", "lower"):
+                if key in raw:
+                    entry[key] = self.names(raw, key, where)
+            k.virtual_net[name] = entry
+        for name, entry in k.virtual_net.items():
+            for port in entry.get("brif", []) + entry.get("lower", []):
+                if port not in names:
+                    self.fail(f"virtual_net ({name})", f"unknown interface {port!r}")
+        for key in ("default_route", "default_route6"):
+            v = spec.get(key)
+            if v is not None and v not in names:
+                self.fail(key, f"unknown interface {v!r}")
+            setattr(k, key, v)

@@ -1,0 +1,36 @@
+"""Shared fixtures: a simulated kernel loaded from tests/topologies/, and an Engine on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hostdevd.config import Config, parse_config
+from hostdevd.engine import Engine
+from hostdevd.ledger import LedgerStore
+from hostdevd.simkernel import SimKernel
+from hostdevd.sysfs import Sysfs
+
+TOPOLOGIES = Path(__file__).resolve().parents[1] / "topologies"
+
+
+def load_sim(name: str) -> SimKernel:
+    return SimKernel.from_file(TOPOLOGIES / f"{name}.json")
+
+
+def make_engine(sim: SimKernel, state_dir, config_text: str = "", write_timeout: float = 2.0) -> Engine:
+    cfg: Config = parse_config(config_text)
+    cfg.state_dir = str(state_dir)
+    cfg.release_wait_timeout = 0.3
+    return Engine(cfg, Sysfs(sim, write_timeout=write_timeout), LedgerStore(state_dir),
+                  modprobe=sim.load_module)
+
+
+@pytest.fixture
+def lab_sim() -> SimKernel:
+    return load_sim("lab")
+
+
+@pytest.fixture
+def lab_engine(lab_sim, tmp_path) -> Engine:
+    return make_engine(lab_sim, tmp_path / "state")
