@@ -211,10 +211,12 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
         for a in gp.bind:
             dev = topo.get(PciAddress.parse(a))
             role = "companion" if a in gp.companions else "requested"
+            # A listing rarely says which driver a device has.
+            drv = dev.driver or ("driver unknown" if topo.source == "listing" else "no driver")
             if a in gp.keep:
-                plan.steps.append(Step("keep", gp.group, a, f"{role}, already on {dev.driver or 'no driver'}"))
+                plan.steps.append(Step("keep", gp.group, a, f"{role}, already on {drv}"))
             else:
-                plan.steps.append(Step("bind", gp.group, a, f"{role}, {dev.driver or 'no driver'} -> {VFIO}"))
+                plan.steps.append(Step("bind", gp.group, a, f"{role}, {drv} -> {VFIO}"))
         for a in gp.bind:
             dev = topo.get(PciAddress.parse(a))
             pref = policy.reset_preference(dev)

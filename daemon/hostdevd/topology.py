@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .address import PciAddress
-from .errors import ListingError
+from .errors import InvalidAddress, ListingError
 from .sysfs import Sysfs
 
 Source = Literal["sysfs", "snapshot", "listing"]
@@ -196,7 +196,7 @@ def from_snapshot(text: str) -> Topology:
             )
         critical = {PciAddress.parse(a): r for a, r in data.get("critical", {}).items()}
         active = bool(data.get("iommu_active", any(d.group is not None for d in devices.values())))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, InvalidAddress) as e:
         raise ListingError(f"not a hostdevd topology snapshot: {e}",
                            "write one with `hostdevctl groups --save FILE`") from e
     return Topology(devices=devices, iommu_active=active, source="snapshot", critical=critical)

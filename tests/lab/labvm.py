@@ -160,7 +160,6 @@ class LabVM:
     boot_seconds: float | None = None
     _conn: qga.QGA | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _watchdog: subprocess.Popen | None = field(default=None, repr=False)
     _topology: dict | None = field(default=None, repr=False)
     running: bool = False
     install_info: dict | None = None
@@ -213,23 +212,9 @@ class LabVM:
             # run-l1.sh's stderr already ends with the serial log tail
             raise LabError("run-l1.sh failed (rc=%s), logs in %s:\n%s%s"
                            % (p.returncode, self.run_dir, p.stdout, p.stderr[-5000:]))
-        self._start_watchdog()
         self.boot_seconds = time.monotonic() - t0
         _log("L1 '%s' up after %.1fs (run dir %s)" % (self.name, self.boot_seconds, self.run_dir))
         return self.boot_seconds
-
-    def _start_watchdog(self) -> None:
-        """A detached shell that force-stops L1 if this process dies without stop()."""
-        try:
-            qpid = int((self.run_dir / "qemu.pid").read_text())
-        except (OSError, ValueError):
-            return
-        script = ('while kill -0 %d 2>/dev/null && kill -0 %d 2>/dev/null; do sleep 2; done; '
-                  'kill -0 %d 2>/dev/null && exec %s --force'
-                  % (os.getpid(), qpid, qpid, shlex.quote(str(LAB_SRC / "stop-l1.sh"))))
-        self._watchdog = subprocess.Popen(
-            ["/bin/sh", "-c", script], env=self._env(), start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self, timeout: float = 60, force: bool = False) -> None:
         """Power L1 off (ACPI, then QMP quit, then SIGKILL; force=True skips the ACPI
@@ -245,14 +230,6 @@ class LabVM:
                            env=env, timeout=timeout + 30)
         except subprocess.TimeoutExpired:
             subprocess.run([str(LAB_SRC / "stop-l1.sh"), "--force"], env=env, timeout=60)
-        if self._watchdog is not None:
-            if self._watchdog.poll() is None:
-                self._watchdog.terminate()
-            try:
-                self._watchdog.wait(5)
-            except subprocess.TimeoutExpired:
-                self._watchdog.kill()
-            self._watchdog = None
         try:
             atexit.unregister(self.stop)
         except Exception:

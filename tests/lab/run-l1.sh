@@ -108,6 +108,17 @@ T0=$(date +%s.%N)
 PID=$(cat "$RUN/qemu.pid")
 echo "$SHARE" > "$RUN/share"
 
+# Watchdog: if the owner process dies without stopping L1 (SIGKILL, crash), force-stop
+# L1 within ~2 s. It exits by itself once qemu is gone. Started right away, so it
+# also covers an owner that dies while this script is still waiting for the boot.
+if [ -n "${L1_OWNER:-}" ]; then
+    setsid /bin/sh -c 'while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 2; done
+        if kill -0 "$2" 2>/dev/null; then
+            L1_NAME=$3 HOSTDEVD_LAB_DIR=$4 exec "$5" --force
+        fi' l1-watchdog "$L1_OWNER" "$PID" "$NAME" "$LAB_DIR" "$SCRIPT_DIR/stop-l1.sh" \
+        </dev/null >>"$RUN/watchdog.log" 2>&1 &
+fi
+
 echo "[run-l1] qemu pid $PID started; waiting up to ${TIMEOUT}s for the guest agent" >&2
 while :; do
     if ! kill -0 "$PID" 2>/dev/null; then

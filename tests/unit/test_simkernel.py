@@ -638,7 +638,7 @@ def test_concurrent_writers_are_serialised():
     (lambda s: s.update(bogus=1), "unknown key 'bogus'"),
     (lambda s: s["devices"][1].update(driver="e1000"), "unknown driver 'e1000'"),
     (lambda s: s["devices"][1].pop("group"), "missing group"),
-    (lambda s: s["devices"][1].update(address="01:00.0"), "duplicate address"),
+    (lambda s: s["devices"].append(dict(s["devices"][1], address="01:00.0", net=[])), "duplicate address"),
     (lambda s: s["devices"][1].update(address="0000:01:00.8"), "not a PCI address"),
     (lambda s: s["devices"][1].update({"class": "0200"}), "class must be 6 hex digits"),
     (lambda s: s["devices"][1].update(vendor="80z6"), "vendor must be hex"),
@@ -650,7 +650,7 @@ def test_concurrent_writers_are_serialised():
     (lambda s: s.update(mounts=[{"block": "sdz", "mountpoint": "/"}]), "unknown block device 'sdz'"),
     (lambda s: s["drivers"].update(x={"ids": ["8086"]}), "not vendor:device"),
     (lambda s: s["devices"][1].update(sriov={"totalvfs": 2, "vf_device": "10d4", "numvfs": 3}), "numvfs must be"),
-    (lambda s: s["devices"][1].update(sriov={"totalvfs": 300}), "past bus ff"),
+    (lambda s: s["devices"][1].update(sriov={"totalvfs": 2, "offset": 65535}), "past bus ff"),
     (lambda s: s["devices"][0].update(secondary_bus=0), "secondary_bus"),
     (lambda s: s["devices"][1].update(driver="vfio-pci", net=[]), None),
 ])
