@@ -19,6 +19,7 @@ pytest (``python3 tests/lab/labvm.py`` boots, installs, prints the topology).
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import shlex
@@ -66,13 +67,22 @@ class Result:
     stderr: str
     seconds: float = 0.0
 
+    timeout: float | None = None
+
     @property
     def ok(self) -> bool:
         return self.rc == 0
 
+    @property
+    def timed_out(self) -> bool:
+        """True if the guest-side `timeout` killed the command (rc 124/137 at the limit)."""
+        return (self.timeout is not None and self.rc in (124, 137)
+                and self.seconds >= self.timeout - 0.5)
+
     def __str__(self) -> str:
-        return ("guest command %r: rc=%s after %.1fs\n--- stdout\n%s--- stderr\n%s"
-                % (self.cmd, self.rc, self.seconds, self.stdout, self.stderr))
+        what = " (TIMED OUT: killed after %ss)" % self.timeout if self.timed_out else ""
+        return ("guest command %r: rc=%s after %.1fs%s\n--- stdout\n%s--- stderr\n%s"
+                % (self.cmd, self.rc, self.seconds, what, self.stdout, self.stderr))
 
 
 class GuestCommandError(LabError):
@@ -152,9 +162,18 @@ def reap_stale_instances() -> list[str]:
     return reaped
 
 
-@dataclass
+_instances = itertools.count(1)
+
+
+def _default_name() -> str:
+    n = next(_instances)
+    return "hd%d" % os.getpid() if n == 1 else "hd%d-%d" % (os.getpid(), n)
+
+
+@dataclass(eq=False)
 class LabVM:
-    name: str = field(default_factory=lambda: "hd%d" % os.getpid())
+    """One L1 guest. name must be unique among running instances (default hd<pid>)."""
+    name: str = field(default_factory=_default_name)
     mem: str = "3G"
     smp: int = 2
     boot_seconds: float | None = None
@@ -163,6 +182,7 @@ class LabVM:
     _topology: dict | None = field(default=None, repr=False)
     running: bool = False
     install_info: dict | None = None
+    _labfn_uploaded: bool = field(default=False, repr=False)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -196,6 +216,7 @@ class LabVM:
         env = self._env()
         env["L1_TIMEOUT"] = str(int(timeout))
         t0 = time.monotonic()
+        self._topology, self._labfn_uploaded, self.install_info = None, False, None
         # Stop on any failure from here on, also if run-l1.sh itself times out.
         self.running = True
         atexit.register(self.stop)
@@ -288,7 +309,7 @@ class LabVM:
             raise LabError("guest agent failure running %r: %s; serial log tail:\n%s"
                            % (cmd, e, self._serial_tail(15))) from None
         res = Result(cmd, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
-                     time.monotonic() - t0)
+                     time.monotonic() - t0, timeout)
         if check and rc != 0:
             raise GuestCommandError(res)
         return res
@@ -320,6 +341,13 @@ class LabVM:
         """Wait for systemd to finish booting; returns the final state (running/degraded)."""
         r = self.run("systemctl is-system-running --wait", timeout=timeout, check=False)
         return r.stdout.strip()
+
+    def labsh(self, snippet: str, timeout: float = 300, check: bool = True) -> Result:
+        """Run a bash snippet in L1 with guest/labfn.sh sourced (uploaded on first use)."""
+        if not self._labfn_uploaded:
+            self.put(LAB_SRC / "guest" / "labfn.sh", "/root/labfn.sh")
+            self._labfn_uploaded = True
+        return self.run(". /root/labfn.sh\n" + snippet, timeout=timeout, check=check)
 
     # ------------------------------------------------------------------ PCI helpers
     def topology(self, refresh: bool = False) -> dict[str, str]:

@@ -12,6 +12,7 @@
 #   L1_APPEND      extra kernel command line
 #   L1_TIMEOUT     seconds to wait for the guest agent (default 300)
 #   L1_NVME_SIZE   size of each emulated NVMe backing file (default 256M)
+#   L1_SHARE_RW    1: share SHARE_DIR read-write (default 0: read-only)
 #   L1_OWNER       pid recorded in $RUN/owner (labvm.py reaps instances whose owner died)
 # Prints shell-style variables (L1_QGA=..., L1_QMP=..., ...) on success.
 set -eu
@@ -58,6 +59,9 @@ APPEND="$APPEND ${L1_APPEND:-}"
 # management NIC: user-mode, restrict=on (no outbound access), no port forwards,
 # so parallel instances never clash on host ports
 NETDEV="user,id=mgmt,restrict=on"
+# the share is read-only unless L1_SHARE_RW=1 (guest root must not scribble on the checkout)
+SHARE_RO=,readonly=on
+[ "${L1_SHARE_RW:-0}" = 1 ] && SHARE_RO=
 
 set -- \
   -name "lab-$NAME" \
@@ -94,7 +98,7 @@ set -- \
   -device virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x12 \
   -chardev socket,id=qga0,path="$RUN/qga.sock",server=on,wait=off \
   -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0 \
-  -fsdev local,id=fs0,path="$SHARE",security_model=none \
+  -fsdev local,id=fs0,path="$SHARE",security_model=none$SHARE_RO \
   -device virtio-9p-pci,fsdev=fs0,mount_tag=src,bus=pcie.0,addr=0x13 \
   -chardev socket,id=ser0,path="$RUN/serial.sock",server=on,wait=off,logfile="$RUN/serial.log" \
   -serial chardev:ser0 \

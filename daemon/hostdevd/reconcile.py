@@ -1,0 +1,406 @@
+"""Reconciliation (R8): make the ledger and the host agree again.
+
+Runs at daemon start and whenever the libvirt connection comes back, and
+piecewise on lifecycle and device events. Core module: no libvirt import; the
+caller lists the running domains (or passes ``None`` when libvirt cannot be
+reached) and this module decides:
+
+1. Interrupted work (a crash mid-operation), whatever libvirt says:
+   a claim still ``claimed`` is a prepare that never finished; its hook got no
+   answer and libvirt aborted the start, so it is rolled back (unless the
+   domain is demonstrably running with the devices: then it is completed).
+   A claim ``releasing`` is a release that never finished; it is finished.
+2. With the running domains known: claims of domains that are gone are
+   released (a stop event was missed); PCI devices a running domain uses
+   that no claim covers are adopted (a claim is created recording the best
+   known original drivers; a device already on vfio-pci whose original driver
+   hostdevd never saw gets ``original_driver=None``, stays on vfio-pci at
+   release, and a note says why).
+3. Devices on vfio-pci that no claim covers are reported, never touched.
+
+Every decision is taken under the group's lock against a fresh ledger, and
+``guard(domain_name)`` lets the daemon veto touching a domain that a request
+is serving right now. A record of an original driver is only ever removed by
+the executor after the device went back to it (or vanished).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, ContextManager, Iterable
+
+from .address import PciAddress
+from .domxml import parse_domain
+from .errors import HostdevError
+from .ledger import Claim, DeviceRecord, Owner, now
+from .logfields import log_action
+from .planner import VFIO, plan_release
+from .topology import Topology
+
+log = logging.getLogger("hostdevd.reconcile")
+
+Guard = Callable[[str], ContextManager[bool]]
+
+
+@contextlib.contextmanager
+def _no_guard(_name: str):
+    yield True
+
+
+@dataclass
+class RunningDomain:
+    """A domain libvirt reports as running, with the host PCI devices its live XML uses."""
+    name: str
+    uuid: str | None
+    addresses: list[PciAddress] = field(default_factory=list)
+    error: str | None = None      # the XML could not be parsed: its devices are unknown
+
+    @classmethod
+    def from_xml(cls, name: str, uuid: str | None, xml: str) -> "RunningDomain":
+        try:
+            req = parse_domain(xml)
+        except HostdevError as e:
+            return cls(name, uuid, [], error=e.message)
+        return cls(name, uuid or req.uuid, req.addresses())
+
+    @property
+    def owner(self) -> Owner:
+        return Owner(name=self.name, uuid=self.uuid, kind="domain")
+
+
+@dataclass
+class ReconcileReport:
+    libvirt: bool = True
+    adopted: list[dict] = field(default_factory=list)
+    released: list[dict] = field(default_factory=list)
+    finished: list[dict] = field(default_factory=list)
+    orphans: list[dict] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed_claims: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    at: str = field(default_factory=now)
+
+    def to_json(self) -> dict:
+        return {"at": self.at, "libvirt": self.libvirt, "adopted": self.adopted, "released": self.released,
+                "finished": self.finished, "orphans": self.orphans, "conflicts": self.conflicts,
+                "skipped": self.skipped, "failed_claims": self.failed_claims, "errors": self.errors}
+
+    def summary(self) -> str:
+        parts = [f"{len(self.adopted)} adopted", f"{len(self.released)} released",
+                 f"{len(self.finished)} interrupted operations finished", f"{len(self.orphans)} unclaimed on vfio-pci"]
+        if self.conflicts:
+            parts.append(f"{len(self.conflicts)} conflicts")
+        if self.failed_claims:
+            parts.append(f"{len(self.failed_claims)} failed claims need an operator")
+        if self.errors:
+            parts.append(f"{len(self.errors)} errors")
+        if not self.libvirt:
+            parts.append("libvirt unreachable: running domains unknown")
+        return ", ".join(parts)
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+
+
+def _find_running(running: Iterable[RunningDomain], owner: Owner) -> RunningDomain | None:
+    for dom in running:
+        if owner.same(dom.owner) or (not owner.uuid and owner.name == dom.name):
+            return dom
+    return None
+
+
+def _release_claim(engine, claim: Claim, topo: Topology) -> None:
+    """Release one claim's group through the executor; caller holds the group lock."""
+    plan = plan_release(topo, claim.owner, engine.ledger(), [PciAddress.parse(a) for a in claim.requested]
+                        or None)
+    plan.groups = [g for g in plan.groups if g.group == claim.group]
+    plan.steps = [s for s in plan.steps if s.group == claim.group]
+    engine.executor.release(plan)
+
+
+# --------------------------------------------------------------------------- 1. interrupted work
+
+
+def recover_interrupted(engine, running: list[RunningDomain] | None, report: ReconcileReport,
+                        guard: Guard = _no_guard) -> None:
+    for key, claim in sorted(engine.ledger().claims.items(), key=lambda kv: int(kv[0])):
+        states = {d.state for d in claim.devices}
+        if claim.state == "failed":
+            report.failed_claims.append(claim.group)
+            continue
+        if claim.state == "active" and not states & {"binding", "restoring"}:
+            continue
+        with guard(claim.owner.name) as ok:
+            if not ok:
+                report.skipped.append(f"group {claim.group}: {claim.owner.name} is being served right now")
+                continue
+            with engine.locks.hold([claim.group]):
+                _recover_one(engine, claim.group, running, report)
+
+
+def _recover_one(engine, group: int, running: list[RunningDomain] | None, report: ReconcileReport) -> None:
+    claim = engine.ledger().claim_for_group(group)   # fresh, under the group lock
+    if claim is None or claim.state in ("failed",):
+        return
+    states = {d.state for d in claim.devices}
+    if claim.state == "active":
+        # Unreachable through the executor; say so and leave it for an operator.
+        note = f"group {group}: claim is active but devices are in states {sorted(states)}"
+        report.errors.append(note)
+        log_action(log, logging.WARNING, "drift", "%s; left as it is", note, group=group, owner=claim.owner,
+                   action="reconcile", result="inconsistent")
+        return
+    users = engine.sysfs.vfio_group_users(group)
+    what = "half prepare" if claim.state == "claimed" else "half release"
+    dom = _find_running(running, claim.owner) if running is not None else None
+    topo = engine.topology(with_critical=False)
+    if claim.state == "claimed" and dom is not None and all(PciAddress.parse(a) in dom.addresses
+                                                           for a in claim.requested):
+        # Every endpoint of the group on vfio-pci (or gone): the bind finished, only
+        # the "active" mark is missing, and the domain runs with it. Complete it.
+        if all((dev := topo.get(r.pci)) is None or dev.on_vfio for r in claim.devices):
+            with engine.store.transaction() as ledger:
+                c = ledger.claim_for_group(group)
+                for r in c.devices:
+                    dev = topo.get(r.pci)
+                    if dev is not None and dev.on_vfio:
+                        r.state = "vfio"
+                c.state = "active"
+                c.notes.append(f"{now()}: prepare was interrupted after binding; {claim.owner.name} is running "
+                               "with the devices, so the claim was completed")
+                ledger.put(c)
+            report.finished.append({"group": group, "owner": claim.owner.name, "action": "completed " + what})
+            log_action(log, logging.WARNING, "reconcile", "completed interrupted prepare of group %s for %s",
+                       group, claim.owner.label(), group=group, owner=claim.owner, action="reconcile",
+                       result="completed")
+            return
+    if users:
+        note = (f"group {group}: {what} for {claim.owner.label()} left as it is: /dev/vfio/{group} is open "
+                f"({users} users)")
+        report.skipped.append(note)
+        log_action(log, logging.WARNING, "reconcile", "%s", note, group=group, owner=claim.owner,
+                   action="reconcile", result="busy")
+        return
+    try:
+        _release_claim(engine, claim, topo)
+    except HostdevError as e:
+        report.errors.append(f"group {group}: finishing the {what} failed: {e}")
+        return
+    action = "rolled back half prepare" if claim.state == "claimed" else "finished half release"
+    report.finished.append({"group": group, "owner": claim.owner.name, "action": action})
+    log_action(log, logging.WARNING, "reconcile", "%s of group %s for %s", action, group, claim.owner.label(),
+               group=group, owner=claim.owner, action="reconcile", result="ok")
+
+
+# --------------------------------------------------------------------------- 2. gone and new domains
+
+
+def release_gone(engine, running: list[RunningDomain], report: ReconcileReport, *,
+                 listed_at: datetime | None = None, guard: Guard = _no_guard) -> None:
+    """Release active claims whose domain is not running (a stop event was missed).
+
+    Claims created after ``listed_at`` (when the running list was taken) are
+    newer than the list and are left alone.
+    """
+    for claim in sorted(engine.ledger().claims.values(), key=lambda c: c.group):
+        if claim.owner.kind != "domain" or claim.state != "active":
+            continue
+        if listed_at is not None and _parse_time(claim.created) >= listed_at:
+            continue
+        if _find_running(running, claim.owner) is not None:
+            continue
+        with guard(claim.owner.name) as ok:
+            if not ok:
+                report.skipped.append(f"group {claim.group}: {claim.owner.name} is being served right now")
+                continue
+            with engine.locks.hold([claim.group]):
+                fresh = engine.ledger().claim_for_group(claim.group)
+                if fresh is None or fresh.state != "active" or not fresh.owner.same(claim.owner):
+                    continue
+                users = engine.sysfs.vfio_group_users(claim.group)
+                if users:
+                    report.skipped.append(f"group {claim.group}: {claim.owner.label()} is not running but "
+                                          f"/dev/vfio/{claim.group} is open ({users} users); left claimed")
+                    continue
+                try:
+                    _release_claim(engine, fresh, engine.topology(with_critical=False))
+                except HostdevError as e:
+                    report.errors.append(f"group {claim.group}: release for gone domain {claim.owner.label()} "
+                                         f"failed: {e}")
+                    continue
+            report.released.append({"group": claim.group, "owner": claim.owner.name,
+                                    "reason": "domain is not running"})
+            log_action(log, logging.INFO, "reconcile", "released group %s: %s is not running", claim.group,
+                       claim.owner.label(), group=claim.group, owner=claim.owner, action="reconcile",
+                       result="released")
+
+
+def adopt_domain(engine, dom: RunningDomain, report: ReconcileReport | None = None) -> list[int]:
+    """Record claims for the devices a running domain uses that no claim covers.
+
+    Returns the groups adopted. A group already held by another owner is a
+    conflict (reported, not touched); a requested device that is not on vfio-pci
+    is not adopted (the domain cannot be using it through VFIO).
+    """
+    report = report if report is not None else ReconcileReport()
+    adopted: list[int] = []
+    if dom.error:
+        report.errors.append(f"{dom.name}: its XML could not be read ({dom.error}); devices not reconciled")
+        return adopted
+    topo = engine.topology(with_critical=False)
+    by_group: dict[int, list[PciAddress]] = {}
+    for addr in dom.addresses:
+        dev = topo.get(addr)
+        if dev is None or dev.group is None:
+            report.errors.append(f"{dom.name} uses {addr}, which this host does not have in an IOMMU group")
+            continue
+        by_group.setdefault(dev.group, []).append(addr)
+    owner = dom.owner
+    for group, addrs in sorted(by_group.items()):
+        with engine.locks.hold([group]):
+            claim = engine.ledger().claim_for_group(group)
+            if claim is not None:
+                _check_held(engine, claim, owner, addrs, report)
+                continue
+            topo = engine.topology(with_critical=False)
+            not_vfio = [a for a in addrs if not topo.get(a).on_vfio]
+            if not_vfio:
+                report.skipped.append(f"{dom.name} lists {', '.join(map(str, not_vfio))} but "
+                                      f"{'it is' if len(not_vfio) == 1 else 'they are'} not on vfio-pci; not adopted")
+                continue
+            records, notes = [], []
+            for dev in topo.group_members(group):
+                if dev.bridge:
+                    continue
+                a = str(dev.address)
+                if dev.on_vfio:
+                    original, override = None, (dev.driver_override if dev.driver_override != VFIO else None)
+                    notes.append(f"{a} was already on {dev.driver} when adopted; its original driver is unknown, "
+                                 "so it stays on vfio-pci at release")
+                else:
+                    original, override = dev.driver, dev.driver_override
+                records.append(DeviceRecord(address=a, role="requested" if dev.address in addrs else "companion",
+                                            state="vfio" if dev.on_vfio else "host", original_driver=original,
+                                            original_override=override, bound_by_us=False))
+            with engine.store.transaction() as ledger:
+                if ledger.claim_for_group(group) is not None:
+                    continue
+                ledger.put(Claim(group=group, owner=owner, state="active", devices=records,
+                                 notes=[f"{now()}: adopted from running domain {dom.name}"] + notes))
+        adopted.append(group)
+        report.adopted.append({"group": group, "owner": dom.name, "devices": [r.address for r in records]})
+        log_action(log, logging.WARNING, "adopt", "adopted group %s: %s is running with %s", group,
+                   owner.label(), ", ".join(map(str, addrs)), group=group, owner=owner, action="adopt",
+                   result="ok")
+    return adopted
+
+
+def _check_held(engine, claim: Claim, owner: Owner, addrs: list[PciAddress], report: ReconcileReport) -> None:
+    if not claim.owner.same(owner):
+        msg = (f"{owner.label()} is running with {', '.join(map(str, addrs))} in IOMMU group {claim.group}, "
+               f"which the ledger gives to {claim.owner.kind} {claim.owner.label()}")
+        report.conflicts.append(msg)
+        log_action(log, logging.ERROR, "drift", "%s; not touched", msg, group=claim.group, owner=owner,
+                   action="reconcile", result="conflict")
+        return
+    promote = [str(a) for a in addrs if (rec := claim.device(a)) is not None and rec.role == "companion"]
+    missing = [str(a) for a in addrs if claim.device(a) is None]
+    if promote:
+        with engine.store.transaction() as ledger:
+            c = ledger.claim_for_group(claim.group)
+            for rec in c.devices:
+                if rec.address in promote:
+                    rec.role = "requested"
+            ledger.put(c)
+    if missing:
+        report.errors.append(f"group {claim.group}: {owner.name} uses {', '.join(missing)}, which the claim "
+                             "does not list (the topology changed?)")
+
+
+def release_missing(engine, dom: RunningDomain, *, before: datetime | None = None) -> list[str]:
+    """Release requested devices of ``dom``'s claims that its live XML no longer has (hot-unplug).
+
+    Refcounted per group by the planner: a group goes back to the host only
+    when none of its requested devices is in use. Claims created at or after
+    ``before`` are newer than the XML and left alone. Returns the addresses let go.
+    """
+    if dom.error:
+        return []
+    owner = dom.owner
+    gone: list[PciAddress] = []
+    for claim in engine.ledger().claims_of(owner):
+        if claim.state != "active" or (before is not None and _parse_time(claim.created) >= before):
+            continue
+        gone += [PciAddress.parse(a) for a in claim.requested if PciAddress.parse(a) not in dom.addresses]
+    if gone:
+        engine.release(owner, gone)
+        log_action(log, logging.INFO, "release", "released %s: no longer in %s", ", ".join(map(str, gone)),
+                   owner.label(), owner=owner, action="hot-unplug", result="ok")
+    return [str(a) for a in gone]
+
+
+def release_owner(engine, owner: Owner, *, before: datetime | None = None) -> list[int]:
+    """Release every active claim of ``owner`` created before ``before`` (stop safety net)."""
+    claims = [c for c in engine.ledger().claims_of(owner)
+              if c.state in ("active", "releasing") and (before is None or _parse_time(c.created) < before)]
+    if not claims:
+        return []
+    addrs = [PciAddress.parse(a) for c in claims for a in c.requested]
+    _, result = engine.release(owner, addrs)
+    return result.groups
+
+
+# --------------------------------------------------------------------------- 3. orphans
+
+
+def find_orphans(engine, report: ReconcileReport, topo: Topology | None = None) -> None:
+    topo = topo or engine.topology(with_critical=False)
+    ledger = engine.ledger()
+    for dev in sorted(topo.devices.values(), key=lambda d: d.address):
+        if dev.on_vfio and ledger.claim_for_device(dev.address) is None:
+            report.orphans.append({"address": str(dev.address), "group": dev.group, "driver": dev.driver})
+            log_action(log, logging.WARNING, "orphan", "%s (group %s) is on %s but no claim covers it; left as it is",
+                       dev.address, dev.group, dev.driver, address=dev.address, group=dev.group,
+                       action="reconcile", result="orphan")
+
+
+# --------------------------------------------------------------------------- all of it
+
+
+def reconcile(engine, running: list[RunningDomain] | None, *, listed_at: datetime | None = None,
+              guard: Guard = _no_guard) -> ReconcileReport:
+    """One full pass; ``running=None`` means libvirt is unreachable (steps 2 are skipped)."""
+    report = ReconcileReport(libvirt=running is not None)
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("interrupted operations", lambda: recover_interrupted(engine, running, report, guard))]
+    if running is not None:
+        steps.append(("gone domains", lambda: release_gone(engine, running, report, listed_at=listed_at,
+                                                           guard=guard)))
+        steps.append(("running domains", lambda: _adopt_all(engine, running, report, listed_at, guard)))
+    steps.append(("unclaimed devices", lambda: find_orphans(engine, report)))
+    for name, step in steps:
+        try:
+            step()
+        except Exception as e:  # one step's failure must not stop the others
+            log.exception("reconcile step %s failed", name)
+            report.errors.append(f"{name}: {e}")
+    level = logging.WARNING if (report.errors or report.conflicts) else logging.INFO
+    log_action(log, level, "reconcile", "reconciled: %s", report.summary(), action="reconcile",
+               result="errors" if report.errors else "ok")
+    return report
+
+
+def _adopt_all(engine, running: list[RunningDomain], report: ReconcileReport, listed_at, guard: Guard) -> None:
+    for dom in running:
+        with guard(dom.name) as ok:
+            if not ok:
+                report.skipped.append(f"{dom.name} is being served right now; not adopted")
+                continue
+            adopt_domain(engine, dom, report)
