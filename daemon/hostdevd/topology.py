@@ -7,12 +7,12 @@ A Topology is a value: the planner reads it and never changes it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from .address import PciAddress
 from .errors import InvalidAddress, ListingError
-from .sysfs import Sysfs
+from .sysfs import RawDevice, Sysfs
 
 Source = Literal["sysfs", "snapshot", "listing"]
 
@@ -128,32 +128,21 @@ class Topology:
         }
 
 
+# RawDevice (what sysfs says) and Device share these names one to one.
+_SHARED_FIELDS = tuple(sorted({f.name for f in fields(Device)} & {f.name for f in fields(RawDevice)}))
+
+
 def from_sysfs(sysfs: Sysfs, with_critical: bool = True) -> Topology:
     devices: dict[PciAddress, Device] = {}
     for addr in sysfs.device_addresses():
         raw = sysfs.read_device(addr)
         devices[addr] = Device(
-            address=addr,
-            vendor=raw.vendor,
-            device=raw.device,
-            pci_class=raw.pci_class,
+            **{k: getattr(raw, k) for k in _SHARED_FIELDS},
+            group=raw.iommu_group,
             # Header type is the kernel's own test; fall back to the class when
             # config space cannot be read.
             bridge=(raw.header_type != 0) if raw.header_type is not None
             else raw.pci_class[:4] in BRIDGE_CLASSES,
-            group=raw.iommu_group,
-            driver=raw.driver,
-            driver_override=raw.driver_override,
-            physfn=raw.physfn,
-            virtfns=raw.virtfns,
-            sriov_totalvfs=raw.sriov_totalvfs,
-            sriov_numvfs=raw.sriov_numvfs,
-            sriov_drivers_autoprobe=raw.sriov_drivers_autoprobe,
-            boot_vga=raw.boot_vga,
-            reset_method=raw.reset_method,
-            has_reset=raw.has_reset,
-            vfio_variant=raw.vfio_variant,
-            net=raw.net,
         )
     active = sysfs.iommu_active() or any(d.group is not None for d in devices.values())
     critical = sysfs.host_critical() if with_critical else {}
