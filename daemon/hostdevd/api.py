@@ -358,11 +358,11 @@ class ApiServer:
             self._sock.close()
         if self._thread is not None:
             self._thread.join(5)
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)
-        except OSError:
-            pass
+            try:                        # only a socket this server bound
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)
+            except OSError:
+                pass
         with self._active_cond:
             return self._active_cond.wait_for(lambda: self._active == 0, drain_timeout)
 

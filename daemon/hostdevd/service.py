@@ -183,7 +183,11 @@ class Daemon:
         self.reconcile_count += 1
         self._worker = threading.Thread(target=self._work, name="events-worker", daemon=True)
         self._worker.start()
-        self.server.start()
+        try:
+            self.server.start()
+        except Exception:
+            self._queue.put(None)
+            raise
         if self.adapter is not None:
             self.adapter.start(self)
         log_action(log, logging.INFO, "daemon", "hostdevd %s started (socket %s, libvirt %s)", __version__,

@@ -22,7 +22,6 @@ import atexit
 import itertools
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
