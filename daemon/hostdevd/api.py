@@ -33,8 +33,9 @@ import socket
 import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -124,7 +125,7 @@ class _Devices(_Request):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.op in ("release",):
+        if self.op == "release" or getattr(self, "action", None) == "release":
             if self.xml is not None and self.addresses is not None:
                 raise ValueError("give xml or addresses, not both")
             return self
@@ -193,12 +194,6 @@ class Peer:
     gid: int
 
 
-class Service(Protocol):
-    """What the dispatcher needs: one ``op_<name>(request, peer) -> dict`` per op."""
-
-    def __getattr__(self, name: str) -> Any: ...
-
-
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -216,7 +211,12 @@ def _validation_message(op: str, e: ValidationError) -> str:
 
 
 class Dispatcher:
-    """Decode, validate and route one request line; always return a reply dict."""
+    """Decode, validate and route one request line; always return a reply dict.
+
+    ``service`` has one ``op_<name>(request, peer) -> dict`` method per op; what
+    it returns is merged into ``{"v": 1, "ok": true}``, what it raises (a
+    HostdevError) becomes the error reply.
+    """
 
     def __init__(self, service: Any):
         self.service = service
@@ -371,9 +371,11 @@ class ApiServer:
         while not self._stopping.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except OSError as e:
                 if self._stopping.is_set():
                     return
+                log.warning("accept failed: %s", e)   # EMFILE and friends: do not spin
+                time.sleep(0.1)
                 continue
             if not self._slots.acquire(blocking=False):
                 self._send(conn, error_reply(Busy("too many connections", "retry in a moment")))

@@ -239,7 +239,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--prefix", default="/", help="install under this root (default /)")
     i.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload and friends")
     for sp in (p, r):
-        sp.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO (default), WARNING")
+        sp.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
         sp.add_argument("--no-libvirt", action="store_true", default=argparse.SUPPRESS,
                         help="do not connect to libvirt (socket and hook only)")
         sp.add_argument("--sim", default=argparse.SUPPRESS, metavar="SPEC",
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                           ("runtime_dir", None)):
         if not hasattr(args, name):
             setattr(args, name, default)
-    setup_logging(args.log_level.upper() if isinstance(args.log_level, str) else logging.INFO)
+    setup_logging(args.log_level)
     try:
         config = load_config(args.config)
         if args.state_dir:

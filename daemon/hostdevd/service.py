@@ -29,6 +29,7 @@ import os
 import queue
 import threading
 import time
+import uuid as uuidlib
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Protocol
 
@@ -80,6 +81,16 @@ class LibvirtAdapter(Protocol):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def norm_uuid(text: str | None) -> str | None:
+    """libvirt's form (lower case, dashed): owners compare UUIDs as strings."""
+    if not text:
+        return None
+    try:
+        return str(uuidlib.UUID(text))
+    except ValueError:
+        return text.lower()
 
 
 def hostdev_xml(addr: PciAddress) -> str:
@@ -292,7 +303,7 @@ class Daemon:
                    "and reconnecting", reason, action="disconnect", result=reason)
 
     def on_domain_event(self, name: str, uuid: str | None, kind: str, detail: str | None = None) -> None:
-        received = utcnow()
+        received, uuid = utcnow(), norm_uuid(uuid)
         log.debug("domain %s %s (%s)", name, kind, detail)
         if kind in ("stopped", "shutdown", "crashed"):
             self._submit(f"{kind} {name}", lambda: self._domain_stopped(name, uuid, kind, received))
@@ -300,7 +311,7 @@ class Daemon:
             self._submit(f"started {name}", lambda: self._domain_changed(name, uuid, "started", received))
 
     def on_device_event(self, name: str, uuid: str | None, kind: str, alias: str | None = None) -> None:
-        received = utcnow()
+        received, uuid = utcnow(), norm_uuid(uuid)
         if kind == "removal_failed":
             log.warning("libvirt could not remove device %s from %s; its devices stay claimed", alias, name)
             return
@@ -373,14 +384,14 @@ class Daemon:
 
     @staticmethod
     def _owner(ref, parsed: DomainRequest | None) -> Owner:
-        uuid = ref.uuid.lower() if ref.uuid else None
+        uuid = norm_uuid(ref.uuid)
         if parsed is not None:
             if parsed.name and parsed.name != ref.name:
                 raise BadRequest(f"domain {ref.name!r} does not match the XML's <name>{parsed.name}</name>")
             if parsed.uuid:
-                if uuid and parsed.uuid.lower() != uuid:
+                if uuid and norm_uuid(parsed.uuid) != uuid:
                     raise BadRequest(f"domain uuid {uuid} does not match the XML's <uuid>{parsed.uuid}</uuid>")
-                uuid = parsed.uuid.lower()
+                uuid = norm_uuid(parsed.uuid)
         return Owner(name=ref.name, uuid=uuid, kind="domain")
 
     def _holders(self, addrs: list[PciAddress], owner: Owner) -> list[dict]:
@@ -419,12 +430,12 @@ class Daemon:
     def _resolve(self, ref) -> tuple[Owner, bool | None]:
         """Name + uuid (+ running?) of a domain named by a CLI request; never used for hook requests."""
         if self.adapter is None or not self.libvirt_connected:
-            return Owner(name=ref.name, uuid=ref.uuid.lower() if ref.uuid else None), None
+            return Owner(name=ref.name, uuid=norm_uuid(ref.uuid)), None
         found = self.adapter.lookup(ref.name, ref.uuid)
         if found is None:
             raise LibvirtFailure(f"libvirt has no domain {ref.name!r}", "check the name with `virsh list --all`")
         name, uuid, active = found
-        return Owner(name=name, uuid=uuid.lower()), active
+        return Owner(name=name, uuid=norm_uuid(uuid)), active
 
     # ------------------------------------------------------------------ ops
     def op_ping(self, req, peer: Peer) -> dict:

@@ -121,7 +121,10 @@ def call(sock_path: str, request: dict, timeout: float = 30.0) -> dict:
         except PermissionError:
             raise WireError(f"permission denied on {sock_path}", "run as root") from None
         try:
-            s.sendall(data)
+            try:
+                s.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass    # the daemon answered early (refused peer, oversize) and closed: read why
             line = LineReader(s).read(max(0.001, deadline - time.monotonic()))
         except socket.timeout:
             raise DaemonTimeout(f"hostdevd did not answer within {timeout:g} s",

@@ -67,3 +67,16 @@ def singleton_groups_spec(n: int = 16) -> dict:
         "devices": [{"address": f"0000:00:{i + 1:02x}.0", "vendor": "8086", "device": "10d3",
                      "class": "020000", "group": 100 + i, "driver": "e1000e"} for i in range(n)],
     }
+
+
+def vfio_bind_by_hand(eng, addr: str) -> None:
+    """What libvirt's managed detach (or driverctl) does, behind hostdevd's back."""
+    from hostdevd.address import PciAddress
+
+    a = PciAddress.parse(addr)
+    if not eng.sysfs.driver_loaded("vfio-pci"):
+        eng.executor.modprobe("vfio-pci")
+    eng.sysfs.set_driver_override(a, "vfio-pci")
+    eng.sysfs.unbind(a)
+    eng.sysfs.drivers_probe(a)
+    assert eng.sysfs.driver(a) == "vfio-pci"

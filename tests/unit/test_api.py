@@ -86,6 +86,9 @@ def test_prepare_status_plan_release_round_trip(daemon):
     again = call(path, {"op": "prepare", "domain": {"name": "vm1"}, "xml": xml})
     assert again["ok"], "prepare is idempotent for the same owner"
 
+    rplan = call(path, {"op": "plan", "owner": {"name": "vm1"}, "action": "release"})
+    assert [s["action"] for s in rplan["plan"]["steps"]] == ["restore", "restore", "drop"]
+
     rel = call(path, {"op": "release", "domain": {"name": "vm1"}, "xml": xml})
     assert rel["ok"] and rel["groups"] == [15]
     assert sim.driver(PAIR) == sim.driver("0000:04:00.1") == "e1000e"
@@ -109,6 +112,14 @@ def test_refusal_names_the_holder(daemon):
     assert not r["ok"] and r["error"]["code"] == "REFUSED"
     assert "held by domain vm1" in r["error"]["message"]
     assert r["error"]["holders"] == [{"group": 15, "owner": {"name": "vm1", "uuid": VM1["uuid"], "kind": "domain"}}]
+
+
+def test_uuid_forms_name_the_same_owner(daemon):
+    d, sim, path = daemon
+    upper = VM1["uuid"].upper().replace("-", "")
+    assert call(path, {"op": "prepare", "domain": {"name": "vm1", "uuid": upper}, "addresses": [PAIR]})["ok"]
+    assert d.engine.ledger().claim_for_group(15).owner.uuid == VM1["uuid"]
+    assert call(path, {"op": "release", "domain": VM1})["groups"] == [15]
 
 
 def test_domain_without_hostdev_is_a_no_op(daemon):

@@ -16,7 +16,7 @@ from hostdevd.ledger import Owner
 from hostdevd.reconcile import RunningDomain, adopt_domain, reconcile, release_missing, release_owner
 
 from .conftest import load_sim, make_engine
-from .daemon_support import domain_xml
+from .daemon_support import domain_xml, vfio_bind_by_hand
 
 VM1 = Owner(name="vm1", uuid="00000000-0000-0000-0000-000000000001")
 VM2 = Owner(name="vm2", uuid="00000000-0000-0000-0000-000000000002")
@@ -32,17 +32,6 @@ class Crash(BaseException):
 
 def running(owner: Owner, *addrs: str) -> RunningDomain:
     return RunningDomain(owner.name, owner.uuid, [A.parse(a) for a in addrs])
-
-
-def vfio_bind_by_hand(eng, addr: str) -> None:
-    """What libvirt's managed detach (or driverctl) does, behind hostdevd's back."""
-    a = A.parse(addr)
-    if not eng.sysfs.driver_loaded("vfio-pci"):
-        eng.executor.modprobe("vfio-pci")
-    eng.sysfs.set_driver_override(a, "vfio-pci")
-    eng.sysfs.unbind(a)
-    eng.sysfs.drivers_probe(a)
-    assert eng.sysfs.driver(a) == "vfio-pci"
 
 
 def assert_no_driver_forgotten(eng, sim) -> None:

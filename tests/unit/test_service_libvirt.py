@@ -20,8 +20,7 @@ from hostdevd.api import call  # noqa: E402
 from hostdevd.ledger import Owner  # noqa: E402
 from hostdevd.libvirt_events import LibvirtEvents, ensure_event_loop  # noqa: E402
 
-from .daemon_support import domain_xml, running_daemon  # noqa: E402
-from .test_reconcile import vfio_bind_by_hand  # noqa: E402
+from .daemon_support import domain_xml, running_daemon, vfio_bind_by_hand  # noqa: E402
 
 URI = "test:///default"
 NIC1 = "0000:01:00.0"       # lab group 12
