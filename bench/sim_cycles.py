@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="0000:01:00.0", help="device to cycle (default nic1, 0000:01:00.0)")
     ap.add_argument("--topology", default=str(TOPOLOGY), help="SimKernel spec (default tests/topologies/lab.json)")
     ap.add_argument("--state-dir", help="parent of the temporary ledger dir (default: $TMPDIR)")
+    ap.add_argument("--leak-cycles", type=int, default=200, help=(
+        "after the timed run, this many more cycles under tracemalloc to tell a Python-level "
+        "leak from allocator noise in RSS (default 200; 0 skips)"))
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     args = ap.parse_args(argv)
 
@@ -176,6 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         rss_end = rss_kib()
         saves = store.saves - saves0
         save_s, fsync_s = store.save_s, store.fsync_s
+        # Untimed: Python-level allocations still alive after more cycles (a leak grows here).
+        traced_growth = None
+        if args.leak_cycles > 0:
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(args.leak_cycles):
+                cycle()
+            traced_growth = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
         ledger_left = store.read().claims
 
         # ---- baseline: the same writes, raw, on a fresh simulated kernel
@@ -219,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         "rss_kib": {"start": rss_start["VmRSS"], "after_warmup": rss_warm["VmRSS"],
                     "after_cycles": rss_end["VmRSS"], "peak": rss_end["VmHWM"],
                     "growth_during_cycles": rss_end["VmRSS"] - rss_warm["VmRSS"]},
+        "tracemalloc": {"cycles": args.leak_cycles,
+                        "net_growth_bytes": traced_growth},
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -232,13 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in (("Engine cycle", e), ("  prepare", result["engine"]["prepare"]),
                     ("  release", result["engine"]["release"]), ("raw sim writes cycle", b)):
         print(f"  {name:24}{ms(s['median_s'])}  {ms(s['min_s'])}  {ms(s['max_s'])}")
-    print(f"  Engine / raw (median cycle): {result['ratio_engine_over_raw']:.0f}x")
+    print(f"  Engine / raw (median cycle): {result['ratio_engine_over_raw']:.1f}x "
+          f"(+{ms(e['median_s'] - b['median_s']).strip()} per cycle)")
     print(f"  ledger: {led['saves_per_cycle']:.0f} saves/cycle, {ms(led['save_s_per_cycle']).strip()} per cycle "
           f"= {led['save_share_of_engine_time']:.0%} of Engine time; fsync alone "
           f"{ms(led['fsync_s_per_cycle']).strip()} = {led['fsync_share_of_engine_time']:.0%}")
     print(f"  RSS: start {rss['start'] / 1024:.1f} MiB, after warm-up {rss['after_warmup'] / 1024:.1f} MiB, "
           f"after {args.cycles} cycles {rss['after_cycles'] / 1024:.1f} MiB "
           f"(growth during cycles {rss['growth_during_cycles']} KiB; peak {rss['peak'] / 1024:.1f} MiB)")
+    if traced_growth is not None:
+        print(f"  tracemalloc: {traced_growth / 1024:+.1f} KiB of live Python allocations after "
+              f"{args.leak_cycles} more cycles")
     print(json.dumps(result))
     return 0
 

@@ -90,6 +90,49 @@ class Context:
         return self.engine.topology(), {}
 
 
+def _daemon_socket(ctx: Context) -> str | None:
+    """The daemon's socket when it answers; None means work locally."""
+    if getattr(ctx.args, "no_daemon", False):
+        return None
+    from . import wire
+    path = wire.socket_path(ctx.config.runtime_dir)
+    try:
+        return path if wire.call(path, {"op": "ping"}, timeout=5).get("ok") else None
+    except wire.WireError:
+        return None
+
+
+def _via_daemon(ctx: Context, sock: str, request: dict, out: Callable[[str], None], title: str) -> int:
+    """Send a write to the daemon, so its per-group locks and claims cover hand-run commands too."""
+    from . import wire
+    try:
+        reply = wire.call(sock, request, timeout=300)
+    except wire.WireError as e:
+        raise HostdevError(e.message, e.hint) from e
+    if reply.get("ok"):
+        data = reply.get("plan") or {"ok": True, "owner": reply.get("owner", {}), "groups": [], "steps": [],
+                                     "warnings": []}
+        data["result"] = reply.get("result")
+        data.setdefault("notes", []).append("done by the hostdevd daemon")
+        for key in ("note", "libvirt_attached", "pending"):
+            if key in reply:
+                data["notes"].append(f"{key}: {reply[key]}")
+        _print_plan(ctx, data, out, title)
+        return EXIT_OK
+    err = reply.get("error", {})
+    refusals = err.get("refusals") or [{"device": "-", "reason": err.get("message", "refused"),
+                                        "hint": err.get("hint") or ""}]
+    data = {"ok": False, "owner": request.get("domain", {}), "groups": [], "steps": [], "warnings": [],
+            "refusals": refusals, "error": err}
+    _print_plan(ctx, data, out, title)
+    return EXIT_USAGE if err.get("code") in ("BAD_REQUEST", "INVALID_XML", "INVALID_ADDRESS", "USAGE") \
+        else EXIT_PROBLEM
+
+
+def _domain_ref(owner: Owner) -> dict:
+    return {"name": owner.name, **({"uuid": owner.uuid} if owner.uuid else {})}
+
+
 def _read_text(path: str) -> str:
     try:
         if path == "-":
@@ -216,6 +259,10 @@ def cmd_prepare(ctx: Context, out: Callable[[str], None]) -> int:
         raise UsageError("prepare needs an owner: a domain XML with <name>, or --owner NAME")
     if not addrs:
         raise UsageError("nothing to prepare: give a domain XML file or --device BDF")
+    sock = _daemon_socket(ctx)
+    if sock:
+        return _via_daemon(ctx, sock, {"op": "prepare", "domain": _domain_ref(owner), "origin": "cli",
+                                       "addresses": [str(a) for a in addrs]}, out, "prepared")
     try:
         plan, result = ctx.engine.prepare(addrs, owner)
     except Refused as e:
@@ -236,6 +283,12 @@ def cmd_release(ctx: Context, out: Callable[[str], None]) -> int:
     addrs, owner, _ = _requests(ctx)
     if owner is None:
         raise UsageError("release needs an owner: a domain XML with <name>, or --owner NAME")
+    sock = _daemon_socket(ctx)
+    if sock:
+        req = {"op": "release", "domain": _domain_ref(owner), "origin": "cli"}
+        if addrs:
+            req["addresses"] = [str(a) for a in addrs]
+        return _via_daemon(ctx, sock, req, out, "released")
     plan, result = ctx.engine.release(owner, addrs or None)
     data = plan.to_json()
     data["result"] = result.to_json()
@@ -243,6 +296,30 @@ def cmd_release(ctx: Context, out: Callable[[str], None]) -> int:
         data["warnings"].append(f"{owner.name} holds no groups")
     _print_plan(ctx, data, out, "released")
     return EXIT_OK
+
+
+def _hotplug(ctx: Context, out: Callable[[str], None], op: str) -> int:
+    a = ctx.args
+    if not a.xml and not a.device:
+        raise UsageError(f"{op}: give a device XML file or --device BDF")
+    sock = _daemon_socket(ctx)
+    if not sock:
+        raise HostdevError(f"{op} needs the hostdevd daemon (it calls libvirt and waits for its events)",
+                           "systemctl start hostdevd")
+    req = {"op": op, "domain": {"name": a.domain}, "config": bool(a.persist)}
+    if a.xml:
+        req["xml"] = _read_text(a.xml)
+    else:
+        req["addresses"] = [str(PciAddress.parse(d)) for d in a.device]
+    return _via_daemon(ctx, sock, req, out, "attached" if op == "attach" else "detached")
+
+
+def cmd_attach(ctx: Context, out: Callable[[str], None]) -> int:
+    return _hotplug(ctx, out, "attach")
+
+
+def cmd_detach(ctx: Context, out: Callable[[str], None]) -> int:
+    return _hotplug(ctx, out, "detach")
 
 
 def cmd_status(ctx: Context, out: Callable[[str], None]) -> int:
@@ -287,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file (default /etc/hostdevd/hostdevd.toml)")
     p.add_argument("--state-dir", help="ledger directory (default from config: /var/lib/hostdevd)")
     p.add_argument("--sysfs-root", help="sysfs mount point (default /sys; for tests and the lab)")
+    p.add_argument("--no-daemon", action="store_true",
+                   help="prepare/release in this process even when the daemon runs")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def source_opts(sp: argparse.ArgumentParser) -> None:
@@ -322,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("release", parents=[common], help="release claims and restore recorded drivers")
     request_opts(sp)
     sp.set_defaults(func=cmd_release)
+
+    for name, what in (("attach", "prepare the device's group, then hot-plug it into a running domain"),
+                       ("detach", "hot-unplug a device, then release its group when nothing else uses it")):
+        sp = sub.add_parser(name, parents=[common], help=what + " (needs the daemon)")
+        sp.add_argument("domain", help="domain name")
+        sp.add_argument("xml", nargs="?", help="device XML file (<hostdev> or <interface type='hostdev'>)")
+        sp.add_argument("--device", action="append", metavar="BDF", help="PCI address; repeatable")
+        sp.add_argument("--live", action="store_true", default=True, help="the running domain (default)")
+        # dest differs from the global --config (the config file) that precedes the command
+        sp.add_argument("--config", dest="persist", action="store_true", help="also the persistent definition")
+        sp.set_defaults(func=cmd_attach if name == "attach" else cmd_detach)
 
     sp = sub.add_parser("status", parents=[common], help="the ledger: claims, owners, recorded drivers")
     sp.set_defaults(func=cmd_status)

@@ -24,7 +24,7 @@ def run(argv, sim=None):
 @pytest.fixture
 def state(tmp_path):
     cfg = tmp_path / "hostdevd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
     return ["--config", str(cfg)]
 
 
@@ -151,3 +151,29 @@ def test_bad_config_exit_2(tmp_path, capsys):
     rc, _ = run(["--config", str(cfg), "groups"], load_sim("lab"))
     err = capsys.readouterr().err
     assert rc == 2 and "policy.deny[0]" in err
+
+
+def test_prepare_release_go_through_the_running_daemon(tmp_path):
+    """With the daemon up, hand-run writes take its locks and show up as its claims."""
+    from .daemon_support import running_daemon
+
+    with running_daemon("lab") as (daemon, sim, sock):
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'state_dir = "{daemon.engine.config.state_dir}"\n'
+                       f'runtime_dir = "{daemon.engine.config.runtime_dir}"\n')
+        base = ["--config", str(cfg)]
+        # a separate Sysfs would see the same sim; the daemon must do the work itself
+        rc, out = run(base + ["prepare", "--device", "0000:04:00.0", "--owner", "web1"], sim)
+        assert rc == 0 and "done by the hostdevd daemon" in out
+        assert daemon.engine.ledger().claim_for_group(15).owner.name == "web1"
+        rc, out = run(base + ["prepare", "--device", "0000:04:00.1", "--owner", "db1", "--json"], sim)
+        assert rc == 1 and "web1" in out
+        rc, out = run(base + ["release", "--owner", "web1"], sim)
+        assert rc == 0 and sim.driver("0000:04:00.1") == "e1000e"
+        rc, out = run(base + ["--no-daemon", "status"], sim)
+        assert "no claims" in out
+
+
+def test_attach_without_daemon_is_a_clear_error(state, capsys):
+    rc, _ = run(state + ["attach", "vm1", "--device", "0000:04:00.0"], load_sim("lab"))
+    assert rc == 1 and "needs the hostdevd daemon" in capsys.readouterr().err
