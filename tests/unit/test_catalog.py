@@ -40,7 +40,10 @@ def test_unit_file():
             keys[k] = v
     assert keys["Type"] == "notify" and keys["NotifyAccess"] == "main" and keys["WatchdogSec"] == "30s"
     assert keys["Restart"] == "on-failure" and "libvirt-guests.service" in keys["Before"]
-    assert "libvirtd.service" in keys["After"] and "virtqemud.service" in keys["After"]
+    # Before libvirtd, not after: libvirtd autostarts domains as soon as it is up, and their
+    # prepare hooks need hostdevd already serving (it connects to libvirt in the background).
+    assert "libvirtd.service" in keys["Before"] and "virtqemud.service" in keys["Before"]
+    assert "libvirtd" not in keys["After"]
     assert keys["ProtectSystem"] == "strict" and "/sys/bus/pci" in keys["ReadWritePaths"]
     assert keys["RestrictAddressFamilies"] == "AF_UNIX AF_NETLINK" and keys["NoNewPrivileges"] == "yes"
     assert "ProtectKernelTunables" not in keys, "it would make /sys read-only"
