@@ -89,6 +89,16 @@ def build_daemon(config: Config, args: argparse.Namespace):
                         modprobe=sim.load_module)
     else:
         engine = Engine(config)
+    crash_at = os.environ.get("HOSTDEVD_CRASH_AT")
+    if crash_at:
+        # Test knob (the lab's crash test): die as kill -9 would at one named step
+        # boundary, e.g. "bind:0000:04:00.1", so recovery is exercised on a real kernel.
+        log.warning("HOSTDEVD_CRASH_AT=%s is set: this daemon will crash on purpose", crash_at)
+
+        def crash(step: str) -> None:
+            if step == crash_at:
+                os._exit(137)
+        engine.executor.on_step = crash
     adapter = None
     if not args.no_libvirt:
         try:
