@@ -146,7 +146,9 @@ def _owner_label(ledger: Ledger, addr: PciAddress) -> str | None:
     claim = ledger.claim_for_device(addr)
     if claim is None:
         return "reserved" if str(addr) in ledger.reservations else None
-    label = claim.owner.name
+    label = "reserved" if claim.owner.kind == "reservation" else claim.owner.name
+    if claim.reserved and claim.owner.kind != "reservation":
+        label += " (reserved)"
     return label if claim.state == "active" else f"{label} ({claim.state})"
 
 

@@ -79,6 +79,10 @@ class Config(_Strict):
     bind_verify_timeout: float = Field(default=5.0, gt=0, le=600)
     release_wait_timeout: float = Field(default=10.0, ge=0, le=600, description=(
         "How long release waits for QEMU to close /dev/vfio/N before giving up on a group."))
+    reserve: list[Matcher] = Field(default_factory=list, description=(
+        "Devices (address or vendor:device) bound to vfio-pci when the daemon starts, before libvirt, "
+        "and never handed back to a host driver: domains borrow them and return them to the reservation "
+        "(the driverctl use case: GPUs that do not survive rebinding, NICs dedicated to guests)."))
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     reset: ResetConfig = Field(default_factory=ResetConfig)
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 from .address import PciAddress
 from .errors import ExecutionFailed, HostdevError, Refused
-from .ledger import Claim, DeviceRecord, LedgerStore
+from .ledger import RESERVATION, Claim, DeviceRecord, LedgerStore, Owner
 from .logfields import log_action
 from .planner import VFIO, Plan
 from .sysfs import Sysfs
@@ -129,6 +129,20 @@ class Executor:
         self._boundary(f"claim:{gp.group}")
         with self.store.transaction() as ledger:
             holder = ledger.claim_for_group(gp.group)
+            if gp.takeover and holder is not None and holder.owner.kind == "reservation" \
+                    and holder.state == "active":
+                # Borrow the reserved group: the devices stay where they are and keep
+                # their recorded original drivers; release gives the group back.
+                reservation = holder.owner.model_copy()
+                for rec in holder.devices:
+                    rec.role = "companion" if rec.address in gp.companions else "requested"
+                holder.owner, holder.state = plan.owner, "claimed"
+                ledger.put(holder)
+                undo.append((f"claim:{gp.group}",
+                             lambda g=gp.group, r=reservation: self._to_reservation(g, r)))
+                log_action(log, logging.INFO, "claim", "%s borrows reserved group %s", plan.owner.label(),
+                           gp.group, group=gp.group, owner=plan.owner, action="claim", result="borrowed")
+                return
             if holder is not None and not holder.owner.same(plan.owner):
                 raise Refused(f"IOMMU group {gp.group} is held by {holder.owner.kind} {holder.owner.label()}",
                               f"stop {holder.owner.name} or release its devices first")
@@ -191,6 +205,17 @@ class Executor:
         self.sysfs.reset(addr)
         log_action(log, logging.INFO, "reset", "reset %s", addr, address=addr, group=group,
                    owner=plan.owner, action="reset", result="ok")
+
+    def _to_reservation(self, group: int, reservation: Owner | None = None) -> None:
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if claim is None:
+                return
+            claim.owner = reservation or Owner(**RESERVATION)
+            claim.state = "active"
+            for rec in claim.devices:
+                rec.role = "requested"
+            ledger.put(claim)
 
     def _drop_claim(self, group: int) -> None:
         with self.store.transaction() as ledger:
@@ -271,6 +296,13 @@ class Executor:
         """Give groups back to the host, best effort; raise ExecutionFailed naming what stayed."""
         result = Result(ok=True)
         for gp in plan.groups:
+            if gp.group in plan.to_reservation:
+                self._boundary(f"release:{gp.group}")
+                self._to_reservation(gp.group)
+                log_action(log, logging.INFO, "release", "group %s back to its reservation (stays on vfio-pci)",
+                           gp.group, group=gp.group, owner=plan.owner, action="release", result="reserved")
+                result.groups.append(gp.group)
+                continue
             if gp.group in plan.keep_claims:
                 self._shrink_claim(gp.group, plan.keep_claims[gp.group])
                 result.notes.append(f"group {gp.group} stays held for {', '.join(plan.keep_claims[gp.group])}")

@@ -35,6 +35,9 @@ DeviceState = Literal["host", "binding", "vfio", "restoring"]
 ClaimState = Literal["claimed", "active", "releasing", "failed"]
 
 
+RESERVATION = {"name": "reserved", "kind": "reservation"}
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -95,6 +98,9 @@ class Claim(_Model):
     created: str = Field(default_factory=now)
     updated: str = Field(default_factory=now)
     notes: list[str] = Field(default_factory=list)
+    # The group is reserved (config `reserve`): a domain borrows it and gives it back to
+    # the reservation on release; it never returns to host drivers while reserved.
+    reserved: bool = False
 
     def device(self, addr: PciAddress | str) -> DeviceRecord | None:
         key = str(PciAddress.parse(addr) if isinstance(addr, str) else addr)
@@ -108,7 +114,7 @@ class Claim(_Model):
 class Ledger(_Model):
     version: Literal[1] = LEDGER_VERSION
     claims: dict[str, Claim] = Field(default_factory=dict, description="Keyed by IOMMU group number.")
-    reservations: list[str] = Field(default_factory=list)
+    reservations: list[str] = Field(default_factory=list, description="Addresses configured as reserved.")
     updated: str = Field(default_factory=now)
 
     def claim_for_group(self, group: int) -> Claim | None:

@@ -75,11 +75,12 @@ class GroupPlan:
     skip: list[str] = field(default_factory=list)        # bridges, never bound
     keep: list[str] = field(default_factory=list)        # already on vfio-pci/pci-stub: left as they are
     already_held: bool = False                           # this owner holds the group already
+    takeover: bool = False                               # a domain borrows a reserved group
 
     def to_json(self) -> dict:
         return {"group": self.group, "requested": self.requested, "bind": self.bind,
                 "companions": self.companions, "skip": self.skip, "keep": self.keep,
-                "already_held": self.already_held}
+                "already_held": self.already_held, "takeover": self.takeover}
 
 
 @dataclass
@@ -92,6 +93,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     # Release only: groups whose claim merely shrinks (other requested devices still held).
     keep_claims: dict[int, list[str]] = field(default_factory=dict)
+    # Release only: reserved groups that go back to the reservation, staying on vfio-pci.
+    to_reservation: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -167,7 +170,9 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
         gp = GroupPlan(group, requested=[str(a) for a in addrs])
         plan.groups.append(gp)
         holder = ledger.claim_for_group(group)
-        if holder and not holder.owner.same(owner):
+        gp.takeover = bool(holder and holder.owner.kind == "reservation" and owner.kind != "reservation"
+                           and holder.state == "active")
+        if holder and not holder.owner.same(owner) and not gp.takeover:
             plan.refusals.append(Refusal(
                 str(addrs[0]), f"IOMMU group {group} is held by {holder.owner.kind} {holder.owner.label()}",
                 f"stop {holder.owner.name} or release its devices first (`hostdevctl release --owner "
@@ -182,7 +187,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             gp.bind.append(a)
             if role == "companion":
                 gp.companions.append(a)
-            held = holder.device(a) if gp.already_held and holder else None
+            held = holder.device(a) if (gp.already_held or gp.takeover) and holder else None
             if dev.on_vfio or dev.driver == "pci-stub" or held:
                 gp.keep.append(a)
             refusal = _refuse_device(dev, role, topo, policy, warn)
@@ -205,7 +210,8 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             if new:
                 plan.steps.append(Step("update", gp.group, None, "add requested " + ", ".join(new)))
             continue
-        plan.steps.append(Step("claim", gp.group, None, f"owner {owner.label()}"))
+        plan.steps.append(Step("claim", gp.group, None, f"owner {owner.label()}"
+                               + (", borrowed from the reservation" if gp.takeover else "")))
         for a in gp.skip:
             plan.steps.append(Step("skip", gp.group, a, "bridge: left on its driver"))
         for a in gp.bind:
@@ -253,6 +259,12 @@ def plan_release(topo: Topology, owner: Owner, ledger: Ledger,
             plan.keep_claims[claim.group] = remaining
             plan.steps.append(Step("update", claim.group, None,
                                    "still held for " + ", ".join(remaining) + "; group stays on vfio-pci"))
+            continue
+        if claim.reserved and owner.kind != "reservation":
+            plan.to_reservation.append(claim.group)
+            gp.keep = [d.address for d in claim.devices]
+            plan.steps.append(Step("update", claim.group, None,
+                                   "back to the reservation; the group stays on vfio-pci"))
             continue
         _plan_restore(plan, gp, claim, topo)
     return plan

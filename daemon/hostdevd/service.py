@@ -43,6 +43,7 @@ from .errors import HostdevError, Refused
 from .ledger import Owner
 from .logfields import log_action
 from .planner import groups_of
+from .reservations import apply_reservations
 from .reconcile import (ReconcileReport, RunningDomain, adopt_domain, reconcile, release_missing,
                         release_owner)
 from .wire import socket_path
@@ -192,6 +193,9 @@ class Daemon:
         self.engine.ledger()
         self.last_reconcile = reconcile(self.engine, None)   # crash recovery needs no libvirt
         self.reconcile_count += 1
+        # Reservations are bound before the socket serves and before READY=1, so before
+        # libvirtd (ordered after hostdevd) autostarts any domain.
+        self.reservations = apply_reservations(self.engine, self.config.reserve)
         self._worker = threading.Thread(target=self._work, name="events-worker", daemon=True)
         self._worker.start()
         try:

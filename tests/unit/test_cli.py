@@ -49,7 +49,7 @@ def test_plan_listing_json():
     assert d["ok"] is True
     assert d["groups"] == [{"group": 1, "requested": ["0000:01:00.0"], "bind": ["0000:01:00.0", "0000:01:00.1"],
                             "companions": ["0000:01:00.1"], "skip": ["0000:00:01.0"], "keep": [],
-                            "already_held": False}]
+                            "already_held": False, "takeover": False}]
 
 
 def test_plan_listing_refusal_and_warning():
