@@ -13,6 +13,10 @@ pytestmark = pytest.mark.lab
 HCTL = "/opt/hostdevd/bin/hostdevctl"
 SYS = "/sys/bus/pci/devices"
 MSG_BIND = "3ed3dbad284a4a169e375538b43659fd"
+# A paused domain has its QEMU process, its hooks run and /dev/vfio/N open, but its vCPUs do
+# not run: a nested L2 under TCG costs a lot of CPU and, on a loaded 2-core host, has stalled
+# L1's timers. One test (start/destroy) runs L2 for real; the others start it paused.
+START_PAUSED = "virsh start --paused %s"
 
 
 def drivers(lab, *bdfs):
@@ -95,12 +99,12 @@ def test_start_binds_whole_group_and_destroy_returns_it(lab, daemon):
 
 def test_second_domain_refused_naming_the_first(lab, daemon):
     a, b = daemon["nic2a"], daemon["nic2b"]
-    lab.run("virsh start l2a", timeout=300)
+    lab.run(START_PAUSED % "l2a", timeout=300)
     try:
-        r = lab.run("virsh start l2b", timeout=300, check=False)
+        r = lab.run(START_PAUSED % "l2b", timeout=300, check=False)
         assert r.rc != 0
         assert "l2a" in r.stderr and "hostdevd" in r.stderr, r
-        assert lab.run("virsh domstate l2a", timeout=60).stdout.strip() == "running"
+        assert lab.run("virsh domstate l2a", timeout=60).stdout.strip() == "paused"
         assert drivers(lab, a, b) == {a: "vfio-pci", b: "vfio-pci"}
     finally:
         lab.run("virsh destroy l2a", timeout=120, check=False)
@@ -109,7 +113,7 @@ def test_second_domain_refused_naming_the_first(lab, daemon):
 
 def test_libvirtd_restart_keeps_claims(lab, daemon):
     a, b = daemon["nic2a"], daemon["nic2b"]
-    lab.run("virsh start l2a", timeout=300)
+    lab.run(START_PAUSED % "l2a", timeout=300)
     try:
         lab.run("systemctl restart libvirtd", timeout=180)
         lab.run("virsh domstate l2a", timeout=120)  # libvirtd is back
@@ -117,7 +121,7 @@ def test_libvirtd_restart_keeps_claims(lab, daemon):
         while daemon_status(lab)["daemon"]["libvirt"]["state"] != "connected":
             assert time.monotonic() < deadline, "hostdevd did not reconnect to libvirt"
             time.sleep(2)
-        assert lab.run("virsh domstate l2a", timeout=60).stdout.strip() == "running"
+        assert lab.run("virsh domstate l2a", timeout=60).stdout.strip() == "paused"
         assert drivers(lab, a, b) == {a: "vfio-pci", b: "vfio-pci"}
         assert {c["owner"]["name"] for c in status(lab)["claims"].values()} == {"l2a"}
     finally:
@@ -127,7 +131,7 @@ def test_libvirtd_restart_keeps_claims(lab, daemon):
 
 def test_daemon_killed_while_domain_runs_then_destroy_returns_devices(lab, daemon):
     a, b = daemon["nic2a"], daemon["nic2b"]
-    lab.run("virsh start l2a", timeout=300)
+    lab.run(START_PAUSED % "l2a", timeout=300)
     try:
         pid = lab.run("systemctl show -p MainPID --value hostdevd", timeout=30).stdout.strip()
         lab.run(f"kill -9 {pid}", timeout=30)
@@ -151,7 +155,7 @@ def test_crash_mid_prepare_is_rolled_back_after_restart(lab, daemon):
             "&& systemctl daemon-reload && systemctl restart hostdevd", timeout=120)
     wait_active(lab)
     try:
-        r = lab.run("virsh start l2a", timeout=300, check=False)
+        r = lab.run(START_PAUSED % "l2a", timeout=300, check=False)
         assert r.rc != 0, r  # the hook lost its daemon mid-request and refused the start
         lab.run("rm /etc/systemd/system/hostdevd.service.d/crash.conf && systemctl daemon-reload", timeout=60)
         time.sleep(3)
