@@ -19,6 +19,7 @@ pytest (``python3 tests/lab/labvm.py`` boots, installs, prints the topology).
 from __future__ import annotations
 
 import atexit
+import fcntl
 import itertools
 import json
 import os
@@ -211,6 +212,7 @@ class LabVM:
             raise LabError("qemu-system-x86_64 not found (apt-get install qemu-system-x86 qemu-utils)")
         if not image_ready():
             raise LabError("no lab image in %s; run tests/lab/build-image.sh" % lab_dir())
+        self._take_host_lock()
         reap_stale_instances()
         env = self._env()
         env["L1_TIMEOUT"] = str(int(timeout))
@@ -236,10 +238,30 @@ class LabVM:
         _log("L1 '%s' up after %.1fs (run dir %s)" % (self.name, self.boot_seconds, self.run_dir))
         return self.boot_seconds
 
+    def _take_host_lock(self) -> None:
+        """One L1 at a time on this host: two TCG guests on 2 cores starve each other's
+        timers (RCU stalls, a hung guest agent). Waits for the other instance to stop."""
+        if getattr(self, "_lock_fd", None) is not None:
+            return
+        lab_dir().mkdir(parents=True, exist_ok=True)
+        fd = os.open(lab_dir() / ".instance.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log("another lab VM is running on this host; waiting for it to stop")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        self._lock_fd = fd
+
+    def _release_host_lock(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
     def stop(self, timeout: float = 60, force: bool = False) -> None:
         """Power L1 off (ACPI, then QMP quit, then SIGKILL; force=True skips the ACPI
         powerdown). Safe to call repeatedly."""
         if not self.running:
+            self._release_host_lock()
             return
         self.running = False
         self._close()
@@ -254,6 +276,7 @@ class LabVM:
             atexit.unregister(self.stop)
         except Exception:
             pass
+        self._release_host_lock()
 
     def __enter__(self):
         return self
