@@ -168,6 +168,14 @@ def nodedev(bdf: str) -> str:
     return "pci_" + bdf.replace(":", "_").replace(".", "_")
 
 
+def cpu() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far. A sysfs bind runs the driver's
+    probe()/remove() synchronously in the writing thread, so system time is mostly the
+    kernel's work and user time is Python's."""
+    t = os.times()
+    return t.user, t.system
+
+
 # ------------------------------------------------------------------ runner
 class Bench:
     def __init__(self, devs: dict[str, str], rounds: int):
@@ -214,18 +222,23 @@ class Bench:
         bdf = self.devs["nic1"]
 
         def one() -> dict:
+            c0 = cpu()
             t0 = time.perf_counter()
             raw_to_vfio(bdf)
             t1 = time.perf_counter()
             raw_to_host(bdf, self.orig_drv[bdf])
             t2 = time.perf_counter()
-            return {"prepare": t1 - t0, "release": t2 - t1, "cycle": t2 - t0}
+            c1 = cpu()
+            return {"prepare": t1 - t0, "release": t2 - t1, "cycle": t2 - t0,
+                    "cpu_user": c1[0] - c0[0], "cpu_sys": c1[1] - c0[1]}
         self.rounds_of("nic1.raw", one)
 
     # ---- 2. virsh nodedev-detach / nodedev-reattach, nic1
     def virsh_nic1(self) -> None:
         bdf = self.devs["nic1"]
         name = nodedev(bdf)
+        self.extra["libvirtd_before_first_call"] = subprocess.run(
+            ["systemctl", "is-active", "libvirtd"], capture_output=True, text=True).stdout.strip()
         t = time.perf_counter()
         virsh("nodedev-dumpxml", name)  # first libvirt call after boot: capability probing
         self.extra["virsh_first_call_s"] = time.perf_counter() - t
@@ -255,6 +268,7 @@ class Bench:
 
         def one() -> dict:
             s0, st0 = store.saves, store.save_s
+            c0 = cpu()
             try:
                 t0 = time.perf_counter()
                 eng.prepare([addr], owner)
@@ -264,10 +278,11 @@ class Bench:
                 t2 = time.perf_counter()
                 eng.release(owner)
                 t3 = time.perf_counter()
+            c1 = cpu()
             wait_driver(bdf, self.orig_drv[bdf], timeout=0)
             saves.append(store.saves - s0)
             return {"prepare": t1 - t0, "release": t3 - t2, "cycle": (t1 - t0) + (t3 - t2),
-                    "ledger_save": store.save_s - st0}
+                    "ledger_save": store.save_s - st0, "cpu_user": c1[0] - c0[0], "cpu_sys": c1[1] - c0[1]}
         self.rounds_of("nic1.engine", one)
         self.extra["engine_ledger_saves_per_cycle"] = saves[-1]
         # Where the time goes: the two read-side scans every request makes.
@@ -386,14 +401,16 @@ class Bench:
             for m in reversed(members[h]):
                 raw_to_host(m, self.orig_drv[m])
 
-        def cycle(prep, rel, parallel: bool) -> tuple[float, float]:
+        def cycle(prep, rel, parallel: bool) -> tuple[float, float, float, float]:
+            c0 = cpu()
             try:
                 p = run_all(prep, parallel)
                 check(True)
             finally:
                 r = run_all(rel, parallel)
+            c1 = cpu()
             check(False)
-            return p, r
+            return p, r, c1[0] - c0[0], c1[1] - c0[1]
 
         def rounds(prep, rel):
             turn = [0]
@@ -403,9 +420,10 @@ class Bench:
                 turn[0] += 1
                 out = {}
                 for parallel in ((False, True) if turn[0] % 2 else (True, False)):
-                    p, r = cycle(prep, rel, parallel)
+                    p, r, u, k = cycle(prep, rel, parallel)
                     m = "par" if parallel else "seq"
-                    out.update({f"prepare_{m}": p, f"release_{m}": r, f"cycle_{m}": p + r})
+                    out.update({f"prepare_{m}": p, f"release_{m}": r, f"cycle_{m}": p + r,
+                                f"cpu_user_{m}": u, f"cpu_sys_{m}": k})
                 return out
             return one
 

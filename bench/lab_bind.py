@@ -174,9 +174,19 @@ def report(result: dict) -> str:
         notes.append("Engine ledger saves per nic1 cycle: %s, %s ms in total (state dir on %s)"
                      % (extra.get("engine_ledger_saves_per_cycle", "?"), ms(st["nic1.engine"]["ledger_save"]),
                         result["meta"].get("state_dir_fs", "?")))
+    for label, key, suf in (("nic1 raw", "nic1.raw", ""), ("nic1 Engine", "nic1.engine", ""),
+                            ("4 groups Engine sequential", "groups4.engine", "_seq"),
+                            ("4 groups Engine 4 threads", "groups4.engine", "_par"),
+                            ("4 groups raw sequential", "groups4.raw", "_seq"),
+                            ("4 groups raw 4 threads", "groups4.raw", "_par")):
+        k = st.get(key, {})
+        if "cpu_user" + suf in k:
+            notes.append("CPU per cycle, %s: user %s ms, system %s ms (wall %s ms)"
+                         % (label, ms(k["cpu_user" + suf]), ms(k["cpu_sys" + suf]), ms(k.get("cycle" + suf))))
     if "virsh_first_call_s" in extra:
-        notes.append("first virsh call after boot: %.1f s; a no-op virsh call later: %.2f s"
-                     % (extra["virsh_first_call_s"], extra.get("virsh_noop_call_s", float("nan"))))
+        notes.append("first virsh call after boot: %.1f s (libvirtd %s before it); the same call later: %.2f s"
+                     % (extra["virsh_first_call_s"], extra.get("libvirtd_before_first_call", "?"),
+                        extra.get("virsh_noop_call_s", float("nan"))))
     out += [""] + notes
     out += ["", "%-40s %8s %8s %8s" % ("ratios of medians", "prepare", "release", "cycle")]
     for k, row in ra.items():
