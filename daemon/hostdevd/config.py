@@ -70,6 +70,90 @@ class ResetConfig(_Strict):
         "Per-device reset preference, keyed by address or vendor:device."))
 
 
+_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,250}$")
+_MODULE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Stopping these from inside hostdevd would deadlock the request that asked for it.
+_FORBIDDEN_UNITS = ("hostdevd", "libvirtd", "virtqemud", "systemd-udevd", "dbus", "systemd-journald")
+
+
+def _check_unit(value: str) -> str:
+    if not _UNIT_RE.match(value) or value.startswith("-"):
+        raise ValueError(f"{value!r} is not a systemd unit name (e.g. display-manager.service)")
+    if "." not in value:
+        value += ".service"
+    if value.rsplit(".", 1)[0] in _FORBIDDEN_UNITS:
+        raise ValueError(f"{value!r} cannot be stopped by hostdevd (hostdevd and libvirt need it)")
+    return value
+
+
+def _check_module(value: str) -> str:
+    if not _MODULE_RE.match(value) or value.startswith("-"):
+        raise ValueError(f"{value!r} is not a kernel module name (e.g. nvidia_drm)")
+    if value.replace("-", "_") in ("vfio", "vfio_pci", "vfio_iommu_type1", "vfio_pci_core"):
+        raise ValueError(f"{value!r} is what passthrough needs; hostdevd never unloads it")
+    return value
+
+
+UnitName = Annotated[str, AfterValidator(_check_unit)]
+ModuleName = Annotated[str, AfterValidator(_check_module)]
+
+
+class HostActionConfig(_Strict):
+    """What the host does to let go of a device before it is bound (and to take it back after)."""
+    match: Matcher | list[Matcher] = Field(description=(
+        "The device(s) these actions belong to: address or vendor:device (device may be *), or a list. "
+        "They run when a group containing a matching device is bound to vfio-pci."))
+    stop_units: list[UnitName] = Field(default_factory=list, description=(
+        "systemd units stopped before binding (only those that were active) and started again after "
+        "release, in reverse order (a display manager on a single-GPU host)."))
+    unload_modules: list[ModuleName] = Field(default_factory=list, description=(
+        "Kernel modules unloaded (modprobe -r) before binding, in this order, and loaded again "
+        "(modprobe) before the devices go back to their drivers, in reverse order."))
+    timeout: float = Field(default=30.0, gt=0, le=600, description="Seconds per systemctl/modprobe call.")
+
+    @property
+    def patterns(self) -> list[str]:
+        return self.match if isinstance(self.match, list) else [self.match]
+
+
+_NETDEV_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+
+
+def _check_pf(value: str) -> str:
+    """An SR-IOV PF: a PCI address, or the name of the PF's network interface."""
+    try:
+        return str(PciAddress.parse(value))
+    except InvalidAddress:
+        pass
+    if _NETDEV_RE.match(value) and value not in (".", "..") and not value.startswith("-"):
+        return value
+    raise ValueError(f"{value!r} is neither a PCI address (0000:03:00.0) nor a network interface name (enp3s0f0)")
+
+
+PfRef = Annotated[str, AfterValidator(_check_pf)]
+
+
+def _unique_pfs(entries: list) -> list:
+    seen = set()
+    for e in entries:
+        if e.pf in seen:
+            raise ValueError(f"PF {e.pf} is configured twice")
+        seen.add(e.pf)
+    return entries
+
+
+class SriovConfig(_Strict):
+    """One SR-IOV PF whose VFs hostdevd creates at daemon start (and on `hostdevctl vfs set`)."""
+    pf: PfRef = Field(description="The PF: PCI address (0000:03:00.0) or its netdev name (enp3s0f0).")
+    numvfs: int = Field(ge=0, le=65535, description=(
+        "How many VFs to create (written to sriov_numvfs through 0; at most sriov_totalvfs)."))
+    autoprobe: bool = Field(default=False, description=(
+        "sriov_drivers_autoprobe: whether new VFs are probed by host drivers (iavf, igbvf, mlx5_core). "
+        "false keeps them driverless until a domain gets one."))
+    wait_timeout: float = Field(default=60.0, gt=0, le=600, description=(
+        "Seconds to wait for the VFs to appear (udev). Real NICs take tens of seconds for many VFs."))
+
+
 class Config(_Strict):
     libvirt_uri: str = "qemu:///system"
     state_dir: str = "/var/lib/hostdevd"
@@ -83,14 +167,25 @@ class Config(_Strict):
         "Devices (address or vendor:device) bound to vfio-pci when the daemon starts, before libvirt, "
         "and never handed back to a host driver: domains borrow them and return them to the reservation "
         "(the driverctl use case: GPUs that do not survive rebinding, NICs dedicated to guests)."))
+    detach_timeout: float = Field(default=30.0, gt=0, le=600, description=(
+        "How long `hostdevctl detach` waits for the guest to let go of a device (libvirt's "
+        "DEVICE_REMOVED event) before it reports the device as still attached."))
+    sriov: Annotated[list[SriovConfig], AfterValidator(_unique_pfs)] = Field(default_factory=list, description=(
+        "SR-IOV PFs whose VFs the daemon creates at start, before reservations (each `[[sriov]]` entry)."))
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     reset: ResetConfig = Field(default_factory=ResetConfig)
+    host_actions: list[HostActionConfig] = Field(default_factory=list, description=(
+        "Per-device host actions around binding: units to stop and modules to unload before a matching "
+        "device's group goes to vfio-pci, undone after release and on rollback."))
 
     def reset_preference(self, address: PciAddress, vendor: str, device: str) -> str:
         for key, pref in self.reset.devices.items():
             if DeviceMatcher([key]).matches(address, vendor, device):
                 return pref
         return self.reset.default
+
+    def host_actions_for(self, address: PciAddress, vendor: str, device: str) -> list[HostActionConfig]:
+        return [a for a in self.host_actions if DeviceMatcher(a.patterns).matches(address, vendor, device)]
 
 
 def _loc(loc: tuple) -> str:

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 from .address import PciAddress
 from .config import Config
 from .errors import Refused
-from .executor import Executor, Result, default_modprobe
+from .executor import Executor, Result, Runner, default_modprobe, default_runner
 from .ledger import Ledger, LedgerStore, Owner
 from .planner import Plan, Policy, groups_of, plan_prepare, plan_release
 from .sysfs import RealHost, Sysfs
@@ -45,14 +45,14 @@ class GroupLocks:
 
 class Engine:
     def __init__(self, config: Config | None = None, sysfs: Sysfs | None = None,
-                 store: LedgerStore | None = None, modprobe=default_modprobe):
+                 store: LedgerStore | None = None, modprobe=default_modprobe, runner: Runner = default_runner):
         self.config = config or Config()
         self.sysfs = sysfs or Sysfs(RealHost(self.config.sysfs_root), self.config.write_timeout)
         self.store = store or LedgerStore(self.config.state_dir)
         self.policy = Policy.from_config(self.config)
         self.executor = Executor(self.sysfs, self.store, modprobe=modprobe,
                                  verify_timeout=self.config.bind_verify_timeout,
-                                 release_wait=self.config.release_wait_timeout)
+                                 release_wait=self.config.release_wait_timeout, runner=runner)
         self.locks = GroupLocks()
 
     # ---- read side ----
@@ -90,3 +90,11 @@ class Engine:
             plan = plan_release(self.topology(with_critical=False), owner, self.ledger(),
                                 list(addresses) if addresses is not None else None)
             return plan, self.executor.release(plan)
+
+    def forget_vanished(self, addr: PciAddress) -> str:
+        """A claimed device left the host (udev remove): drop it under its group's lock (R6)."""
+        claim = self.ledger().claim_for_device(addr)
+        if claim is None:
+            return ""
+        with self.locks.hold([claim.group]):
+            return self.executor.forget_vanished(claim.group, addr)

@@ -21,9 +21,9 @@ from typing import Callable
 
 from .address import PciAddress
 from .errors import ExecutionFailed, HostdevError, Refused
-from .ledger import RESERVATION, Claim, DeviceRecord, LedgerStore, Owner
+from .ledger import RESERVATION, Claim, DeviceRecord, HostActionRecord, LedgerStore, Owner
 from .logfields import log_action
-from .planner import VFIO, Plan
+from .planner import VFIO, Plan, Step
 from .sysfs import Sysfs
 
 log = logging.getLogger("hostdevd.executor")
@@ -35,6 +35,29 @@ def default_modprobe(module: str) -> None:
         msg = proc.stderr.strip() or f"exit status {proc.returncode}"
         raise ExecutionFailed(f"modprobe {module} failed: {msg}",
                               "is the module blacklisted (install ... /bin/false)? remove that line")
+
+
+@dataclass
+class RunResult:
+    rc: int
+    output: str = ""
+
+
+Runner = Callable[[list[str], float], RunResult]
+
+
+def default_runner(argv: list[str], timeout: float) -> RunResult:
+    """Run a host command (systemctl, modprobe) with a timeout; the executor's only subprocess door
+    for host actions, injectable so tests never stop a real unit."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ExecutionFailed(f"`{' '.join(argv)}` did not finish within {timeout:g} s",
+                              "raise host_actions.timeout, or find out what holds it up "
+                              "(`systemctl list-jobs`, `lsmod`)") from None
+    except OSError as e:
+        raise ExecutionFailed(f"cannot run {argv[0]}: {e.strerror or e}") from None
+    return RunResult(proc.returncode, " ".join((proc.stderr or proc.stdout or "").split()))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
@@ -62,10 +85,11 @@ class Executor:
     def __init__(self, sysfs: Sysfs, store: LedgerStore, *,
                  modprobe: Callable[[str], None] | None = default_modprobe,
                  verify_timeout: float = 5.0, release_wait: float = 10.0,
-                 on_step: Callable[[str], None] | None = None):
+                 on_step: Callable[[str], None] | None = None, runner: Runner = default_runner):
         self.sysfs = sysfs
         self.store = store
         self.modprobe = modprobe
+        self.runner = runner
         self.verify_timeout = verify_timeout
         self.release_wait = release_wait
         # Called at every step boundary with a name ("claim:12", "bind:0000:01:00.0", ...);
@@ -96,6 +120,8 @@ class Executor:
                         self._bind_step(plan, gp.group, PciAddress.parse(step.address), undo)
                     elif step.action == "reset":
                         self._reset_step(plan, gp.group, PciAddress.parse(step.address))
+                    elif step.action in ("stop_unit", "unload_module"):
+                        self._host_action_step(plan, gp.group, step, undo)
                 self._boundary(f"activate:{gp.group}")
                 with self.store.transaction() as ledger:
                     claim = ledger.claim_for_group(gp.group)
@@ -223,7 +249,9 @@ class Executor:
 
     def _rollback(self, plan: Plan, undo: list) -> list[str]:
         failures = []
-        for name, fn in reversed(undo):
+        # Modules come back first: a device can only return to a driver that is loaded.
+        modules = [u for u in undo if u[0].startswith("unload_module:")]
+        for name, fn in list(reversed(modules)) + [u for u in reversed(undo) if u not in modules]:
             try:
                 fn()
             except Exception as e:  # keep undoing the rest
@@ -241,6 +269,124 @@ class Executor:
                     claim.state = "failed"
                     claim.notes.append("rollback incomplete: " + "; ".join(failures))
                     ledger.put(claim)
+        return failures
+
+    # ------------------------------------------------------------------ host actions
+    def _run(self, argv: list[str], timeout: float) -> RunResult:
+        return self.runner(argv, timeout)
+
+    def unit_active(self, unit: str, timeout: float = 30.0) -> bool:
+        return self._run(["systemctl", "is-active", "--quiet", unit], timeout).rc == 0
+
+    def _shared_action(self, group: int, kind: str, name: str) -> int | None:
+        """Another claim that records the same unit/module (it stopped it first): its group."""
+        for c in self.store.read().claims.values():
+            if c.group != group and any(a.kind == kind and a.name == name for a in c.host_actions):
+                return c.group
+        return None
+
+    def _record_action(self, group: int, rec: HostActionRecord) -> None:
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            claim.host_actions = [a for a in claim.host_actions
+                                  if not (a.kind == rec.kind and a.name == rec.name)] + [rec]
+            ledger.put(claim)
+
+    def _drop_action(self, group: int, kind: str, name: str) -> None:
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if claim is None:
+                return
+            claim.host_actions = [a for a in claim.host_actions if not (a.kind == kind and a.name == name)]
+            ledger.put(claim)
+
+    def _host_action_step(self, plan: Plan, group: int, step: Step, undo: list) -> None:
+        """Stop a unit / unload a module before binding (config host_actions); undo registered."""
+        kind = "unit" if step.action == "stop_unit" else "module"
+        name, timeout = step.name, step.timeout or 30.0
+        self._boundary(f"{step.action}:{name}")
+        what = f"unit {name}" if kind == "unit" else f"module {name}"
+        running = self.unit_active(name, timeout) if kind == "unit" else self.sysfs.module_loaded(name)
+        if not running:
+            other = self._shared_action(group, kind, name)
+            if other is not None:
+                # Stopped for another group: this group needs it stopped too, so the last
+                # release (not the first) brings it back.
+                self._record_action(group, HostActionRecord(kind=kind, name=name, state="done", timeout=timeout))
+                undo.append((f"{step.action}:{name}", lambda: self._drop_action(group, kind, name)))
+                note = f"already {'stopped' if kind == 'unit' else 'unloaded'} for group {other}"
+            else:
+                note = f"not {'active' if kind == 'unit' else 'loaded'}: nothing to do"
+            log_action(log, logging.INFO, "host_action", "%s %s: %s", step.action.replace("_", " "), name, note,
+                       group=group, owner=plan.owner, action=step.action, result="skipped")
+            return
+        # Intent first: a crash after the command leaves a record that release undoes.
+        self._record_action(group, HostActionRecord(kind=kind, name=name, state="pending", timeout=timeout))
+        undo_fn = (lambda: self._start_unit(plan.owner, group, name, timeout)) if kind == "unit" else \
+            (lambda: self._load_module(plan.owner, group, name, timeout))
+        undo.append((f"{step.action}:{name}", undo_fn))
+        argv = ["systemctl", "stop", name] if kind == "unit" else ["modprobe", "-r", name]
+        t0 = time.monotonic()
+        res = self._run(argv, timeout)
+        if res.rc != 0:
+            log_action(log, logging.ERROR, "host_action", "%s %s failed: %s", step.action.replace("_", " "), name,
+                       res.output or f"exit status {res.rc}", group=group, owner=plan.owner, action=step.action,
+                       result="failed")
+            raise ExecutionFailed(f"`{' '.join(argv)}` failed for group {group}: "
+                                  f"{res.output or f'exit status {res.rc}'}",
+                                  f"the host still uses {what}; see host_actions in /etc/hostdevd/hostdevd.toml")
+        if kind == "module" and self.sysfs.module_loaded(name):
+            raise ExecutionFailed(f"module {name} is still loaded after `modprobe -r {name}`",
+                                  "something holds it (lsmod shows the users)")
+        self._record_action(group, HostActionRecord(kind=kind, name=name, state="done", timeout=timeout))
+        log_action(log, logging.INFO, "host_action", "%s %s for group %s (%.0f ms)", "stopped" if kind == "unit"
+                   else "unloaded", what, group, (time.monotonic() - t0) * 1000, group=group, owner=plan.owner,
+                   action=step.action, result="ok")
+
+    def _start_unit(self, owner: Owner | None, group: int, name: str, timeout: float) -> None:
+        self._boundary(f"start_unit:{name}")
+        res = self._run(["systemctl", "start", name], timeout)
+        if res.rc != 0:
+            log_action(log, logging.ERROR, "host_action", "start unit %s failed: %s", name,
+                       res.output or f"exit status {res.rc}", group=group, owner=owner, action="start_unit",
+                       result="failed")
+            raise ExecutionFailed(f"`systemctl start {name}` failed: {res.output or f'exit status {res.rc}'}",
+                                  f"start it by hand: systemctl start {name}")
+        self._drop_action(group, "unit", name)
+        log_action(log, logging.INFO, "host_action", "started unit %s again (group %s)", name, group, group=group,
+                   owner=owner, action="start_unit", result="ok")
+
+    def _load_module(self, owner: Owner | None, group: int, name: str, timeout: float) -> None:
+        self._boundary(f"load_module:{name}")
+        res = self._run(["modprobe", name], timeout)
+        if res.rc != 0:
+            log_action(log, logging.ERROR, "host_action", "load module %s failed: %s", name,
+                       res.output or f"exit status {res.rc}", group=group, owner=owner, action="load_module",
+                       result="failed")
+            raise ExecutionFailed(f"`modprobe {name}` failed: {res.output or f'exit status {res.rc}'}",
+                                  f"load it by hand: modprobe {name}")
+        self._drop_action(group, "module", name)
+        log_action(log, logging.INFO, "host_action", "loaded module %s again (group %s)", name, group, group=group,
+                   owner=owner, action="load_module", result="ok")
+
+    def _undo_host_actions(self, owner: Owner, group: int, kind: str, records: list[HostActionRecord]
+                           ) -> list[str]:
+        """Release side: load modules / start units this claim recorded, newest first; best effort."""
+        failures = []
+        for act in reversed(records):
+            if act.kind != kind:
+                continue
+            other = self._shared_action(group, act.kind, act.name)
+            if other is not None:
+                self._drop_action(group, act.kind, act.name)
+                log_action(log, logging.INFO, "host_action", "%s %s stays %s: group %s still needs it", act.kind,
+                           act.name, "stopped" if kind == "unit" else "unloaded", other, group=group, owner=owner,
+                           action="start_unit" if kind == "unit" else "load_module", result="deferred")
+                continue
+            try:
+                (self._start_unit if kind == "unit" else self._load_module)(owner, group, act.name, act.timeout)
+            except Exception as e:  # best effort, like every release step
+                failures.append(f"{act.kind} {act.name}: {e}")
         return failures
 
     # ------------------------------------------------------------------ restore
@@ -291,6 +437,41 @@ class Executor:
                 claim.notes.append(f"{addr} vanished; dropped")
                 ledger.put(claim)
 
+    def forget_vanished(self, group: int, addr: PciAddress) -> str:
+        """A claimed device disappeared from the host (hot-unplug, VFs removed): drop its record.
+
+        The caller holds the group lock. A claim left without devices is dropped
+        with it, its host actions undone. Returns what was done ("device", "claim",
+        or "" when nothing was recorded or the device is back).
+        """
+        if self.sysfs.exists(addr):
+            return ""
+        claim = self.store.read().claim_for_group(group)
+        if claim is None or claim.device(addr) is None:
+            return ""
+        owner = claim.owner
+        self._forget_device(group, addr)
+        log_action(log, logging.WARNING, "release", "%s is gone from the host; dropped from the claim of %s",
+                   addr, owner.label(), address=addr, group=group, owner=owner, action="vanished",
+                   result="dropped")
+        claim = self.store.read().claim_for_group(group)
+        if claim is None or claim.devices:
+            return "device"
+        failures = self._undo_host_actions(owner, group, "module", claim.host_actions)
+        failures += self._undo_host_actions(owner, group, "unit", claim.host_actions)
+        with self.store.transaction() as ledger:
+            c = ledger.claim_for_group(group)
+            if c is not None and not c.devices:
+                if failures:
+                    c.state = "failed"
+                    c.notes.append("every device vanished; host actions not undone: " + "; ".join(failures))
+                    ledger.put(c)
+                else:
+                    ledger.drop(group)
+        log_action(log, logging.WARNING, "release", "group %s of %s has no device left; claim dropped", group,
+                   owner.label(), group=group, owner=owner, action="vanished", result="dropped")
+        return "claim"
+
     # ------------------------------------------------------------------ release
     def release(self, plan: Plan) -> Result:
         """Give groups back to the host, best effort; raise ExecutionFailed naming what stayed."""
@@ -334,6 +515,7 @@ class Executor:
             claim.state = "releasing"
             ledger.put(claim)
             records = [r.model_copy() for r in claim.devices]
+            actions = [a.model_copy() for a in claim.host_actions]
         # R6: rebind only after QEMU has closed the group, or the host driver's probe hits EBUSY.
         if not wait_until(lambda: self.sysfs.vfio_group_users(group) == 0, self.release_wait, 0.1):
             msg = f"group {group}: /dev/vfio/{group} is still open; devices left on vfio-pci"
@@ -345,7 +527,9 @@ class Executor:
             log_action(log, logging.ERROR, "release", msg, group=group, owner=plan.owner,
                        action="release", result="busy")
             return msg
-        failures = []
+        # Modules unloaded for this group come back before the devices (they need their driver),
+        # units stopped for it start after them (a display manager needs its GPU).
+        failures = self._undo_host_actions(plan.owner, group, "module", actions)
         for rec in reversed(records):
             if not rec.bound_by_us:
                 continue
@@ -355,6 +539,7 @@ class Executor:
                 failures.append(f"{rec.address}: {e}")
                 log_action(log, logging.ERROR, "step_failed", "could not restore %s: %s", rec.address, e,
                            address=rec.address, group=group, owner=plan.owner, action="restore", result="failed")
+        failures += self._undo_host_actions(plan.owner, group, "unit", actions)
         self._boundary(f"drop:{group}")
         with self.store.transaction() as ledger:
             claim = ledger.claim_for_group(group)

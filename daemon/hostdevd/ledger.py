@@ -61,13 +61,41 @@ class Owner(_Model):
 
 
 class VfNetConfig(_Model):
+    """A VF's network settings as its PF reports them (netlink IFLA_VF_*), saved before assignment.
+
+    ``mac`` .. ``trust`` are the values to restore on release. ``state``: ``saved`` (read, nothing
+    changed yet), ``set`` (hostdevd wrote ``requested_*``; restore them on release), ``libvirt``
+    (libvirt sets MAC/VLAN itself, managed='yes': hostdevd records ``requested_*`` and verifies,
+    never writes). ``notes`` say what could not be done (a driver refusing the all-zero MAC).
+    """
     pf_netdev: str
-    vf_index: int
+    vf_index: int = Field(ge=0)
     mac: str | None = None
     vlan: int | None = None
     qos: int | None = None
     spoofchk: bool | None = None
     trust: bool | None = None
+    state: Literal["saved", "set", "libvirt"] = "saved"
+    requested_mac: str | None = None
+    requested_vlan: int | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class SriovRecord(_Model):
+    """VFs hostdevd created on one PF (config ``[[sriov]]`` or ``hostdevctl vfs set``).
+
+    ``changing`` is written before the first sysfs write (intent); ``ready`` once every VF
+    appeared; ``failed`` keeps what went wrong.
+    """
+    pf: str
+    numvfs: int = Field(ge=0)
+    autoprobe: bool
+    state: Literal["changing", "ready", "failed"] = "changing"
+    previous_numvfs: int | None = None
+    vfs: list[str] = Field(default_factory=list)
+    seconds: float | None = Field(default=None, description="Time to create the VFs and see them in udev.")
+    updated: str = Field(default_factory=now)
+    note: str | None = None
 
 
 class DeviceRecord(_Model):
@@ -90,6 +118,19 @@ class DeviceRecord(_Model):
         return PciAddress.parse(self.address)
 
 
+class HostActionRecord(_Model):
+    """A host action done for a claim (config ``host_actions``), undone at release.
+
+    ``pending``: intent recorded, the command may or may not have run (a crash in
+    between); release undoes it anyway (starting a running unit, loading a loaded
+    module are harmless). ``done``: the unit was stopped / the module unloaded.
+    """
+    kind: Literal["unit", "module"]
+    name: str = Field(min_length=1, max_length=256)
+    state: Literal["pending", "done"] = "pending"
+    timeout: float = Field(default=30.0, gt=0, le=600)
+
+
 class Claim(_Model):
     group: int = Field(ge=0)
     owner: Owner
@@ -101,6 +142,8 @@ class Claim(_Model):
     # The group is reserved (config `reserve`): a domain borrows it and gives it back to
     # the reservation on release; it never returns to host drivers while reserved.
     reserved: bool = False
+    # Units stopped and modules unloaded for this group (config host_actions), in the order done.
+    host_actions: list[HostActionRecord] = Field(default_factory=list)
 
     def device(self, addr: PciAddress | str) -> DeviceRecord | None:
         key = str(PciAddress.parse(addr) if isinstance(addr, str) else addr)
@@ -115,6 +158,8 @@ class Ledger(_Model):
     version: Literal[1] = LEDGER_VERSION
     claims: dict[str, Claim] = Field(default_factory=dict, description="Keyed by IOMMU group number.")
     reservations: list[str] = Field(default_factory=list, description="Addresses configured as reserved.")
+    sriov: dict[str, SriovRecord] = Field(default_factory=dict, description=(
+        "VFs created by hostdevd, keyed by PF address."))
     updated: str = Field(default_factory=now)
 
     def claim_for_group(self, group: int) -> Claim | None:

@@ -27,6 +27,9 @@ MSG = {
     "drift": "645de6142fec48be9b983b04889f9db1",
     "daemon": "b8ee0db3ccc64f84810c1371a5134c93",
     "sriov": "369a8ff7b0fc4bfe95d375ece1dcce44",
+    "host_action": "5e93657a6ccd45efa4816d8053a45e6f",
+    "migrate": "bd3b467551724047901815096b5cf1b3",
+    "hotplug": "0f9e724854284ed390b7acd0e6385044",
 }
 
 

@@ -48,7 +48,9 @@ class Refusal:
         return f"{self.device}: {self.reason} ({self.hint})"
 
 
-StepAction = Literal["claim", "bind", "keep", "skip", "reset", "activate", "restore", "drop", "update"]
+StepAction = Literal["claim", "bind", "keep", "skip", "reset", "activate", "restore", "drop", "update",
+                     "stop_unit", "unload_module", "load_module", "start_unit"]
+HOST_ACTIONS = ("stop_unit", "unload_module", "load_module", "start_unit")
 
 
 @dataclass
@@ -57,12 +59,18 @@ class Step:
     group: int
     address: str | None = None
     detail: str = ""
+    name: str | None = None          # host actions: the unit or module
+    timeout: float | None = None     # host actions: seconds for the command
 
     def to_json(self) -> dict:
-        return {"action": self.action, "group": self.group, "address": self.address, "detail": self.detail}
+        d = {"action": self.action, "group": self.group, "address": self.address, "detail": self.detail}
+        if self.name is not None:
+            d["name"] = self.name
+            d["timeout"] = self.timeout
+        return d
 
     def __str__(self) -> str:
-        target = self.address or f"group {self.group}"
+        target = self.address or self.name or f"group {self.group}"
         return f"{self.action:<8} {target}" + (f"  {self.detail}" if self.detail else "")
 
 
@@ -195,6 +203,11 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
                 plan.refusals.append(refusal)
             elif dev.address in warn:
                 plan.warnings.append(f"{a}: {warn[dev.address]}")
+            elif dev.boot_vga and a not in gp.keep and not policy.config.host_actions_for(
+                    dev.address, dev.vendor, dev.device):
+                plan.warnings.append(f"{a} is the boot VGA and no host_actions match it: whatever shows the "
+                                     "host console (display manager, fbcon, its driver) still holds it and the "
+                                     "bind may hang; add a [[host_actions]] entry that stops and unloads them")
         for a in gp.bind:
             other = ledger.claim_for_device(a)
             if other and other.group != group:
@@ -203,6 +216,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
     if not topo.iommu_active and not plan.refusals:
         plan.refusals.append(Refusal("-", "the IOMMU is off or absent", NO_IOMMU_HINT))
 
+    planned_actions: set[tuple[str, str]] = set()
     for gp in plan.groups:
         if gp.already_held:
             claim = ledger.claim_for_group(gp.group)
@@ -212,6 +226,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             continue
         plan.steps.append(Step("claim", gp.group, None, f"owner {owner.label()}"
                                + (", borrowed from the reservation" if gp.takeover else "")))
+        plan.steps += _host_action_steps(topo, gp, policy, planned_actions)
         for a in gp.skip:
             plan.steps.append(Step("skip", gp.group, a, "bridge: left on its driver"))
         for a in gp.bind:
@@ -230,6 +245,35 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
                 plan.steps.append(Step("reset", gp.group, a, f"{pref} (after every member is detached)"))
         plan.steps.append(Step("activate", gp.group, None, "persist claim as active"))
     return plan
+
+
+def _host_action_steps(topo: Topology, gp: GroupPlan, policy: Policy,
+                       planned: set[tuple[str, str]]) -> list[Step]:
+    """Units to stop and modules to unload before the group's devices move (config host_actions).
+
+    Only devices that actually move count (not those kept on vfio-pci or a
+    reserved group a domain borrows). Each unit and module appears once per plan.
+    """
+    if gp.takeover:
+        return []
+    units: list[tuple[str, float, str]] = []
+    modules: list[tuple[str, float, str]] = []
+    for a in gp.bind:
+        if a in gp.keep:
+            continue
+        dev = topo.get(PciAddress.parse(a))
+        for act in policy.config.host_actions_for(dev.address, dev.vendor, dev.device):
+            units += [(u, act.timeout, a) for u in act.stop_units]
+            modules += [(m, act.timeout, a) for m in act.unload_modules]
+    steps = []
+    for kind, action, items in (("unit", "stop_unit", units), ("module", "unload_module", modules)):
+        for name, timeout, a in items:
+            if (kind, name) in planned:
+                continue
+            planned.add((kind, name))
+            steps.append(Step(action, gp.group, None, f"{name} for {a} (host_actions, timeout {timeout:g} s)",
+                              name=name, timeout=timeout))
+    return steps
 
 
 def plan_release(topo: Topology, owner: Owner, ledger: Ledger,
@@ -271,6 +315,11 @@ def plan_release(topo: Topology, owner: Owner, ledger: Ledger,
 
 
 def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> None:
+    # Modules first: a device can only go back to a driver that is loaded.
+    for act in reversed(claim.host_actions):
+        if act.kind == "module":
+            plan.steps.append(Step("load_module", claim.group, None, f"{act.name} (unloaded for this group)",
+                                   name=act.name, timeout=act.timeout))
     for rec in reversed(claim.devices):
         dev = topo.get(rec.pci)
         gp.bind.append(rec.address)
@@ -293,6 +342,10 @@ def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> No
     if users:
         plan.warnings.append(f"group {claim.group}: /dev/vfio/{claim.group} is still open ({users} users); "
                              "release waits for QEMU to close it")
+    for act in reversed(claim.host_actions):
+        if act.kind == "unit":
+            plan.steps.append(Step("start_unit", claim.group, None, f"{act.name} (stopped for this group)",
+                                   name=act.name, timeout=act.timeout))
     plan.steps.append(Step("drop", claim.group, None, "remove claim from ledger"))
 
 

@@ -322,6 +322,28 @@ class Sysfs:
     def vfio_group_users(self, group: int) -> int:
         return self.backend.vfio_group_users(int(group))
 
+    # ----- SR-IOV and network links ---------------------------------------
+    def netdev_pci(self, name: str) -> PciAddress | None:
+        """The PCI function behind a network interface (``class/net/<name>/device``), if any."""
+        name = self._name(name, "network interface")
+        chain = self._pci_in_link(f"class/net/{name}/device") or self._pci_in_link(f"class/net/{name}")
+        return chain[-1] if chain else None
+
+    def vf_index(self, vf: PciAddress) -> tuple[PciAddress, int] | None:
+        """(PF, N) when ``vf`` is its PF's ``virtfnN``; None for anything that is not a VF."""
+        physfn = self._link_name(self._dev(vf, "physfn"))
+        if not physfn:
+            return None
+        pf = PciAddress.parse(physfn)
+        try:
+            entries = self.backend.listdir(self._dev(pf))
+        except OSError:
+            return None
+        for e in entries:
+            if e.startswith("virtfn") and e[6:].isdigit() and self._link_name(self._dev(pf, e)) == str(vf):
+                return pf, int(e[6:])
+        return None
+
     def vfio_group_node_exists(self, group: int) -> bool:
         return self.backend.dev_exists(f"vfio/{int(group)}")
 
@@ -423,7 +445,8 @@ class Sysfs:
         return out
 
     # ----- writes (every one timed) -----------------------------------------
-    def _write(self, rel: str, value: str, device: PciAddress | None = None) -> None:
+    def _write(self, rel: str, value: str, device: PciAddress | None = None,
+               timeout: float | None = None) -> None:
         """Write with a timeout; a write the kernel never returns from is abandoned.
 
         A blocked sysfs write cannot be cancelled from user space (a driver's
@@ -440,11 +463,12 @@ class Sysfs:
 
         t = threading.Thread(target=run, name=f"sysfs-write {rel}", daemon=True)
         t.start()
-        t.join(self.write_timeout)
+        limit = self.write_timeout if timeout is None else timeout
+        t.join(limit)
         what = f"device {device}" if device else f"/sys/{rel}"
         if t.is_alive():
             raise SysfsTimeout(
-                f"writing {value!r} to /sys/{rel} did not return within {self.write_timeout:g}s ({what} hung)",
+                f"writing {value!r} to /sys/{rel} did not return within {limit:g}s ({what} hung)",
                 "the driver may be waiting for its users to let go; check `dmesg` and processes using the device",
                 path=rel,
             )
@@ -481,8 +505,9 @@ class Sysfs:
     def reset(self, addr: PciAddress) -> None:
         self._write(self._dev(addr, "reset"), "1", addr)
 
-    def set_sriov_numvfs(self, addr: PciAddress, count: int) -> None:
-        self._write(self._dev(addr, "sriov_numvfs"), str(int(count)), addr)
+    def set_sriov_numvfs(self, addr: PciAddress, count: int, timeout: float | None = None) -> None:
+        """Real NICs take seconds per VF here (i40e: 22 s for 64), hence a timeout of its own."""
+        self._write(self._dev(addr, "sriov_numvfs"), str(int(count)), addr, timeout=timeout)
 
     def set_sriov_drivers_autoprobe(self, addr: PciAddress, enabled: bool) -> None:
         self._write(self._dev(addr, "sriov_drivers_autoprobe"), "1" if enabled else "0", addr)
