@@ -96,6 +96,18 @@ def wait_for_idle_lab(poll: float = 30.0, max_wait: float = 3 * 3600) -> float:
         time.sleep(poll)
 
 
+def source_info() -> dict:
+    """Which code was measured: HEAD and the uncommitted changes under daemon/ (the wheel's source)."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
+                                  timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "daemon").splitlines() if line.strip()]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_daemon_files": dirty}
+
+
 # ---------------------------------------------------------------- statistics
 def summary(values: list[float]) -> dict:
     return {"n": len(values), "median_s": statistics.median(values), "min_s": min(values),
@@ -215,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     restored = None
     try:
         boot_s = vm.boot(REPO)
+        source = source_info()  # just before the wheel is built from the working tree
         install = vm.install_hostdevd()
         topo = vm.topology()
         devs = {n: topo[n] for n in DEVICES}
@@ -261,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                      if line.startswith("model name")), "?"),
         "python": platform.python_version(),
         "accel": "tcg",
+        "source": source,
         "lab_boot_s": round(boot_s, 1),
         "install": install,
         "waited_for_other_lab_s": round(waited, 1),

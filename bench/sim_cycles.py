@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,6 +99,18 @@ class TimedStore(LedgerStore):
         finally:
             os.fsync = real_fsync
             self.save_s += time.perf_counter() - t0
+
+
+def source_info() -> dict:
+    """Which code was measured: HEAD and the uncommitted changes under daemon/."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
+                                  timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "daemon").splitlines() if line.strip()]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_daemon_files": dirty}
 
 
 def stats(samples: list[float]) -> dict:
@@ -218,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "platform": platform.platform()},
+        "source": source_info(),
         "topology": os.path.relpath(args.topology, REPO),
         "device": bdf,
         "cycles": args.cycles,

@@ -14,12 +14,18 @@ message). This module adds:
 Ops (``v`` is 1 for all):
 
 ``ping``      -> ``{"version", "pid"}``
-``status``    -> ``{"daemon": {...libvirt state...}, "claims": [...], "reservations": [...]}``
+``status``    -> ``{"daemon": {...libvirt state...}, "claims": [...], "reservations": [...], "drift": [...],
+                 "udev": {...}}``
 ``prepare``   ``{"domain": {"name", "uuid"?}, "xml" | "addresses", "origin"?}`` -> claims + plan
 ``release``   ``{"domain", "xml"?, "addresses"?}``: without addresses, every claim of the domain
 ``plan``      ``{"owner": {"name", "uuid"?, "kind"?}, "xml" | "addresses", "action"?}`` (dry run)
-``attach``    ``{"domain", "xml" | "addresses", "config"?}``: prepare, then libvirt attach
-``detach``    ``{"domain", "xml" | "addresses", "config"?}``: libvirt detach, then release
+``vfs_set``   ``{"pf", "numvfs", "autoprobe"?, "wait_timeout"?}``: SR-IOV VF count (through 0) -> VFs
+``attach``    ``{"domain", "xml" | "addresses", "live"?, "config"?}``: prepare, then libvirt attach (virsh's
+              --live/--config; neither: the domain's current state)
+``detach``    ``{"domain", "xml" | "addresses", "live"?, "config"?, "timeout"?}``: libvirt detach, wait for
+              the guest to let go (DEVICE_REMOVED), then release; ``pending`` lists what it kept
+``migrate_check`` ``{"domain", "xml"?, "origin"?}`` -> ``{"migration": {...}}``: assigned devices that
+              block live migration, and which can be hot-unplugged first
 
 The ops themselves live on the service (``op_<name>(request, peer)``); this
 module knows nothing of engines or libvirt.
@@ -147,6 +153,8 @@ class PrepareRequest(_Devices):
     domain: DomainRef
     # "hook": sent by libvirt's hook; the daemon must not call libvirt about this domain (R9).
     origin: Literal["hook", "cli", "api"] = "api"
+    # "start": libvirt's 'start begin' hook, where a hostdev network's VF is first known.
+    phase: Literal["prepare", "start"] = "prepare"
 
 
 class ReleaseRequest(_Devices):
@@ -164,23 +172,44 @@ class PlanRequest(_Devices):
 class AttachRequest(_Devices):
     op: Literal["attach"]
     domain: DomainRef
+    live: bool = False
     config: bool = False
 
 
 class DetachRequest(_Devices):
     op: Literal["detach"]
     domain: DomainRef
+    live: bool = False
     config: bool = False
+    timeout: float | None = Field(default=None, gt=0, le=600)
+
+
+class MigrateCheckRequest(_Request):
+    op: Literal["migrate_check"]
+    domain: DomainRef
+    xml: str | None = None
+    origin: Literal["hook", "cli", "api"] = "api"
+
+
+class VfsSetRequest(_Request):
+    """``hostdevctl vfs set``: give a PF ``numvfs`` VFs (through 0), refused while any is assigned."""
+    op: Literal["vfs_set"]
+    pf: str = Field(min_length=1, max_length=64)
+    numvfs: int = Field(ge=0, le=65535)
+    autoprobe: bool | None = None
+    wait_timeout: float | None = Field(default=None, gt=0, le=600)
 
 
 REQUESTS: dict[str, type[_Request]] = {
     "ping": PingRequest,
     "status": StatusRequest,
     "prepare": PrepareRequest,
+    "vfs_set": VfsSetRequest,
     "release": ReleaseRequest,
     "plan": PlanRequest,
     "attach": AttachRequest,
     "detach": DetachRequest,
+    "migrate_check": MigrateCheckRequest,
 }
 
 

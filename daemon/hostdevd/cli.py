@@ -44,9 +44,10 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 class Context:
     """What every command needs, built lazily from the global options."""
 
-    def __init__(self, args: argparse.Namespace, sysfs: Sysfs | None = None):
+    def __init__(self, args: argparse.Namespace, sysfs: Sysfs | None = None, netlink=None):
         self.args = args
         self._sysfs = sysfs
+        self._netlink = netlink          # tests: a vfnet.FakeNetlink; None: pyroute2 on a real host
         self._config: Config | None = None
         self._engine: Engine | None = None
 
@@ -69,7 +70,8 @@ class Context:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = Engine(self.config, self.sysfs, LedgerStore(self.config.state_dir))
+            self._engine = Engine(self.config, self.sysfs, LedgerStore(self.config.state_dir),
+                                  netlink=self._netlink)
         return self._engine
 
     def ledger(self) -> Ledger:
@@ -301,19 +303,78 @@ def cmd_release(ctx: Context, out: Callable[[str], None]) -> int:
 
 
 def _hotplug(ctx: Context, out: Callable[[str], None], op: str) -> int:
+    """attach/detach go through the daemon: it holds the group locks, calls libvirt and hears its events."""
+    from . import wire
     a = ctx.args
     if not a.xml and not a.device:
         raise UsageError(f"{op}: give a device XML file or --device BDF")
+    if a.xml and a.device:
+        raise UsageError(f"{op}: give a device XML file or --device BDF, not both")
     sock = _daemon_socket(ctx)
     if not sock:
         raise HostdevError(f"{op} needs the hostdevd daemon (it calls libvirt and waits for its events)",
                            "systemctl start hostdevd")
-    req = {"op": op, "domain": {"name": a.domain}, "config": bool(a.persist)}
+    req: dict[str, Any] = {"op": op, "domain": {"name": a.domain}, "live": bool(a.live), "config": bool(a.persist)}
     if a.xml:
         req["xml"] = _read_text(a.xml)
     else:
         req["addresses"] = [str(PciAddress.parse(d)) for d in a.device]
-    return _via_daemon(ctx, sock, req, out, "attached" if op == "attach" else "detached")
+    wait = 0.0
+    if op == "detach":
+        if a.timeout is not None:
+            req["timeout"] = a.timeout
+        wait = a.timeout if a.timeout is not None else ctx.config.detach_timeout
+    try:
+        reply = wire.call(sock, req, timeout=wait + 300)
+    except wire.WireError as e:
+        raise HostdevError(e.message, e.hint) from e
+    if not reply.get("ok"):
+        return _via_daemon_error(ctx, req, reply, out, op)
+    if ctx.args.json:
+        out(json.dumps(reply, indent=2))
+        return EXIT_PROBLEM if reply.get("pending") else EXIT_OK
+    what = ", ".join(req.get("addresses") or []) or "the device"
+    where = "+".join(w for w, on in (("live", reply.get("live")), ("config", reply.get("config"))) if on)
+    took = f" in {reply['seconds']:.1f} s" if reply.get("seconds") is not None else ""
+    if op == "attach":
+        out(f"attached {what} to {a.domain} ({where}): OK{took}")
+        plan = reply.get("plan") or {}
+        for g in plan.get("groups", []):
+            out(f"  group {g['group']}: {'held' if g.get('already_held') else 'bound'} "
+                f"{', '.join(g['bind'])}" + (f"; companions {', '.join(g['companions'])}" if g["companions"] else ""))
+        for w in plan.get("warnings", []):
+            out(f"  warning: {w}")
+        if reply.get("note"):
+            out(f"  note: {reply['note']}")
+        return EXIT_OK
+    pending = reply.get("pending") or []
+    status = "PENDING" if pending else "OK"
+    out(f"detach {what} from {a.domain} ({where}): {status}{took}")
+    if reply.get("removed"):
+        out(f"  the guest let go of {', '.join(reply['removed'])}")
+    if reply.get("groups"):
+        out(f"  released group{'s' if len(reply['groups']) > 1 else ''} {', '.join(map(str, reply['groups']))}: "
+            "back on the host's drivers")
+    for w in reply.get("warnings", []):
+        out(f"  warning: {w}")
+    if reply.get("note"):
+        out(f"  {reply['note']}")
+    return EXIT_PROBLEM if pending else EXIT_OK
+
+
+def _via_daemon_error(ctx: Context, request: dict, reply: dict, out: Callable[[str], None], title: str) -> int:
+    err = reply.get("error", {})
+    if ctx.args.json:
+        out(json.dumps(reply, indent=2))
+    else:
+        out(f"{title} {', '.join(request.get('addresses') or []) or 'the device'} "
+            f"{'to' if title == 'attach' else 'from'} {request['domain']['name']}: FAILED")
+        for r in err.get("refusals") or [{"reason": err.get("message", "failed"), "hint": err.get("hint")}]:
+            out(f"  {r['reason']}")
+            if r.get("hint"):
+                out(f"    fix: {r['hint']}")
+    return EXIT_USAGE if err.get("code") in ("BAD_REQUEST", "INVALID_XML", "INVALID_ADDRESS", "USAGE") \
+        else EXIT_PROBLEM
 
 
 def cmd_attach(ctx: Context, out: Callable[[str], None]) -> int:
@@ -322,6 +383,60 @@ def cmd_attach(ctx: Context, out: Callable[[str], None]) -> int:
 
 def cmd_detach(ctx: Context, out: Callable[[str], None]) -> int:
     return _hotplug(ctx, out, "detach")
+
+
+def _print_migration(m: dict, out: Callable[[str], None]) -> None:
+    out(m["summary"] + (f"  [from the {m['source']}]" if m.get("source") != "live XML" else ""))
+    if m["devices"]:
+        verdict = {True: "yes", False: "NO", None: "?"}
+        rows = [[d["address"], d["role"], d.get("group"), d.get("guest"), d.get("controller"),
+                 verdict[d["unplug"]] if d["blocks"] else "-", d["reason"]] for d in m["devices"]]
+        out(_table(["ADDRESS", "ROLE", "GROUP", "GUEST", "GUEST BUS", "UNPLUG", "WHY"], rows))
+    for d in m["devices"]:
+        for n in d.get("notes", []):
+            out(f"  note: {d['address']}: {n}")
+    for n in m.get("notes", []):
+        out(f"  note: {n}")
+    if m.get("steps"):
+        out("unplug, migrate, replug:" if not m.get("cannot_unplug") else "to move it:")
+        for step in m["steps"]:
+            out(f"  {step}")
+
+
+def cmd_check_migrate(ctx: Context, out: Callable[[str], None]) -> int:
+    """Does DOMAIN hold assigned devices that block live migration; which can be unplugged first?"""
+    from . import wire
+    a = ctx.args
+    xml = _read_text(a.xml) if a.xml else None
+    sock = _daemon_socket(ctx)
+    if sock:
+        req: dict[str, Any] = {"op": "migrate_check", "origin": "cli", "domain": {"name": a.domain}}
+        if xml is not None:
+            req["xml"] = xml
+        try:
+            reply = wire.call(sock, req, timeout=60)
+        except wire.WireError as e:
+            raise HostdevError(e.message, e.hint) from e
+        if not reply.get("ok"):
+            err = reply.get("error", {})
+            raise HostdevError(err.get("message", "check failed"), err.get("hint"))
+        m = reply["migration"]
+    else:
+        from .domxml import guest_placements
+        from .migrate import assess
+        placement = guest_placements(xml) if xml is not None else None
+        owner = Owner(name=a.domain, uuid=placement.uuid if placement is not None else None)
+        report = assess(a.domain, placement, ctx.ledger().claims_of(owner), ctx.engine.topology(),
+                        "given XML")
+        if placement is None:
+            report.notes.append("the daemon is not running: the verdict comes from the ledger alone "
+                                "(give the live XML with --xml for guest placement)")
+        m = report.to_json()
+    if ctx.args.json:
+        out(json.dumps(m, indent=2))
+    else:
+        _print_migration(m, out)
+    return EXIT_PROBLEM if m["blocked"] else EXIT_OK
 
 
 def cmd_status(ctx: Context, out: Callable[[str], None]) -> int:
@@ -356,6 +471,87 @@ def cmd_check(ctx: Context, out: Callable[[str], None]) -> int:
             if r.hint and r.status != "ok":
                 out(f"      fix: {r.hint}")
     return EXIT_PROBLEM if failed else EXIT_OK
+
+
+def cmd_vfs(ctx: Context, out: Callable[[str], None]) -> int:
+    from .sriov import vf_listing
+    eng = ctx.engine
+    data = vf_listing(eng.topology(with_critical=False), ctx.ledger(), eng.executor.vf_net.manager)
+    if ctx.args.json:
+        out(json.dumps(data, indent=2))
+        return EXIT_OK
+    if not data["pfs"]:
+        out("no SR-IOV capable PF on this host")
+        return EXIT_OK
+    rows = []
+    for pf in data["pfs"]:
+        probe = {True: "on", False: "off", None: "?"}[pf["autoprobe"]]
+        rec = pf["record"]
+        made = f", set by hostdevd: {rec['state']}" + (f" in {rec['seconds']:.3f} s" if rec.get("seconds") else "") \
+            if rec else ""
+        out(f"PF {pf['pf']} {pf['netdev'] or '-'} ({pf['driver'] or 'no driver'}): {pf['numvfs']} of "
+            f"{pf['totalvfs']} VFs, autoprobe {probe}{made}")
+        if pf["netlink_error"]:
+            out(f"  MAC/VLAN unknown: {pf['netlink_error']}")
+        for v in pf["vfs"]:
+            rows.append([pf["pf"], v["index"], v["address"], v["group"], v["driver"], v["owner"], v["mac"],
+                         v["vlan"]])
+    if rows:
+        out("")
+        out(_table(["PF", "VF", "ADDRESS", "GROUP", "DRIVER", "OWNER", "MAC", "VLAN"], rows))
+    return EXIT_OK
+
+
+def cmd_vfs_set(ctx: Context, out: Callable[[str], None]) -> int:
+    a = ctx.args
+    if a.numvfs < 0:
+        raise UsageError("vfs set: the VF count cannot be negative")
+    sock = _daemon_socket(ctx)
+    if sock:
+        from . import wire
+        req = {"op": "vfs_set", "pf": a.pf, "numvfs": a.numvfs}
+        if a.autoprobe is not None:
+            req["autoprobe"] = a.autoprobe
+        if a.wait_timeout:
+            req["wait_timeout"] = a.wait_timeout
+        try:
+            reply = wire.call(sock, req, timeout=(a.wait_timeout or 600) + 30)
+        except wire.WireError as e:
+            raise HostdevError(e.message, e.hint) from e
+        if not reply.get("ok"):
+            err = reply.get("error", {})
+            return _vfs_refused(ctx, out, a.pf, err.get("message", "refused"), err.get("hint"),
+                                2 if err.get("code") in ("BAD_REQUEST", "USAGE") else EXIT_PROBLEM)
+        data = reply["vfs"]
+        data["notes"] = data.get("notes", []) + ["done by the hostdevd daemon"]
+    else:
+        from .sriov import set_vfs_by_hand
+        try:
+            data = set_vfs_by_hand(ctx.engine, a.pf, a.numvfs, a.autoprobe, a.wait_timeout).to_json()
+        except Refused as e:
+            return _vfs_refused(ctx, out, a.pf, e.message, e.hint, EXIT_PROBLEM)
+    if ctx.args.json:
+        out(json.dumps({"ok": True, **data}, indent=2))
+        return EXIT_OK
+    how = (f"in {data['seconds']:.3f} s ({data['waiter']})" if data.get("seconds") is not None else "")
+    out(f"PF {data['pf']}: {data['numvfs']} VFs {'set ' + how if data['changed'] else '(unchanged)'}".rstrip())
+    for v in data["vfs"]:
+        out(f"  {v}")
+    for n in data.get("notes", []):
+        out(f"  note: {n}")
+    return EXIT_OK
+
+
+def _vfs_refused(ctx: Context, out: Callable[[str], None], pf: str, message: str, hint: str | None,
+                 status: int) -> int:
+    if ctx.args.json:
+        out(json.dumps({"ok": False, "pf": pf, "error": {"message": message, "hint": hint}}, indent=2))
+    else:
+        out(f"vfs set {pf}: REFUSED")
+        out(f"  refused: {message}")
+        if hint:
+            out(f"    fix: {hint}")
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,27 +601,53 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_release)
 
     for name, what in (("attach", "prepare the device's group, then hot-plug it into a running domain"),
-                       ("detach", "hot-unplug a device, then release its group when nothing else uses it")):
+                       ("detach", "hot-unplug a device, wait for the guest to let go, then release its group "
+                                  "when nothing else of the domain uses it")):
         sp = sub.add_parser(name, parents=[common], help=what + " (needs the daemon)")
         sp.add_argument("domain", help="domain name")
         sp.add_argument("xml", nargs="?", help="device XML file (<hostdev> or <interface type='hostdev'>)")
         sp.add_argument("--device", action="append", metavar="BDF", help="PCI address; repeatable")
-        sp.add_argument("--live", action="store_true", default=True, help="the running domain (default)")
+        sp.add_argument("--live", action="store_true",
+                        help="the running domain (neither --live nor --config: the domain's current state)")
         # dest differs from the global --config (the config file) that precedes the command
-        sp.add_argument("--config", dest="persist", action="store_true", help="also the persistent definition")
+        sp.add_argument("--config", dest="persist", action="store_true", help="the persistent definition")
+        if name == "detach":
+            sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                            help="how long to wait for the guest to let go (default: detach_timeout, 30)")
         sp.set_defaults(func=cmd_attach if name == "attach" else cmd_detach)
+
+    sp = sub.add_parser("check-migrate", parents=[common],
+                        help="which assigned devices block a live migration, and which can be hot-unplugged first")
+    sp.add_argument("domain", help="domain name")
+    sp.add_argument("--xml", metavar="FILE", help="judge this domain XML (virsh dumpxml) instead of asking libvirt")
+    sp.set_defaults(func=cmd_check_migrate)
 
     sp = sub.add_parser("status", parents=[common], help="the ledger: claims, owners, recorded drivers")
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("vfs", parents=[common], help="SR-IOV PFs and their VFs: group, driver, owner, MAC, VLAN")
+    sp.set_defaults(func=cmd_vfs)
+    vsub = sp.add_subparsers(dest="vfs_command", parser_class=_Parser)
+    vs = vsub.add_parser("set", parents=[common], help="set a PF's VF count (through 0); refused while any VF "
+                         "is assigned (through the daemon when it runs)")
+    vs.add_argument("pf", help="the PF: PCI address or network interface name")
+    vs.add_argument("numvfs", type=int, help="number of VFs (0 removes them)")
+    g = vs.add_mutually_exclusive_group()
+    g.add_argument("--autoprobe", dest="autoprobe", action="store_true", default=None,
+                   help="new VFs are probed by host drivers")
+    g.add_argument("--no-autoprobe", dest="autoprobe", action="store_false",
+                   help="new VFs stay driverless until a domain gets one")
+    vs.add_argument("--wait-timeout", type=float, metavar="S", help="seconds to wait for the VFs (udev)")
+    vs.set_defaults(func=cmd_vfs_set)
     return p
 
 
 def main(argv: list[str] | None = None, sysfs: Sysfs | None = None,
-         out: Callable[[str], None] = print) -> int:
+         out: Callable[[str], None] = print, netlink=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="hostdevctl: %(message)s")
     try:
         args = build_parser().parse_args(argv)
-        return args.func(Context(args, sysfs), out)
+        return args.func(Context(args, sysfs, netlink), out)
     except HostdevError as e:
         as_json = "--json" in (argv if argv is not None else sys.argv[1:])
         if as_json and not isinstance(e, UsageError):

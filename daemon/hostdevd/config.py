@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .address import PciAddress
 from .errors import ConfigError, InvalidAddress
@@ -100,7 +100,8 @@ ModuleName = Annotated[str, AfterValidator(_check_module)]
 
 class HostActionConfig(_Strict):
     """What the host does to let go of a device before it is bound (and to take it back after)."""
-    match: Matcher | list[Matcher] = Field(description=(
+    match: Annotated[list[Matcher], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
+        min_length=1, description=(
         "The device(s) these actions belong to: address or vendor:device (device may be *), or a list. "
         "They run when a group containing a matching device is bound to vfio-pci."))
     stop_units: list[UnitName] = Field(default_factory=list, description=(
@@ -113,7 +114,7 @@ class HostActionConfig(_Strict):
 
     @property
     def patterns(self) -> list[str]:
-        return self.match if isinstance(self.match, list) else [self.match]
+        return self.match
 
 
 _NETDEV_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")

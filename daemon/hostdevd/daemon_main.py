@@ -1,6 +1,6 @@
 """``hostdevd``: run the daemon in the foreground, or install its system files.
 
-    hostdevd [--config FILE] [run] [--log-level LEVEL] [--no-libvirt]
+    hostdevd [--config FILE] [run] [--log-level LEVEL] [--no-libvirt] [--no-udev]
     hostdevd [--config FILE] install [--prefix /] [--no-reload]
 
 ``run`` is what systemd starts (Type=notify): it never forks, says READY=1
@@ -107,7 +107,12 @@ def build_daemon(config: Config, args: argparse.Namespace):
             log.warning("libvirt-python is not installed (%s): running without libvirt events", e)
         else:
             adapter = LibvirtEvents(config.libvirt_uri)
-    return Daemon(config, engine, adapter)
+    udev = None
+    if not getattr(args, "no_udev", False) and not getattr(args, "sim", None):
+        # A simulated kernel has no uevents; the real one is watched (R10).
+        from .udev_watch import UdevWatch
+        udev = UdevWatch()
+    return Daemon(config, engine, adapter, udev=udev)
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
@@ -253,6 +258,8 @@ def parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
         sp.add_argument("--no-libvirt", action="store_true", default=argparse.SUPPRESS,
                         help="do not connect to libvirt (socket and hook only)")
+        sp.add_argument("--no-udev", action="store_true", default=argparse.SUPPRESS,
+                        help="do not watch udev for PCI bind/unbind/add/remove")
         sp.add_argument("--sim", default=argparse.SUPPRESS, metavar="SPEC",
                         help="use a simulated kernel from a topology spec (demos and tests)")
         sp.add_argument("--state-dir", default=argparse.SUPPRESS, help="override state_dir")
@@ -264,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     from .journal import setup_logging
 
     args = parser().parse_args(argv)
-    for name, default in (("log_level", "INFO"), ("no_libvirt", False), ("sim", None), ("state_dir", None),
+    for name, default in (("log_level", "INFO"), ("no_libvirt", False), ("no_udev", False), ("sim", None),
+                          ("state_dir", None),
                           ("runtime_dir", None)):
         if not hasattr(args, name):
             setattr(args, name, default)

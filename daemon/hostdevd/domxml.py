@@ -583,6 +583,116 @@ def parse_device(xml: str | bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Domain
     return _parse_domain(xml, max_bytes, "device")
 
 
+# --------------------------------------------------------------------------- guest placement (hotplug, migration)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestPlacement:
+    """Where the guest sees one assigned host PCI function, and what that means for hot-unplug."""
+
+    host: PciAddress
+    kind: DeviceKind
+    alias: str | None
+    managed: bool | None
+    guest_bus: int | None = None          # the device's own <address type='pci'>: None when not assigned yet
+    guest_slot: int | None = None
+    guest_function: int | None = None
+    multifunction: bool = False           # multifunction='on', or another device shares the guest slot
+    controller: str | None = None         # model of the controller whose index is guest_bus
+    hotplug_off: bool = False             # that controller has <target hotplug='off'/>
+    xml: str = ""                         # the element itself, for libvirt's detach
+
+    def to_dict(self) -> dict:
+        guest = (None if self.guest_bus is None else
+                 f"{0:04x}:{self.guest_bus:02x}:{self.guest_slot or 0:02x}.{self.guest_function or 0:x}")
+        return {"host": str(self.host), "kind": self.kind, "alias": self.alias, "managed": self.managed,
+                "guest": guest, "multifunction": self.multifunction, "controller": self.controller,
+                "hotplug_off": self.hotplug_off}
+
+
+@dataclass(slots=True)
+class DomainPlacement:
+    name: str | None
+    uuid: str | None
+    machine: str | None                   # <os><type machine=…>, e.g. pc-q35-7.2
+    devices: list[GuestPlacement] = field(default_factory=list)
+
+    def get(self, host: PciAddress) -> GuestPlacement | None:
+        return next((d for d in self.devices if d.host == host), None)
+
+
+def _guest_int(value: str | None, what: str, ctx: str) -> int | None:
+    if value is None:
+        return None
+    _check_numbers({what: value}, ctx)
+    try:
+        return int(value.strip(), 0)
+    except ValueError:
+        raise _err(f"{ctx}: guest PCI {what}={_q(value, 20)} is not a number") from None
+
+
+def guest_placements(xml: str | bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> DomainPlacement:
+    """Every assigned host PCI device of a (live) domain XML with its guest-side placement.
+
+    Reads the device's own ``<address type='pci'>`` (the guest's view, which
+    :func:`parse_domain` deliberately ignores) and the ``<controller type='pci'>``
+    it sits on, which is what decides whether libvirt and the guest can unplug it.
+    """
+    root = _load(xml, "domain", max_bytes)
+    if root.tag != "domain":
+        raise _err(f"domain XML has root <{_tag(root)}>; expected <domain>")
+    os_el = _one(root, "os", "<domain>")
+    type_el = _one(os_el, "type", "<os>") if os_el is not None else None
+    result = DomainPlacement(_text(root, "name", "<domain>"), _text(root, "uuid", "<domain>"),
+                             type_el.get("machine") if type_el is not None else None)
+    devices = _one(root, "devices", "<domain>")
+    if devices is None:
+        return result
+    controllers: dict[int, tuple[str | None, bool]] = {}
+    for c in _children(devices, "controller"):
+        if c.get("type") != "pci":
+            continue
+        ctx = _ctx(c)
+        index = _guest_int(c.get("index"), "index", ctx)
+        target = _one(c, "target", ctx)
+        off = target is not None and target.get("hotplug") == "off"
+        if index is not None:
+            controllers[index] = (c.get("model"), off)
+    # Guest (bus, slot) -> how many functions sit there: a shared slot is a multifunction device.
+    slots: dict[tuple[int, int], int] = {}
+    for dev in devices:
+        if not isinstance(dev.tag, str):
+            continue
+        for a in _children(dev, "address"):
+            if a.get("type") == "pci" and a.get("bus") is not None and a.get("slot") is not None:
+                try:
+                    k = (int(a.get("bus"), 0), int(a.get("slot"), 0))
+                except ValueError:
+                    continue
+                slots[k] = slots.get(k, 0) + 1
+    for el in devices:
+        if el.tag not in ("hostdev", "interface"):
+            continue
+        item = _hostdev(el) if el.tag == "hostdev" else _interface(el)
+        if not isinstance(item, DeviceRequest):
+            continue
+        ctx = _ctx(el)
+        guest = next((a for a in _children(el, "address") if a.get("type") == "pci"), None)
+        bus = slot = fn = None
+        multi = False
+        if guest is not None:
+            bus = _guest_int(guest.get("bus"), "bus", ctx)
+            slot = _guest_int(guest.get("slot"), "slot", ctx)
+            fn = _guest_int(guest.get("function"), "function", ctx)
+            multi = guest.get("multifunction") == "on" or bool(fn) or slots.get((bus or 0, slot or 0), 0) > 1
+        model, off = controllers.get(bus, (None, False)) if bus is not None else (None, False)
+        result.devices.append(GuestPlacement(
+            host=item.address, kind=item.kind, alias=item.alias, managed=item.managed,
+            guest_bus=bus, guest_slot=slot, guest_function=fn, multifunction=multi, controller=model,
+            hotplug_off=off, xml=etree.tostring(el, encoding="unicode", with_tail=False)))
+    return result
+
+
 # --------------------------------------------------------------------------- network
 
 

@@ -18,6 +18,7 @@ from .ledger import Ledger, LedgerStore, Owner
 from .planner import Plan, Policy, groups_of, plan_prepare, plan_release
 from .sysfs import RealHost, Sysfs
 from .topology import Topology, from_sysfs
+from .vfnet import NetlinkBackend, NetRequest, VfNetManager
 
 log = logging.getLogger("hostdevd.engine")
 
@@ -45,14 +46,18 @@ class GroupLocks:
 
 class Engine:
     def __init__(self, config: Config | None = None, sysfs: Sysfs | None = None,
-                 store: LedgerStore | None = None, modprobe=default_modprobe, runner: Runner = default_runner):
+                 store: LedgerStore | None = None, modprobe=default_modprobe, runner: Runner = default_runner,
+                 netlink: NetlinkBackend | None = None):
         self.config = config or Config()
         self.sysfs = sysfs or Sysfs(RealHost(self.config.sysfs_root), self.config.write_timeout)
         self.store = store or LedgerStore(self.config.state_dir)
         self.policy = Policy.from_config(self.config)
+        self.netlink = netlink if netlink is not None else default_netlink(self.sysfs)
         self.executor = Executor(self.sysfs, self.store, modprobe=modprobe,
                                  verify_timeout=self.config.bind_verify_timeout,
-                                 release_wait=self.config.release_wait_timeout, runner=runner)
+                                 release_wait=self.config.release_wait_timeout, runner=runner,
+                                 vfnet=VfNetManager(self.netlink) if self.netlink is not None else None)
+        self._vf_waiter = None
         self.locks = GroupLocks()
 
     # ---- read side ----
@@ -73,12 +78,16 @@ class Engine:
         return plan_release(topo, owner, self.ledger(), addresses)
 
     # ---- write side ----
-    def prepare(self, addresses: Iterable[PciAddress], owner: Owner) -> tuple[Plan, Result]:
-        """Claim and bind every group the addresses touch; all-or-nothing."""
+    def prepare(self, addresses: Iterable[PciAddress], owner: Owner,
+                net: dict[PciAddress, NetRequest] | None = None) -> tuple[Plan, Result]:
+        """Claim and bind every group the addresses touch; all-or-nothing.
+
+        ``net``: VF MAC/VLAN per address (``<interface type='hostdev'>``), set after the bind.
+        """
         addresses = list(addresses)
         with self.locks.hold(groups_of(self.topology(with_critical=False), addresses)):
             # Plan under the group locks, against a fresh ledger: no stale decisions.
-            plan = plan_prepare(self.topology(), addresses, owner, self.ledger(), self.policy)
+            plan = plan_prepare(self.topology(), addresses, owner, self.ledger(), self.policy, net_requests=net)
             if not plan.ok:
                 raise Refused(plan.refusal_message(), refusals=[r.to_json() for r in plan.refusals])
             return plan, self.executor.prepare(plan)
@@ -91,6 +100,43 @@ class Engine:
                                 list(addresses) if addresses is not None else None)
             return plan, self.executor.release(plan)
 
+    # ---- SR-IOV (R11, R12) ----
+    @property
+    def vf_waiter(self):
+        """How set_vfs waits for new VFs: udev on a real host, sysfs polling otherwise."""
+        if self._vf_waiter is None:
+            from .sriov import default_waiter
+            self._vf_waiter = default_waiter(self.sysfs)
+        return self._vf_waiter
+
+    @vf_waiter.setter
+    def vf_waiter(self, waiter) -> None:
+        self._vf_waiter = waiter
+
+    def plan_vfs(self, pf: str, numvfs: int, autoprobe: bool | None = None):
+        from .sriov import plan_vfs
+        return plan_vfs(self.topology(with_critical=False), self.ledger(), pf, numvfs, autoprobe)
+
+    def set_vfs(self, pf: str, numvfs: int, autoprobe: bool | None = None, timeout: float = 60.0):
+        """Give the PF ``numvfs`` VFs (through 0), wait for them, record them; refuse while any is assigned."""
+        from .sriov import apply_vf_plan, resolve_pf, vfs_of
+        topo = self.topology(with_critical=False)
+        dev = resolve_pf(topo, pf)
+        devs = ([dev] + vfs_of(topo, dev)) if dev is not None else []
+        with self.locks.hold(d.group for d in devs if d.group is not None):
+            plan = self.plan_vfs(pf, numvfs, autoprobe)
+            return apply_vf_plan(self.sysfs, self.store, plan, self.vf_waiter, timeout,
+                                 on_step=self.executor.on_step)
+
+    def verify_vf_net(self, owner: Owner) -> list[str]:
+        """After a domain started: do its VFs carry the MAC/VLAN it asked for (whoever set them)?"""
+        out = []
+        for claim in self.ledger().claims_of(owner):
+            for rec in claim.devices:
+                if rec.vf_netconfig is not None:
+                    out += self.executor.vf_net.verify(claim.group, rec.pci)
+        return out
+
     def forget_vanished(self, addr: PciAddress) -> str:
         """A claimed device left the host (udev remove): drop it under its group's lock (R6)."""
         claim = self.ledger().claim_for_device(addr)
@@ -98,3 +144,15 @@ class Engine:
             return ""
         with self.locks.hold([claim.group]):
             return self.executor.forget_vanished(claim.group, addr)
+
+
+def default_netlink(sysfs: Sysfs) -> NetlinkBackend | None:
+    """pyroute2 on a real host (sysfs at /sys); none for the simulated kernel or a moved sysfs root."""
+    if not isinstance(sysfs.backend, RealHost) or sysfs.backend.sys_root != "/sys":
+        return None
+    try:
+        from .vfnet import Pyroute2Backend
+        return Pyroute2Backend()
+    except ImportError as e:
+        log.warning("pyroute2 is not installed (%s): VF MAC/VLAN are neither saved nor restored", e)
+        return None

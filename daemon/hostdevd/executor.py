@@ -25,6 +25,7 @@ from .ledger import RESERVATION, Claim, DeviceRecord, HostActionRecord, LedgerSt
 from .logfields import log_action
 from .planner import VFIO, Plan, Step
 from .sysfs import Sysfs
+from .vfnet import VfNetManager, VfNetSteps
 
 log = logging.getLogger("hostdevd.executor")
 
@@ -85,9 +86,12 @@ class Executor:
     def __init__(self, sysfs: Sysfs, store: LedgerStore, *,
                  modprobe: Callable[[str], None] | None = default_modprobe,
                  verify_timeout: float = 5.0, release_wait: float = 10.0,
-                 on_step: Callable[[str], None] | None = None, runner: Runner = default_runner):
+                 on_step: Callable[[str], None] | None = None, runner: Runner = default_runner,
+                 vfnet: VfNetManager | None = None):
         self.sysfs = sysfs
         self.store = store
+        # VF MAC/VLAN through the PF (R4/R6/R12); without a netlink backend VFs move without them.
+        self.vf_net = VfNetSteps(sysfs, vfnet, store, self._set_state)
         self.modprobe = modprobe
         self.runner = runner
         self.verify_timeout = verify_timeout
@@ -122,6 +126,13 @@ class Executor:
                         self._reset_step(plan, gp.group, PciAddress.parse(step.address))
                     elif step.action in ("stop_unit", "unload_module"):
                         self._host_action_step(plan, gp.group, step, undo)
+                    elif step.action == "save_net":
+                        self._boundary(f"save_net:{step.address}")
+                        self.vf_net.save(plan, gp.group, PciAddress.parse(step.address))
+                    elif step.action == "set_net":
+                        self._boundary(f"set_net:{step.address}")
+                        self.vf_net.apply(plan, gp.group, PciAddress.parse(step.address), plan.net[step.address],
+                                          undo)
                 self._boundary(f"activate:{gp.group}")
                 with self.store.transaction() as ledger:
                     claim = ledger.claim_for_group(gp.group)
@@ -479,6 +490,9 @@ class Executor:
         for gp in plan.groups:
             if gp.group in plan.to_reservation:
                 self._boundary(f"release:{gp.group}")
+                claim = self.store.read().claim_for_group(gp.group)
+                errs = self.vf_net.restore_all(plan, gp.group, claim.devices if claim else [])
+                result.notes += self.vf_net.take_notes(gp.group) + errs
                 self._to_reservation(gp.group)
                 log_action(log, logging.INFO, "release", "group %s back to its reservation (stays on vfio-pci)",
                            gp.group, group=gp.group, owner=plan.owner, action="release", result="reserved")
@@ -489,6 +503,7 @@ class Executor:
                 result.notes.append(f"group {gp.group} stays held for {', '.join(plan.keep_claims[gp.group])}")
                 continue
             err = self._release_group(plan, gp.group)
+            result.notes += self.vf_net.take_notes(gp.group)
             if err:
                 result.ok = False
                 result.errors.append(err)
@@ -529,7 +544,9 @@ class Executor:
             return msg
         # Modules unloaded for this group come back before the devices (they need their driver),
         # units stopped for it start after them (a display manager needs its GPU).
-        failures = self._undo_host_actions(plan.owner, group, "module", actions)
+        # R6: VF MAC/VLAN back while the VFs are still on vfio-pci (the PF keeps the admin MAC).
+        failures = self.vf_net.restore_all(plan, group, records)
+        failures += self._undo_host_actions(plan.owner, group, "module", actions)
         for rec in reversed(records):
             if not rec.bound_by_us:
                 continue

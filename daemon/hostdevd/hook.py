@@ -10,8 +10,18 @@ when a start is refused).
   (``<hostdev``, ``type='hostdev'``) or a network interface
   (``<interface type='network'``), decided by substring, without parsing.
   Otherwise ask the daemon to prepare; exit 1 on refusal (the start aborts).
+* ``start begin``: only for a domain whose XML now shows a VF interface (``<interface
+  type='hostdev'``, ``<actual type='hostdev'``): libvirt picks a hostdev network's VF
+  *after* ``prepare begin`` (qemuProcessPrepareHost, before qemuProcessLaunch runs this
+  hook), so this is where that VF is first known. Same request with ``phase: start``;
+  exit 1 on refusal (the start aborts). Groups prepared at ``prepare begin`` are no-ops.
 * ``release end``: ask the daemon to release; never fail (exit 0, log to stderr).
-* ``migrate`` / ``restore``: XML filters; print the XML unchanged.
+* ``migrate`` / ``restore``: XML filters; print the XML unchanged, first. For
+  ``migrate`` with a PCI hostdev in the XML, then ask the daemon (at most
+  ``MIGRATE_TIMEOUT`` seconds, never an error) whether assigned devices block
+  the live migration and which can be hot-unplugged first; the answer goes to
+  stderr (libvirt logs it) and, from the daemon, to journald. The exit status
+  is 0 whatever happens: this hook never stops a migration.
 * everything else (``reconnect`` above all: failing it kills running QEMUs):
   exit 0 at once without blocking.
 
@@ -26,9 +36,12 @@ from .wire import DEFAULT_SOCKET, DaemonNotRunning, WireError, call
 
 PREPARE_TIMEOUT = 60.0
 RELEASE_TIMEOUT = 90.0
+MIGRATE_TIMEOUT = 3.0
 NOT_RUNNING = "hostdevd is not running: systemctl start hostdevd"
 _HOSTDEV_MARKERS = ("<hostdev", "type='hostdev'", 'type="hostdev"')
 _NETWORK_MARKERS = ("<interface type='network'", '<interface type="network"')
+_VF_INTERFACE_MARKERS = ("<interface type='hostdev'", '<interface type="hostdev"', "<actual type='hostdev'",
+                         '<actual type="hostdev"')
 
 
 def mentions_hostdev(xml: str) -> bool:
@@ -74,10 +87,14 @@ def _drain_nonblocking(stream) -> None:
         pass
 
 
-def prepare(domain: str, xml: str, sock: str, stderr) -> int:
+def prepare(domain: str, xml: str, sock: str, stderr, phase: str = "prepare") -> int:
     if not needs_daemon(xml):
         return 0
+    if phase == "start" and not any(m in xml for m in _VF_INTERFACE_MARKERS):
+        return 0
     request = {"op": "prepare", "origin": "hook", "domain": {"name": domain}, "xml": xml}
+    if phase != "prepare":
+        request["phase"] = phase
     try:
         reply = call(sock, request, PREPARE_TIMEOUT)
     except DaemonNotRunning:
@@ -114,6 +131,33 @@ def release(domain: str, xml: str, sock: str, stderr) -> int:
     return 0
 
 
+def migrate_report(domain: str, xml: str, sock: str, stderr) -> None:
+    """Report (stderr; the daemon logs to journald) what blocks a live migration. Never fails, never waits
+    longer than MIGRATE_TIMEOUT."""
+    if not mentions_hostdev(xml):
+        return
+    request = {"op": "migrate_check", "origin": "hook", "domain": {"name": domain}, "xml": xml}
+    try:
+        reply = call(sock, request, MIGRATE_TIMEOUT)
+    except DaemonNotRunning:
+        return                          # nothing to say: hostdevd is not in charge on this host
+    except WireError as e:
+        print(f"hostdevd: migrate check of {domain} skipped: {_one_line(e.message)}", file=stderr)
+        return
+    if not reply.get("ok"):
+        print(_error_line(domain, "could not check the migration of", reply.get("error") or {}), file=stderr)
+        return
+    m = reply.get("migration") or {}
+    print(f"hostdevd: {_one_line(m.get('summary', ''))}", file=stderr)
+    for d in m.get("devices", []):
+        if d.get("blocks"):
+            verdict = {True: "can be hot-unplugged", False: "cannot be hot-unplugged", None: "hot-unplug unknown"}
+            print(f"hostdevd:   {d.get('address')}: {verdict[d.get('unplug')]} ({_one_line(d.get('reason', ''))})",
+                  file=stderr)
+    for step in m.get("steps", []):
+        print(f"hostdevd:   then: {step}", file=stderr)
+
+
 def main(argv: list[str] | None = None, socket_path: str | None = None,
          stdin=None, stdout=None, stderr=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -127,16 +171,21 @@ def main(argv: list[str] | None = None, socket_path: str | None = None,
     try:
         if op == "prepare" and subop == "begin":
             return prepare(domain, _read_all(stdin), sock, stderr)
+        if op == "start" and subop == "begin":
+            return prepare(domain, _read_all(stdin), sock, stderr, phase="start")
         if op == "release" and subop == "end":
             return release(domain, _read_all(stdin), sock, stderr)
         if op in ("migrate", "restore"):
-            stdout.write(_read_all(stdin))
+            xml = _read_all(stdin)
+            stdout.write(xml)            # the XML, unchanged, before anything that could go wrong
             stdout.flush()
+            if op == "migrate":
+                migrate_report(domain, xml, sock, stderr)
             return 0
         _drain_nonblocking(stdin)
         return 0
     except Exception as e:  # noqa: BLE001 - a hook crash must be one readable line
-        if op == "prepare":
+        if op in ("prepare", "start"):
             print(f"hostdevd: hook failed for {domain}: {_one_line(e)}", file=stderr)
             return 1
         print(f"hostdevd: hook {op} {subop} for {domain}: {_one_line(e)}", file=stderr)

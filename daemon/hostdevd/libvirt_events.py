@@ -328,8 +328,8 @@ class LibvirtEvents:
                 raise
         return self._call(f"read the XML of {name}", run)
 
-    def _device_call(self, what: str, name: str, uuid: str | None, xml: str, config: bool) -> None:
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0)
+    def _device_call(self, what: str, name: str, uuid: str | None, xml: str, config: bool, live: bool) -> None:
+        flags = (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0) | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0)
 
         def run(conn):
             dom = self._domain(conn, name, uuid)
@@ -338,8 +338,10 @@ class LibvirtEvents:
             (dom.attachDeviceFlags if what == "attach" else dom.detachDeviceFlags)(xml, flags)
         self._call(f"{what} the device {'to' if what == 'attach' else 'from'} {name}", run)
 
-    def attach_device(self, name: str, uuid: str | None, xml: str, config: bool = False) -> None:
-        self._device_call("attach", name, uuid, xml, config)
+    def attach_device(self, name: str, uuid: str | None, xml: str, config: bool = False, live: bool = True) -> None:
+        self._device_call("attach", name, uuid, xml, config, live)
 
-    def detach_device(self, name: str, uuid: str | None, xml: str, config: bool = False) -> None:
-        self._device_call("detach", name, uuid, xml, config)
+    def detach_device(self, name: str, uuid: str | None, xml: str, config: bool = False, live: bool = True) -> None:
+        """Ask libvirt to unplug; returns once QEMU is asked (libvirt waits a few seconds for the
+        guest). The device may still be there: DEVICE_REMOVED says when the guest let go."""
+        self._device_call("detach", name, uuid, xml, config, live)

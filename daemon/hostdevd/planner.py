@@ -15,6 +15,7 @@ from .address import PciAddress
 from .config import Config, DeviceMatcher
 from .ledger import Claim, Ledger, Owner
 from .topology import Device, Topology
+from .vfnet import NetRequest
 
 VFIO = "vfio-pci"
 
@@ -49,7 +50,8 @@ class Refusal:
 
 
 StepAction = Literal["claim", "bind", "keep", "skip", "reset", "activate", "restore", "drop", "update",
-                     "stop_unit", "unload_module", "load_module", "start_unit"]
+                     "stop_unit", "unload_module", "load_module", "start_unit",
+                     "save_net", "set_net", "restore_net"]
 HOST_ACTIONS = ("stop_unit", "unload_module", "load_module", "start_unit")
 
 
@@ -103,6 +105,8 @@ class Plan:
     keep_claims: dict[int, list[str]] = field(default_factory=dict)
     # Release only: reserved groups that go back to the reservation, staying on vfio-pci.
     to_reservation: list[int] = field(default_factory=list)
+    # Prepare only: VF network settings requested per address (<interface type='hostdev'>).
+    net: dict[str, NetRequest] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -152,10 +156,15 @@ def _refuse_device(dev: Device, role: str, topo: Topology, policy: Policy,
 
 
 def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, ledger: Ledger,
-                 policy: Policy | None = None, class_warnings: dict[PciAddress, str] | None = None) -> Plan:
-    """Plan moving whole groups to vfio-pci for ``owner`` (all-or-nothing)."""
+                 policy: Policy | None = None, class_warnings: dict[PciAddress, str] | None = None,
+                 net_requests: dict[PciAddress, NetRequest] | None = None) -> Plan:
+    """Plan moving whole groups to vfio-pci for ``owner`` (all-or-nothing).
+
+    ``net_requests``: MAC/VLAN a domain asks for per VF (``<interface type='hostdev'>``).
+    """
     policy = policy or Policy()
     plan = Plan("prepare", owner)
+    plan.net = {str(a): r for a, r in (net_requests or {}).items() if r.wants_settings}
     warn = class_warnings or {}
     wanted: dict[int, list[PciAddress]] = {}
     for addr in dict.fromkeys(requests):  # de-duplicate, keep order
@@ -215,6 +224,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
                                              f"reports group {group}", "the topology changed; run `hostdevctl check`"))
     if not topo.iommu_active and not plan.refusals:
         plan.refusals.append(Refusal("-", "the IOMMU is off or absent", NO_IOMMU_HINT))
+    _refuse_net(topo, plan)
 
     planned_actions: set[tuple[str, str]] = set()
     for gp in plan.groups:
@@ -229,6 +239,11 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
         plan.steps += _host_action_steps(topo, gp, policy, planned_actions)
         for a in gp.skip:
             plan.steps.append(Step("skip", gp.group, a, "bridge: left on its driver"))
+        for a in gp.bind:                      # R4: VF network settings saved before anything moves
+            vf = _vf_netdev(topo, a)
+            if vf:
+                plan.steps.append(Step("save_net", gp.group, a, f"VF {vf[1]} of {vf[0]}: save MAC, VLAN, "
+                                       "spoof-check, trust"))
         for a in gp.bind:
             dev = topo.get(PciAddress.parse(a))
             role = "companion" if a in gp.companions else "requested"
@@ -243,8 +258,40 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             pref = policy.reset_preference(dev)
             if pref not in ("auto", "none") and a not in gp.keep:
                 plan.steps.append(Step("reset", gp.group, a, f"{pref} (after every member is detached)"))
+        for a in gp.requested:                 # R4: after bind and reset
+            req = plan.net.get(a)
+            if req is not None:
+                what = ", ".join(f"{k} {v}" for k, v in (("mac", req.mac), ("vlan", req.vlan)) if v is not None)
+                plan.steps.append(Step("set_net", gp.group, a, what + (
+                    " (libvirt sets them, managed='yes': recorded, verified after start)" if req.managed else "")))
         plan.steps.append(Step("activate", gp.group, None, "persist claim as active"))
     return plan
+
+
+def _vf_netdev(topo: Topology, address: str) -> tuple[str, int] | None:
+    """(PF netdev, VF index) of a VF whose PF has a network interface, from the topology."""
+    dev = topo.get(PciAddress.parse(address))
+    if dev is None or dev.physfn is None:
+        return None
+    pf = topo.get(dev.physfn)
+    if pf is None or not pf.net or dev.address not in pf.virtfns:
+        return None
+    return pf.net[0], pf.virtfns.index(dev.address)
+
+
+def _refuse_net(topo: Topology, plan: Plan) -> None:
+    """MAC/VLAN can only be set on a VF, through its PF's network interface, one VLAN tag."""
+    for a, req in plan.net.items():
+        dev = topo.get(PciAddress.parse(a))
+        if dev is None:
+            continue
+        if dev.physfn is None:
+            plan.refusals.append(Refusal(a, f"{a} is not an SR-IOV VF: MAC/VLAN of <interface type='hostdev'> can "
+                                         "only be set on a VF (libvirt refuses it too)",
+                                         "use <hostdev> for a whole NIC, or pick a VF"))
+        elif _vf_netdev(topo, a) is None and topo.source == "sysfs":
+            plan.refusals.append(Refusal(a, f"the PF {dev.physfn} of VF {a} has no network interface, so its MAC/"
+                                         "VLAN cannot be set", "is the PF bound to its network driver?"))
 
 
 def _host_action_steps(topo: Topology, gp: GroupPlan, policy: Policy,
@@ -320,6 +367,12 @@ def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> No
         if act.kind == "module":
             plan.steps.append(Step("load_module", claim.group, None, f"{act.name} (unloaded for this group)",
                                    name=act.name, timeout=act.timeout))
+    for rec in reversed(claim.devices):        # R6: while the VFs are still on vfio-pci
+        cfg = rec.vf_netconfig
+        if cfg is not None and cfg.state != "saved" and topo.get(rec.pci) is not None:
+            plan.steps.append(Step("restore_net", claim.group, rec.address, (
+                f"VF {cfg.vf_index} of {cfg.pf_netdev}: mac {cfg.mac} vlan {cfg.vlan}" if cfg.state == "set" else
+                f"VF {cfg.vf_index} of {cfg.pf_netdev}: libvirt restores it; verify mac {cfg.mac} vlan {cfg.vlan}")))
     for rec in reversed(claim.devices):
         dev = topo.get(rec.pci)
         gp.bind.append(rec.address)

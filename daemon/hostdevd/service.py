@@ -37,13 +37,17 @@ from . import __version__
 from .address import PciAddress
 from .api import ApiServer, BadRequest, Dispatcher, Peer
 from .config import Config
-from .domxml import DomainRequest, parse_device, parse_domain
+from .domxml import DomainRequest, guest_placements, parse_device, parse_domain
 from .engine import Engine
-from .errors import HostdevError, Refused
-from .ledger import Owner
+from .errors import HostdevError, NotFound, Refused
+from .ledger import Ledger, Owner
 from .logfields import log_action
-from .planner import groups_of
+from .migrate import assess
+from .planner import groups_of, plan_prepare
+from .udev_watch import PciEvent, PciEventHandler
 from .reservations import apply_reservations
+from .sriov import apply_config as apply_sriov
+from .vfnet import net_requests
 from .reconcile import (ReconcileReport, RunningDomain, adopt_domain, reconcile, release_missing,
                         release_owner)
 from .wire import socket_path
@@ -52,6 +56,9 @@ log = logging.getLogger("hostdevd.service")
 
 EVENT_IDLE_WAIT = 120.0     # how long an event waits for a domain's requests to finish
 EVENT_RETRIES = 5
+# A bind/unbind uevent of a claimed device is judged this long after it arrived: libvirt's
+# managed reattach rebinds a hot-unplugged device just before it sends DEVICE_REMOVED.
+DRIFT_GRACE = 2.0
 
 
 class LibvirtFailure(HostdevError):
@@ -76,8 +83,8 @@ class LibvirtAdapter(Protocol):
     def lookup(self, name: str, uuid: str | None = None) -> tuple[str, str, bool] | None: ...
     def domain_xml(self, name: str, uuid: str | None = None) -> str | None: ...
     def is_active(self, name: str, uuid: str | None = None) -> bool: ...
-    def attach_device(self, name: str, uuid: str | None, xml: str, config: bool) -> None: ...
-    def detach_device(self, name: str, uuid: str | None, xml: str, config: bool) -> None: ...
+    def attach_device(self, name: str, uuid: str | None, xml: str, config: bool, live: bool = True) -> None: ...
+    def detach_device(self, name: str, uuid: str | None, xml: str, config: bool, live: bool = True) -> None: ...
 
 
 def utcnow() -> datetime:
@@ -161,7 +168,7 @@ class DomainGate:
 class Daemon:
     def __init__(self, config: Config | None = None, engine: Engine | None = None,
                  adapter: LibvirtAdapter | None = None, *, sock_path: str | None = None,
-                 read_timeout: float = 30.0, allowed_uids: set[int] | None = None):
+                 read_timeout: float = 30.0, allowed_uids: set[int] | None = None, udev: Any = None):
         self.config = config or (engine.config if engine else Config())
         self.engine = engine or Engine(self.config)
         self.adapter = adapter
@@ -182,6 +189,16 @@ class Daemon:
         self.started_at = utcnow().isoformat(timespec="seconds")
         self._idle = threading.Condition()
         self._pending = 0
+        # udev (R10): the watcher is the door, the handler decides (tests feed it synthetic events).
+        self.udev = udev
+        self.udev_watching = False
+        self.pci = PciEventHandler(self.engine)
+        self.pci.on_topology_change = self._topology_changed
+        self.drift_grace = DRIFT_GRACE
+        # libvirt device events per domain, for detach waiting on DEVICE_REMOVED.
+        self._dev_cond = threading.Condition()
+        self._dev_seq = 0
+        self._dev_events: dict[str, list[tuple[int, str, str | None]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -195,9 +212,14 @@ class Daemon:
         self.reconcile_count += 1
         # Reservations are bound before the socket serves and before READY=1, so before
         # libvirtd (ordered after hostdevd) autostarts any domain.
+        # SR-IOV first: a reserved device may be a VF that only exists once its PF has VFs.
+        self.sriov = apply_sriov(self.engine, self.config.sriov)
         self.reservations = apply_reservations(self.engine, self.config.reserve)
         self._worker = threading.Thread(target=self._work, name="events-worker", daemon=True)
         self._worker.start()
+        if self.udev is not None:
+            self.udev_watching = self.udev.start(self.on_pci_event)
+        self.pci.scan()                  # drift that happened while hostdevd was not running
         try:
             self.server.start()
         except Exception:
@@ -216,6 +238,9 @@ class Daemon:
         if self.adapter is not None:
             with contextlib.suppress(Exception):
                 self.adapter.stop()
+        if self.udev is not None:
+            with contextlib.suppress(Exception):
+                self.udev.stop()
         self._queue.put(None)
         if self._worker is not None:
             self._worker.join(5)
@@ -229,7 +254,8 @@ class Daemon:
         """For the watchdog: the socket server and the event worker are both alive."""
         worker_ok = self._worker is not None and self._worker.is_alive()
         adapter_ok = getattr(self.adapter, "healthy", True) if self.adapter is not None else True
-        return self.server.alive and worker_ok and bool(adapter_ok)
+        udev_ok = getattr(self.udev, "healthy", True) if self.udev is not None else True
+        return self.server.alive and worker_ok and bool(adapter_ok) and bool(udev_ok)
 
     def status_line(self) -> str:
         try:
@@ -316,12 +342,37 @@ class Daemon:
 
     def on_device_event(self, name: str, uuid: str | None, kind: str, alias: str | None = None) -> None:
         received, uuid = utcnow(), norm_uuid(uuid)
+        with self._dev_cond:
+            self._dev_seq += 1
+            seen = self._dev_events.setdefault(name, [])
+            seen.append((self._dev_seq, kind, alias))
+            del seen[:-100]
+            self._dev_cond.notify_all()
         if kind == "removal_failed":
-            log.warning("libvirt could not remove device %s from %s; its devices stay claimed", alias, name)
+            log_action(log, logging.WARNING, "hotplug", "the guest did not release device %s of %s "
+                       "(DEVICE_REMOVAL_FAILED); its group stays claimed", alias, name,
+                       owner=Owner(name=name, uuid=uuid), action="detach", result="removal-failed")
             return
         if kind in ("added", "removed"):
             self._submit(f"device {kind} {alias} {name}",
                          lambda: self._domain_changed(name, uuid, f"device {kind}", received))
+
+    # ------------------------------------------------------------------ udev (udev-monitor thread)
+    def on_pci_event(self, ev: PciEvent) -> None:
+        """A PCI uevent: queue it for the worker (bind/unbind after a grace period, see DRIFT_GRACE)."""
+        if ev.action in ("bind", "unbind") and self.drift_grace > 0:
+            timer = threading.Timer(self.drift_grace, self._submit, args=(f"udev {ev}", lambda: self.pci.handle(ev)))
+            timer.daemon = True
+            timer.start()
+            return
+        self._submit(f"udev {ev}", lambda: self.pci.handle(ev))
+
+    def _topology_changed(self, ev: PciEvent) -> None:
+        """New PCI functions (VFs above all): reservations may cover them (worker thread)."""
+        if ev.action == "add" and self.config.reserve:
+            report = apply_reservations(self.engine, self.config.reserve)
+            if report.reserved:
+                log.info("reserved groups %s after %s", ", ".join(map(str, report.reserved)), ev)
 
     # ------------------------------------------------------------------ event handlers (worker thread)
     def reconcile_now(self) -> ReconcileReport:
@@ -338,6 +389,7 @@ class Daemon:
                            guard=lambda name: self.gate.guard(name, gens.get(name, 0)))
         self.last_reconcile = report
         self.reconcile_count += 1
+        self.pci.scan()
         return report
 
     def _domain_stopped(self, name: str, uuid: str | None, kind: str, received: datetime) -> None:
@@ -373,6 +425,10 @@ class Daemon:
             adopt_domain(self.engine, dom, report)
             if why != "started":
                 release_missing(self.engine, dom, before=received)
+            else:                        # R12: libvirt (managed='yes') or hostdevd set them; check
+                for msg in self.engine.verify_vf_net(Owner(name=name, uuid=uuid)):
+                    log_action(log, logging.WARNING, "sriov", "%s started but VF %s", name, msg, action="verify_net",
+                               result="differs")
             for msg in report.conflicts + report.errors:
                 log.warning("%s %s: %s", name, why, msg)
 
@@ -407,10 +463,10 @@ class Daemon:
                 out.append({"group": g, "owner": claim.owner.model_dump()})
         return out
 
-    def _prepare(self, addrs: list[PciAddress], owner: Owner):
+    def _prepare(self, addrs: list[PciAddress], owner: Owner, net: dict | None = None):
         with self.gate.lock(owner.name):
             try:
-                return self.engine.prepare(addrs, owner)
+                return self.engine.prepare(addrs, owner, net)
             except Refused as e:
                 e.holders = self._holders(addrs, owner)
                 log_action(log, logging.WARNING, "refused", "refused %s for %s: %s",
@@ -427,8 +483,9 @@ class Daemon:
             out["out_of_scope"] = [o.to_dict() for o in parsed.out_of_scope]
         if parsed.networks:
             out["networks"] = [n.to_dict() for n in parsed.networks]
-            out["warnings"] = [f"interface on network {n.network!r} has no <actual> device in this XML; if it "
-                               "is a hostdev network its VF is not checked" for n in parsed.networks]
+            out["warnings"] = [f"interface on network {n.network!r} has no <actual> device in this XML (libvirt "
+                               "picks a hostdev network's VF after the prepare hook); if it is a hostdev network, "
+                               "hostdevd prepares its VF at libvirt's 'start begin' hook" for n in parsed.networks]
         return out
 
     def _resolve(self, ref) -> tuple[Owner, bool | None]:
@@ -460,6 +517,10 @@ class Daemon:
                        "last_reconcile": self.last_reconcile.to_json() if self.last_reconcile else None},
             "claims": [c.model_dump() for _, c in sorted(ledger.claims.items(), key=lambda kv: int(kv[0]))],
             "reservations": list(ledger.reservations),
+            "drift": self.pci.drift(),
+            "udev": {"watching": bool(self.udev is not None and getattr(self.udev, "watching", False)),
+                     "error": getattr(self.udev, "error", None) if self.udev is not None else "not used",
+                     **self.pci.state()},
         }
 
     def op_prepare(self, req, peer: Peer) -> dict:
@@ -471,7 +532,10 @@ class Daemon:
             return {"owner": owner.model_dump(), "groups": [], "note": "no PCI host device to prepare", **extras}
         t0 = time.monotonic()
         with self.gate.request(owner.name):
-            plan, result = self._prepare(addrs, owner)
+            # phase "start" (libvirt's 'start begin' hook): a VF from a hostdev network is known only
+            # now, and libvirt already set its MAC/VLAN: recorded and verified, not written.
+            net = net_requests(parsed, resolved_by_libvirt=getattr(req, "phase", "prepare") == "start")
+            plan, result = self._prepare(addrs, owner, net)
         log.info("prepared %s for %s (%s) in %.0f ms", ", ".join(map(str, addrs)), owner.label(), req.origin,
                  (time.monotonic() - t0) * 1000)
         return {"owner": owner.model_dump(), "groups": result.groups, "plan": plan.to_json(),
@@ -486,6 +550,12 @@ class Daemon:
         return {"owner": owner.model_dump(), "groups": result.groups, "plan": plan.to_json(),
                 "result": result.to_json(), "warnings": plan.warnings}
 
+    def op_vfs_set(self, req, peer: Peer) -> dict:
+        """``hostdevctl vfs set`` through the daemon: its group locks cover the VFs' groups."""
+        from .sriov import set_vfs_by_hand
+        result = set_vfs_by_hand(self.engine, req.pf, req.numvfs, req.autoprobe, req.wait_timeout)
+        return {"vfs": result.to_json()}
+
     def op_plan(self, req, peer: Peer) -> dict:
         owner = Owner(**req.owner.model_dump())
         parsed, addrs = self._devices(req.xml, req.addresses, fragment=False)
@@ -495,34 +565,71 @@ class Daemon:
             plan = self.engine.plan_release(owner, addrs if (req.xml or req.addresses) else None)
         return {"plan": plan.to_json(), **self._extras(parsed)}
 
+    def _need_libvirt(self, op: str) -> None:
+        if self.adapter is None or not self.libvirt_connected:
+            uri = self.adapter.uri if self.adapter is not None else self.config.libvirt_uri
+            raise LibvirtUnavailable(f"{op} needs libvirt, and hostdevd is not connected to {uri}",
+                                     "is libvirtd (virtqemud) running? hostdevd reconnects by itself")
+
+    @staticmethod
+    def _affect(req, active: bool | None, op: str, name: str) -> tuple[bool, bool]:
+        """virsh's --live/--config/--current: neither flag means the domain's current state."""
+        live, config = bool(req.live), bool(req.config)
+        if not live and not config:
+            live, config = bool(active), not active
+        if live and not active:
+            raise Refused(f"{name} is not running: nothing to {op} live",
+                          f"leave out --live to change {name}'s persistent definition (--config), or start it")
+        return live, config
+
+    def _device_seq(self, name: str) -> int:
+        """The newest device event number of ``name`` (0: none yet)."""
+        with self._dev_cond:
+            events = self._dev_events.get(name)
+            return events[-1][0] if events else 0
+
+    def _device_events_since(self, name: str, seq: int) -> list[tuple[str, str | None]]:
+        with self._dev_cond:
+            return [(k, a) for n, k, a in self._dev_events.get(name, []) if n > seq]
+
     def op_attach(self, req, peer: Peer) -> dict:
         parsed, addrs = self._devices(req.xml, req.addresses, fragment=True)
         if not addrs:
             raise BadRequest("attach: the XML names no PCI host device")
+        self._need_libvirt("attach")
         owner, active = self._resolve(req.domain)
+        live, config = self._affect(req, active, "attach", owner.name)
         xmls = [req.xml] if req.xml is not None else [hostdev_xml(a) for a in addrs]
+        t0 = time.monotonic()
         with self.gate.request(owner.name):
+            reply: dict[str, Any] = {"owner": owner.model_dump(), "live": live, "config": config,
+                                     "libvirt_attached": False}
+            if not live:
+                # Persistent definition only: nothing is bound now, the hook prepares the group at start.
+                # Refuse now what the start would refuse anyway (no IOMMU, a bridge, policy, host-critical).
+                plan = plan_prepare(self.engine.topology(), addrs, owner, Ledger(), self.engine.policy)
+                if not plan.ok:
+                    raise Refused(plan.refusal_message(), refusals=[r.to_json() for r in plan.refusals])
+                for xml in xmls:
+                    self.adapter.attach_device(owner.name, owner.uuid, xml, config=True, live=False)
+                reply.update(libvirt_attached=True, plan=plan.to_json(), groups=[],
+                             note=f"added to {owner.name}'s persistent definition; hostdevd prepares the group "
+                                  "when the domain starts")
+                return reply
             held = {a for c in self.engine.ledger().claims_of(owner) for a in c.requested}
             new = [a for a in addrs if str(a) not in held]
             plan, result = self._prepare(addrs, owner)
-            reply = {"owner": owner.model_dump(), "groups": result.groups, "plan": plan.to_json(),
-                     "result": result.to_json(), "libvirt_attached": False}
-            if self.adapter is None or not self.libvirt_connected:
-                reply["note"] = "libvirt is not connected: devices prepared, not attached"
-                return reply
-            if not active:
-                reply["note"] = f"{owner.name} is not running: devices prepared, not attached"
-                return reply
+            reply.update(groups=result.groups, plan=plan.to_json(), result=result.to_json())
             done: list[str] = []
             try:
                 for xml in xmls:
-                    self.adapter.attach_device(owner.name, owner.uuid, xml, req.config)
+                    self.adapter.attach_device(owner.name, owner.uuid, xml, config=config, live=True)
                     done.append(xml)
             except LibvirtFailure as e:
                 problems = []
                 for xml in reversed(done):
                     try:
-                        self.adapter.detach_device(owner.name, owner.uuid, xml, req.config)
+                        self.adapter.detach_device(owner.name, owner.uuid, xml, config=config, live=True)
                     except LibvirtFailure as e2:
                         problems.append(f"detach back failed: {e2.message}")
                 if new and not problems:
@@ -533,37 +640,147 @@ class Daemon:
                             problems.append(f"release failed: {e2}")
                 if problems:
                     e.message += "; rollback incomplete: " + "; ".join(problems)
+                log_action(log, logging.ERROR, "hotplug", "attach of %s to %s failed, %s: %s",
+                           ", ".join(map(str, addrs)), owner.label(),
+                           "rollback incomplete" if problems else "rolled back", e.message, owner=owner,
+                           action="attach", result="failed")
                 raise
             reply["libvirt_attached"] = True
+            reply["seconds"] = round(time.monotonic() - t0, 3)
+            log_action(log, logging.INFO, "hotplug", "attached %s to %s in %.0f ms (groups %s prepared)",
+                       ", ".join(map(str, addrs)), owner.label(), reply["seconds"] * 1000,
+                       ", ".join(map(str, result.groups)), owner=owner, action="attach", result="ok")
             return reply
 
     def op_detach(self, req, peer: Peer) -> dict:
         parsed, addrs = self._devices(req.xml, req.addresses, fragment=True)
         if not addrs:
             raise BadRequest("detach: the XML names no PCI host device")
+        self._need_libvirt("detach")
         owner, active = self._resolve(req.domain)
-        xmls = [req.xml] if req.xml is not None else [hostdev_xml(a) for a in addrs]
-        pending: list[PciAddress] = []
+        live, config = self._affect(req, active, "detach", owner.name)
+        timeout = req.timeout if req.timeout is not None else self.config.detach_timeout
+        t0 = time.monotonic()
+        reply: dict[str, Any] = {"owner": owner.model_dump(), "live": live, "config": config,
+                                 "libvirt_detached": False, "removed": [], "pending": [], "removal_failed": [],
+                                 "groups": [], "warnings": []}
         with self.gate.request(owner.name):
-            detached = False
-            if self.adapter is not None and self.libvirt_connected and active:
-                for xml in xmls:
-                    self.adapter.detach_device(owner.name, owner.uuid, xml, req.config)
-                detached = True
-                live = self.adapter.domain_xml(owner.name, owner.uuid)
-                if live is not None:
-                    still = RunningDomain.from_xml(owner.name, owner.uuid, live).addresses
-                    pending = [a for a in addrs if a in still]
-            now_release = [a for a in addrs if a not in pending]
-            result_groups: list[int] = []
-            warnings: list[str] = []
-            if now_release:
+            claimed = {a for c in self.engine.ledger().claims_of(owner) for a in c.requested}
+            present: list[PciAddress] = []
+            still: list[PciAddress] = []
+            if live:
+                xml_now = self.adapter.domain_xml(owner.name, owner.uuid)
+                placement = guest_placements(xml_now) if xml_now is not None else None
+                present = [a for a in addrs if placement is not None and placement.get(a) is not None]
+                missing = [str(a) for a in addrs if a not in present and str(a) not in claimed]
+                if missing and not config:
+                    raise NotFound(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not attached to "
+                                   f"{owner.name}", f"`virsh dumpxml {owner.name}` shows its devices")
+                seq = self._device_seq(owner.name)
+                aliases = {placement.get(a).alias: a for a in present if placement.get(a).alias}
+                for a in present:
+                    # The live element itself: libvirt matches it whether it is a <hostdev> or an
+                    # <interface type='hostdev'>, managed or not.
+                    self.adapter.detach_device(owner.name, owner.uuid, placement.get(a).xml, config=False, live=True)
+                reply["libvirt_detached"] = bool(present)
+                still, failed = self._wait_removed(owner, present, aliases, seq, timeout)
+                reply["removal_failed"] = [str(a) for a in failed]
+            if config:
+                for xml in ([req.xml] if req.xml is not None else [hostdev_xml(a) for a in addrs]):
+                    try:
+                        self.adapter.detach_device(owner.name, owner.uuid, xml, config=True, live=False)
+                    except LibvirtFailure as e:
+                        reply["warnings"].append(f"persistent definition unchanged: {e.message}")
+            # Released: what the guest let go of, and what hostdevd held for a device the
+            # domain no longer has (or a domain that is not running).
+            release = [a for a in addrs if a not in still and (a in present or str(a) in claimed)]
+            if release:
                 with self.gate.lock(owner.name):
-                    plan, result = self.engine.release(owner, now_release)
-                result_groups, warnings = result.groups, plan.warnings
-        reply = {"owner": owner.model_dump(), "groups": result_groups, "libvirt_detached": detached,
-                 "pending": [str(a) for a in pending], "warnings": warnings}
-        if pending:
-            reply["note"] = ("the guest has not let go yet; hostdevd releases "
-                             f"{', '.join(map(str, pending))} when libvirt reports the device removed")
+                    plan, result = self.engine.release(owner, release)
+                reply["groups"], reply["warnings"] = result.groups, reply["warnings"] + plan.warnings
+            reply["removed"] = [str(a) for a in present if a not in still]
+            reply["pending"] = [str(a) for a in still]
+        reply["seconds"] = round(time.monotonic() - t0, 3)
+        if still:
+            why = ("the guest refused to release" if reply["removal_failed"] else
+                   f"the guest has not released within {timeout:g} s")
+            reply["note"] = (f"{why} {', '.join(reply['pending'])}; the device stays attached and its group "
+                             "claimed; hostdevd releases it when libvirt reports the device removed")
+            log_action(log, logging.WARNING, "hotplug", "detach from %s: %s %s; group kept claimed",
+                       owner.label(), why, ", ".join(reply["pending"]), owner=owner, action="detach",
+                       result="removal-failed" if reply["removal_failed"] else "pending")
+        elif release:
+            log_action(log, logging.INFO, "hotplug", "detached %s from %s in %.0f ms; released groups %s",
+                       ", ".join(map(str, release)), owner.label(), reply["seconds"] * 1000,
+                       ", ".join(map(str, reply["groups"])) or "-", owner=owner, action="detach", result="ok")
         return reply
+
+    def _wait_removed(self, owner: Owner, present: list[PciAddress], aliases: dict[str, PciAddress], seq: int,
+                      timeout: float) -> tuple[list[PciAddress], list[PciAddress]]:
+        """Wait for the guest to let go (DEVICE_REMOVED, or the live XML without the device).
+
+        Returns (still attached, refused by the guest). Looks at the live XML after
+        every device event of the domain and at least once a second.
+        """
+        if not present:
+            return [], []
+        deadline = time.monotonic() + timeout
+        still = list(present)
+        while True:
+            try:
+                xml_now = self.adapter.domain_xml(owner.name, owner.uuid)
+            except LibvirtUnavailable:
+                xml_now = ""             # unknown: keep waiting, keep the claim
+            if xml_now is None:
+                return [], []            # the domain stopped: nothing is attached any more
+            if xml_now:
+                placement = guest_placements(xml_now)
+                still = [a for a in present if placement.get(a) is not None]
+                if not still:
+                    return [], []
+            seen = self._device_seq(owner.name)
+            failed = [aliases[al] for k, al in self._device_events_since(owner.name, seq)
+                      if k == "removal_failed" and al in aliases]
+            if failed:
+                return still, [a for a in failed if a in still]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return still, []
+            with self._dev_cond:
+                self._dev_cond.wait_for(lambda: (self._dev_events.get(owner.name) or [(0,)])[-1][0] > seen,
+                                        min(1.0, remaining))
+
+    def op_migrate_check(self, req, peer: Peer) -> dict:
+        """Does the domain hold assigned devices that block live migration, which can be unplugged first?
+
+        From the hook (``origin`` hook) only the XML it carries is used: libvirt holds
+        the domain's job while its hook runs (R9).
+        """
+        name, uuid = req.domain.name, norm_uuid(req.domain.uuid)
+        placement, running, source = None, None, "ledger"
+        if req.xml is not None:
+            placement = guest_placements(req.xml)
+            uuid = uuid or norm_uuid(placement.uuid)
+            source = "hook XML" if req.origin == "hook" else "given XML"
+        elif req.origin != "hook" and self.adapter is not None and self.libvirt_connected:
+            found = self.adapter.lookup(name, uuid)
+            if found is None:
+                raise LibvirtFailure(f"libvirt has no domain {name!r}", "check the name with `virsh list --all`")
+            name, uuid, running = found[0], norm_uuid(found[1]), found[2]
+            xml = self.adapter.domain_xml(name, uuid) if running else None
+            if xml is not None:
+                placement, source = guest_placements(xml), "live XML"
+        owner = Owner(name=name, uuid=uuid)
+        claims = [c for c in self.engine.ledger().claims_of(owner) if c.owner.kind == "domain"]
+        report = assess(name, placement, claims, self.engine.topology(with_critical=False), source)
+        report.running = running
+        if running is False:
+            report.notes.append(f"{name} is not running: there is nothing to migrate live")
+        if req.xml is None and source == "ledger" and req.origin != "hook":
+            report.notes.append("libvirt is not connected: the verdict comes from the ledger alone")
+        level = logging.WARNING if report.blocked else logging.INFO
+        log_action(log, level, "migrate", "%s%s", report.summary(),
+                   (": unplug " + ", ".join(report.unplug_first) + " first") if report.unplug_first
+                   and not report.cannot_unplug else "", owner=owner, action="migrate-check",
+                   result="blocked" if report.blocked else "ok")
+        return {"migration": report.to_json()}

@@ -18,12 +18,14 @@ def load_sim(name: str) -> SimKernel:
     return SimKernel.from_file(TOPOLOGIES / f"{name}.json")
 
 
-def make_engine(sim: SimKernel, state_dir, config_text: str = "", write_timeout: float = 2.0) -> Engine:
+def make_engine(sim: SimKernel, state_dir, config_text: str = "", write_timeout: float = 2.0,
+                netlink=None) -> Engine:
+    """``netlink``: a hostdevd.vfnet.FakeNetlink for VF MAC/VLAN (none: VFs move without them)."""
     cfg: Config = parse_config(config_text)
     cfg.state_dir = str(state_dir)
     cfg.release_wait_timeout = 0.3
     return Engine(cfg, Sysfs(sim, write_timeout=write_timeout), LedgerStore(state_dir),
-                  modprobe=sim.load_module)
+                  modprobe=sim.load_module, netlink=netlink)
 
 
 @pytest.fixture

@@ -135,15 +135,18 @@ def test_host_critical_refused_with_reason(daemon):
     assert r["error"]["code"] == "REFUSED" and "host-critical" in r["error"]["message"]
 
 
-def test_attach_without_libvirt_prepares_and_detach_releases(daemon):
+def test_attach_and_detach_need_libvirt(daemon):
+    """Without libvirt nothing is bound (a prepared device no guest uses is released by the next
+    reconciliation anyway) and nothing is released (the guest may still use it)."""
     d, sim, path = daemon
     frag = "<hostdev mode='subsystem' type='pci'><source><address bus='0x01' slot='0' function='0'/></source></hostdev>"
     r = call(path, {"op": "attach", "domain": VM1, "xml": frag})
-    assert r["ok"] and r["libvirt_attached"] is False and "not connected" in r["note"]
-    assert sim.driver("0000:01:00.0") == "vfio-pci"
+    assert r["error"]["code"] == "LIBVIRT_UNAVAILABLE" and "needs libvirt" in r["error"]["message"]
+    assert sim.driver("0000:01:00.0") == "e1000e" and d.engine.ledger().claims == {}
+    assert call(path, {"op": "prepare", "domain": VM1, "addresses": ["0000:01:00.0"]})["ok"]
     r = call(path, {"op": "detach", "domain": VM1, "xml": frag})
-    assert r["ok"] and r["groups"] == [12] and r["pending"] == []
-    assert sim.driver("0000:01:00.0") == "e1000e"
+    assert r["error"]["code"] == "LIBVIRT_UNAVAILABLE"
+    assert sim.driver("0000:01:00.0") == "vfio-pci" and list(d.engine.ledger().claims) == ["12"]
 
 
 # --------------------------------------------------------------------------- hostile input

@@ -63,12 +63,12 @@ class FakeAdapter:
         self.calls.append(f"domain_xml {name}")
         return self.xml.get(name) if self.active.get(name) else None
 
-    def attach_device(self, name, uuid, xml, config=False):
+    def attach_device(self, name, uuid, xml, config=False, live=True):
         self.calls.append(f"attach {name}")
         if self.fail_attach:
             raise LibvirtFailure(self.fail_attach)
 
-    def detach_device(self, name, uuid, xml, config=False):
+    def detach_device(self, name, uuid, xml, config=False, live=True):
         self.calls.append(f"detach {name}")
 
 
@@ -182,7 +182,7 @@ def test_attach_detach_with_libvirt(fake):
     assert r["ok"] and r["libvirt_attached"] and adapter.calls[-1] == "attach vm1"
     assert sim.driver(NIC1) == "vfio-pci"
     adapter.xml["vm1"] = domain_xml("vm1", VM1.uuid, NIC1)   # the guest has not let go yet
-    r = call(path, {"op": "detach", "domain": {"name": "vm1"}, "addresses": [NIC1]})
+    r = call(path, {"op": "detach", "domain": {"name": "vm1"}, "addresses": [NIC1], "timeout": 0.2})
     assert r["ok"] and r["pending"] == [NIC1] and sim.driver(NIC1) == "vfio-pci"
     adapter.xml["vm1"] = domain_xml("vm1", VM1.uuid)          # DEVICE_REMOVED
     d.on_device_event("vm1", uuid_for(1), "removed", "hostdev0")

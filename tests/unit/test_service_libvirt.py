@@ -283,9 +283,13 @@ def test_attach_to_unknown_domain_is_refused_before_binding(daemon):
     assert sim.driver(NIC1) == "e1000e"
 
 
-def test_attach_to_stopped_domain_prepares_only(daemon, vms):
+def test_attach_to_stopped_domain_changes_only_its_definition(daemon, vms):
+    """virsh's --current: a stopped domain gets the device in its persistent definition and nothing is
+    bound (the hook prepares the group at start). The test driver cannot attach at all."""
     d, sim, path, events = daemon
     vm = vms()
     r = call(path, {"op": "attach", "domain": {"name": vm.name}, "addresses": [NIC1]})
-    assert r["ok"] and r["libvirt_attached"] is False and "not running" in r["note"]
-    assert d.engine.ledger().claim_for_group(12).owner.uuid == vm.uuid
+    assert r["error"]["code"] == "LIBVIRT" and "not supported" in r["error"]["message"]
+    assert d.engine.ledger().claims == {} and sim.driver(NIC1) == "e1000e"
+    r = call(path, {"op": "attach", "domain": {"name": vm.name}, "addresses": [NIC1], "live": True})
+    assert r["error"]["code"] == "REFUSED" and "not running" in r["error"]["message"]

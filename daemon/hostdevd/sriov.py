@@ -1,0 +1,453 @@
+"""SR-IOV provisioning (R11): create a PF's VFs, wait for them, record them.
+
+Three layers, like the rest of the core:
+
+* :func:`plan_vfs` is pure: topology + ledger + what is wanted -> a :class:`VfPlan`
+  (the writes to make) or refusals that say why. It refuses to change ``sriov_numvfs``
+  while any VF (or the PF) is held by a domain or the reservation, naming them, and
+  while QEMU has a VF's group open behind hostdevd's back.
+* :func:`apply_vf_plan` makes the writes through :class:`~hostdevd.sysfs.Sysfs` (the only
+  writer of the ``sriov_*`` attributes; binding stays with the executor): intent in the
+  ledger first (``changing``), ``sriov_drivers_autoprobe``, ``sriov_numvfs`` through 0,
+  then waits for the VFs and records them (``ready``).
+* Waiting is injectable (:class:`VfWaiter`): :class:`UdevWaiter` listens to udev (pyudev,
+  subsystem ``pci``, action ``add``: the same events ``udevadm settle`` waits for) and is
+  what the daemon uses on a real host; :class:`SysfsPollWaiter` polls sysfs and is what
+  the simulated kernel and tests use. A watch is opened *before* the write so no event
+  is missed.
+
+Kernel facts (drivers/pci/iov.c): ``sriov_numvfs`` only changes through 0 (N -> M with both
+non-zero is EBUSY); a PF without a driver (or whose driver has no ``sriov_configure``)
+answers ENOENT; the write returns once the VFs are added, but udev (naming, rules,
+libvirt's node devices) follows later. Real NICs are slow: i40e takes 22 s for 64 VFs,
+ixgbe over 60 s, hence the per-PF ``wait_timeout`` that also bounds the write itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+from .address import PciAddress
+from .config import SriovConfig
+from .errors import ExecutionFailed, HostdevError, InvalidAddress, Refused
+from .ledger import Ledger, LedgerStore, SriovRecord, now
+from .logfields import log_action
+from .sysfs import Sysfs
+from .topology import Device, Topology
+
+log = logging.getLogger("hostdevd.sriov")
+
+
+# --------------------------------------------------------------------------- plan (pure)
+
+
+@dataclass
+class VfPlan:
+    pf: str                               # PF address
+    pf_ref: str                           # what the user named (address or netdev)
+    current: int | None                   # sriov_numvfs now
+    wanted: int
+    autoprobe_now: bool | None
+    autoprobe: bool
+    totalvfs: int | None = None
+    steps: list[tuple[str, object]] = field(default_factory=list)   # ("autoprobe", bool) | ("numvfs", n) | ("wait", n)
+    refusals: list[str] = field(default_factory=list)
+    hint: str = ""
+    holders: list[dict] = field(default_factory=list)   # who holds VFs: {"address", "owner", "kind", "group"}
+
+    @property
+    def ok(self) -> bool:
+        return not self.refusals
+
+    @property
+    def noop(self) -> bool:
+        return self.ok and not self.steps
+
+    def to_json(self) -> dict:
+        return {"pf": self.pf, "pf_ref": self.pf_ref, "current": self.current, "wanted": self.wanted,
+                "autoprobe_now": self.autoprobe_now, "autoprobe": self.autoprobe, "totalvfs": self.totalvfs,
+                "steps": [{"write": k, "value": v} for k, v in self.steps], "ok": self.ok,
+                "refusals": self.refusals, "hint": self.hint, "holders": self.holders}
+
+    def describe(self) -> list[str]:
+        out = []
+        for k, v in self.steps:
+            if k == "autoprobe":
+                out.append(f"write {int(bool(v))} to {self.pf}/sriov_drivers_autoprobe")
+            elif k == "numvfs":
+                out.append(f"write {v} to {self.pf}/sriov_numvfs")
+            else:
+                out.append(f"wait for {v} VFs (udev)")
+        return out
+
+
+def resolve_pf(topo: Topology, ref: str) -> Device | None:
+    """The PF a config entry names: a PCI address, or a netdev name the topology lists."""
+    try:
+        return topo.get(PciAddress.parse(ref))
+    except InvalidAddress:
+        pass
+    for dev in topo.devices.values():
+        if ref in dev.net:
+            return dev
+    return None
+
+
+def vfs_of(topo: Topology, pf: Device) -> list[Device]:
+    return [d for a in pf.virtfns if (d := topo.get(a)) is not None]
+
+
+def plan_vfs(topo: Topology, ledger: Ledger, pf_ref: str, numvfs: int, autoprobe: bool | None) -> VfPlan:
+    """Decide the writes that give ``pf_ref`` ``numvfs`` VFs with ``autoprobe`` (None: keep the
+    PF's current setting); or refuse."""
+    pf = resolve_pf(topo, pf_ref)
+    if pf is not None and autoprobe is None:
+        autoprobe = bool(pf.sriov_drivers_autoprobe) if pf.sriov_drivers_autoprobe is not None else False
+    if pf is None:
+        plan = VfPlan(pf_ref, pf_ref, None, numvfs, None, bool(autoprobe))
+        plan.refusals.append(f"no PCI device or network interface {pf_ref!r} on this host")
+        plan.hint = "check the address with `hostdevctl groups` or the interface with `ip link`"
+        return plan
+    addr = str(pf.address)
+    plan = VfPlan(addr, pf_ref, pf.sriov_numvfs, numvfs, pf.sriov_drivers_autoprobe, autoprobe,
+                  pf.sriov_totalvfs)
+    if pf.physfn is not None:
+        plan.refusals.append(f"{addr} is itself a VF (of {pf.physfn}); VFs are created on the PF")
+        plan.hint = f"configure {pf.physfn} instead"
+        return plan
+    if pf.sriov_totalvfs is None:
+        plan.refusals.append(f"{addr} [{pf.vendor_device}] has no SR-IOV capability (no sriov_totalvfs)")
+        plan.hint = "pick the PF of an SR-IOV capable device (`lspci -vs` shows 'Single Root I/O Virtualization')"
+        return plan
+    if numvfs > pf.sriov_totalvfs:
+        plan.refusals.append(f"{addr} supports at most {pf.sriov_totalvfs} VFs (sriov_totalvfs), not {numvfs}")
+        plan.hint = f"ask for {pf.sriov_totalvfs} or fewer"
+        return plan
+    if numvfs and pf.driver is None:
+        plan.refusals.append(f"{addr} has no driver, so the kernel cannot enable its VFs (sriov_numvfs is ENOENT)")
+        plan.hint = "load the PF's driver (e.g. `modprobe igb`) and bind it first"
+        return plan
+    if pf.on_vfio and ledger.claim_for_device(pf.address):
+        claim = ledger.claim_for_device(pf.address)
+        plan.refusals.append(f"{addr} itself is assigned to {claim.owner.kind} {claim.owner.label()}")
+        plan.hint = f"release {claim.owner.name} first"
+        return plan
+
+    recreate = bool(pf.sriov_numvfs) and numvfs == pf.sriov_numvfs and \
+        pf.sriov_drivers_autoprobe is not None and pf.sriov_drivers_autoprobe != autoprobe
+    changes_vfs = (pf.sriov_numvfs or 0) != numvfs or recreate
+    if changes_vfs and pf.sriov_numvfs:
+        _refuse_if_assigned(topo, ledger, pf, plan)
+        if not plan.ok:
+            return plan
+    if pf.sriov_drivers_autoprobe != autoprobe:
+        plan.steps.append(("autoprobe", autoprobe))
+    if changes_vfs:
+        if pf.sriov_numvfs:
+            plan.steps.append(("numvfs", 0))
+        if numvfs:
+            plan.steps.append(("numvfs", numvfs))
+            plan.steps.append(("wait", numvfs))
+    return plan
+
+
+def _refuse_if_assigned(topo: Topology, ledger: Ledger, pf: Device, plan: VfPlan) -> None:
+    """R11: never change the VF count under a domain (or a reservation, or an unknown QEMU)."""
+    held, busy = [], []
+    for vf in vfs_of(topo, pf):
+        claim = ledger.claim_for_device(vf.address)
+        if claim is not None:
+            who = "the reservation" if claim.owner.kind == "reservation" else \
+                f"{claim.owner.kind} {claim.owner.label()}"
+            held.append(f"{vf.address} to {who}")
+            plan.holders.append({"address": str(vf.address), "owner": claim.owner.name,
+                                 "kind": claim.owner.kind, "group": claim.group})
+        elif vf.on_vfio and vf.group is not None and topo.group_users.get(vf.group):
+            busy.append(f"{vf.address} (/dev/vfio/{vf.group} is open: a QEMU hostdevd does not know about)")
+    if held or busy:
+        owners = sorted({h["owner"] for h in plan.holders})
+        plan.refusals.append(
+            f"cannot change {plan.pf} from {pf.sriov_numvfs} to {plan.wanted} VFs while VFs are assigned: "
+            + "; ".join(held + busy))
+        plan.hint = ("stop or release " + ", ".join(owners) if owners else
+                     "stop the VM using it") + ", then set the VF count again"
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+class SriovTimeout(ExecutionFailed):
+    code = "SRIOV_TIMEOUT"
+
+
+class VfWatch(Protocol):
+    def wait(self, pf: PciAddress, count: int, timeout: float) -> list[str]:
+        """Block until ``count`` VFs of ``pf`` exist (and udev announced them); return notes."""
+
+
+class VfWaiter(Protocol):
+    name: str
+
+    def watch(self, pf: PciAddress) -> contextlib.AbstractContextManager[VfWatch]:
+        """Start listening *before* sriov_numvfs is written."""
+
+
+def _vfs_present(sysfs: Sysfs, pf: PciAddress) -> list[PciAddress]:
+    raw = sysfs.read_device(pf)
+    return [v for v in raw.virtfns if sysfs.exists(v)]
+
+
+class SysfsPollWaiter:
+    """Polls sysfs for ``virtfnN`` links and the VF devices (the simulated kernel, tests, no udev)."""
+    name = "sysfs"
+
+    def __init__(self, sysfs: Sysfs, interval: float = 0.02):
+        self.sysfs = sysfs
+        self.interval = interval
+
+    @contextlib.contextmanager
+    def watch(self, pf: PciAddress) -> Iterator["SysfsPollWaiter"]:
+        yield self
+
+    def wait(self, pf: PciAddress, count: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(_vfs_present(self.sysfs, pf)) >= count:
+                return []
+            if time.monotonic() >= deadline:
+                raise SriovTimeout(f"{pf}: {len(_vfs_present(self.sysfs, pf))} of {count} VFs appeared within "
+                                   f"{timeout:g} s", "raise wait_timeout for this PF; check `dmesg`")
+            time.sleep(self.interval)
+
+
+class UdevWaiter:
+    """Waits for udev's ``add`` events of the new VFs (pyudev, subsystem pci): what
+    ``udevadm settle`` would wait for, but only for these devices and with a deadline.
+
+    Events come from udev after its rules ran (source ``udev``, not the raw kernel
+    uevents), so a VF counts once udev is done with it. Without a running udevd no
+    event ever comes: when the deadline passes and sysfs already shows every VF, the
+    wait succeeds with a note instead of failing.
+    """
+    name = "udev"
+
+    def __init__(self, sysfs: Sysfs):
+        import pyudev  # the daemon's extra; imported only when this waiter is used
+        self._pyudev = pyudev
+        self.sysfs = sysfs
+        self.context = pyudev.Context()
+
+    @contextlib.contextmanager
+    def watch(self, pf: PciAddress) -> Iterator["_UdevWatch"]:
+        monitor = self._pyudev.Monitor.from_netlink(self.context)
+        monitor.filter_by(subsystem="pci")
+        monitor.start()
+        try:
+            yield _UdevWatch(self.sysfs, monitor)
+        finally:
+            with contextlib.suppress(Exception):
+                monitor.stop() if hasattr(monitor, "stop") else None
+
+
+class _UdevWatch:
+    def __init__(self, sysfs: Sysfs, monitor):
+        self.sysfs = sysfs
+        self.monitor = monitor
+        self.seen: set[str] = set()
+
+    def wait(self, pf: PciAddress, count: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            present = {str(v) for v in _vfs_present(self.sysfs, pf)}
+            if len(present) >= count and present <= self.seen:
+                return []
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if len(present) >= count:
+                    missing = sorted(present - self.seen)
+                    return [f"udev announced {len(present) - len(missing)} of {count} VFs within {timeout:g} s "
+                            f"(is systemd-udevd running?); sysfs shows all of them"]
+                raise SriovTimeout(f"{pf}: {len(present)} of {count} VFs appeared within {timeout:g} s",
+                                   "raise wait_timeout for this PF; check `dmesg`")
+            dev = self.monitor.poll(timeout=min(left, 1.0))
+            if dev is not None and dev.action == "add":
+                self.seen.add(dev.sys_name)
+
+
+def default_waiter(sysfs: Sysfs) -> VfWaiter:
+    """udev on a real host under /sys; sysfs polling for the simulated kernel or a moved root."""
+    from .sysfs import RealHost
+    if isinstance(sysfs.backend, RealHost) and sysfs.backend.sys_root == "/sys":
+        try:
+            return UdevWaiter(sysfs)
+        except Exception as e:  # pyudev missing or no udev netlink socket: still work, say so
+            log.warning("udev unavailable (%s): waiting for VFs by polling sysfs", e)
+    return SysfsPollWaiter(sysfs)
+
+
+# --------------------------------------------------------------------------- apply
+
+
+@dataclass
+class VfResult:
+    pf: str
+    numvfs: int
+    vfs: list[str] = field(default_factory=list)
+    seconds: float | None = None
+    waiter: str = ""
+    notes: list[str] = field(default_factory=list)
+    changed: bool = False
+
+    def to_json(self) -> dict:
+        return {"pf": self.pf, "numvfs": self.numvfs, "vfs": self.vfs, "seconds": self.seconds,
+                "waiter": self.waiter, "notes": self.notes, "changed": self.changed}
+
+
+def _record(store: LedgerStore, pf: str, **changes) -> None:
+    with store.transaction() as ledger:
+        rec = ledger.sriov.get(pf)
+        if rec is None:
+            rec = SriovRecord(pf=pf, numvfs=changes.pop("numvfs"), autoprobe=changes.pop("autoprobe"))
+        for k, v in changes.items():
+            setattr(rec, k, v)
+        rec.updated = now()
+        ledger.sriov[pf] = rec
+
+
+def apply_vf_plan(sysfs: Sysfs, store: LedgerStore, plan: VfPlan, waiter: VfWaiter, timeout: float,
+                  on_step: Callable[[str], None] | None = None) -> VfResult:
+    """Make the plan's writes; record intent first and the VFs after. Raises on refusal/failure."""
+    if not plan.ok:
+        raise Refused(f"{plan.pf}: " + "; ".join(plan.refusals), plan.hint or None,
+                      refusals=[{"device": plan.pf, "reason": r, "hint": plan.hint} for r in plan.refusals])
+    pf = PciAddress.parse(plan.pf)
+    result = VfResult(plan.pf, plan.wanted, waiter=waiter.name)
+    if plan.noop:
+        result.vfs = [str(v) for v in sysfs.read_device(pf).virtfns]
+        _record(store, plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state="ready", vfs=result.vfs,
+                previous_numvfs=plan.current, note=None)
+        return result
+    result.changed = True
+    _record(store, plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state="changing",
+            previous_numvfs=plan.current, vfs=[], seconds=None,
+            note=f"changing from {plan.current} to {plan.wanted} VFs")
+    t0 = time.monotonic()
+    try:
+        with waiter.watch(pf) as watch:
+            for kind, value in plan.steps:
+                if on_step:
+                    on_step(f"sriov:{kind}:{value}")
+                if kind == "autoprobe":
+                    sysfs.set_sriov_drivers_autoprobe(pf, bool(value))
+                elif kind == "numvfs":
+                    if value:
+                        t0 = time.monotonic()
+                    sysfs.set_sriov_numvfs(pf, int(value), timeout=timeout)
+                elif kind == "wait":
+                    result.notes += watch.wait(pf, int(value), max(0.0, timeout - (time.monotonic() - t0)))
+    except HostdevError as e:
+        _record(store, plan.pf, state="failed", note=str(e))
+        log_action(log, logging.ERROR, "sriov", "setting %s VFs on %s failed: %s", plan.wanted, plan.pf, e,
+                   address=plan.pf, action="sriov", result="failed")
+        raise
+    result.seconds = round(time.monotonic() - t0, 3) if plan.wanted else None
+    result.vfs = [str(v) for v in sysfs.read_device(pf).virtfns]
+    _record(store, plan.pf, state="ready", vfs=result.vfs, seconds=result.seconds,
+            note="; ".join(result.notes) or None)
+    log_action(log, logging.INFO, "sriov", "%s now has %s VFs (was %s)%s", plan.pf, plan.wanted, plan.current,
+               f", seen by {waiter.name} after {result.seconds:.3f} s" if result.seconds is not None else "",
+               address=plan.pf, action="sriov", result="ok")
+    return result
+
+
+# --------------------------------------------------------------------------- config
+
+
+def entry_for(engine, pf_ref: str) -> SriovConfig | None:
+    """The ``[[sriov]]`` entry naming the same PF as ``pf_ref`` (by address or netdev)."""
+    topo = engine.topology(with_critical=False)
+    dev = resolve_pf(topo, pf_ref)
+    for e in engine.config.sriov:
+        if e.pf == pf_ref or (dev is not None and (resolve_pf(topo, e.pf) is dev)):
+            return e
+    return None
+
+
+def set_vfs_by_hand(engine, pf_ref: str, numvfs: int, autoprobe: bool | None = None,
+                    wait_timeout: float | None = None) -> VfResult:
+    """``hostdevctl vfs set``: unset options come from the PF's ``[[sriov]]`` entry, else the
+    PF keeps its autoprobe setting and the wait is 60 s."""
+    entry = entry_for(engine, pf_ref)
+    if autoprobe is None and entry is not None:
+        autoprobe = entry.autoprobe
+    timeout = wait_timeout or (entry.wait_timeout if entry is not None else 60.0)
+    result = engine.set_vfs(pf_ref, numvfs, autoprobe, timeout)
+    if entry is not None and entry.numvfs != numvfs:
+        result.notes.append(f"the config asks for {entry.numvfs} VFs on {entry.pf}: the next daemon start "
+                            "sets that again")
+    return result
+
+
+@dataclass
+class SriovReport:
+    results: list[VfResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"results": [r.to_json() for r in self.results], "errors": self.errors}
+
+
+def apply_config(engine, entries: list[SriovConfig]) -> SriovReport:
+    """Daemon start: every configured PF gets its VFs. A refusal or failure is logged and
+    reported; the daemon carries on (the other PFs, reservations and domains still matter)."""
+    report = SriovReport()
+    for entry in entries:
+        try:
+            report.results.append(engine.set_vfs(entry.pf, entry.numvfs, entry.autoprobe, entry.wait_timeout))
+        except HostdevError as e:
+            report.errors.append(f"{entry.pf}: {e}")
+            log_action(log, logging.ERROR, "refused" if isinstance(e, Refused) else "sriov",
+                       "cannot give %s %s VFs: %s", entry.pf, entry.numvfs, e, action="sriov",
+                       result="refused" if isinstance(e, Refused) else "failed")
+    return report
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def vf_listing(topo: Topology, ledger: Ledger, netlink=None) -> dict:
+    """Every SR-IOV PF with its VFs: address, group, driver, owner, and MAC/VLAN as the PF
+    reports them (netlink; None where it cannot be read). ``netlink`` is a VfNetManager."""
+    pfs = []
+    for pf in sorted((d for d in topo.devices.values() if d.sriov_totalvfs is not None and d.physfn is None),
+                     key=lambda d: d.address):
+        netdev = pf.net[0] if pf.net else None
+        table, net_error = {}, None
+        if netdev and netlink is not None and pf.virtfns:
+            try:
+                table = netlink.backend.vf_table(netdev)
+            except HostdevError as e:
+                net_error = str(e)
+        rec = ledger.sriov.get(str(pf.address))
+        vfs = []
+        for i, addr in enumerate(pf.virtfns):
+            vf = topo.get(addr)
+            claim = ledger.claim_for_device(addr)
+            owner = None
+            if claim is not None:
+                owner = "reserved" if claim.owner.kind == "reservation" else claim.owner.name
+            net = table.get(i)
+            saved = claim.device(addr).vf_netconfig if claim is not None else None
+            vfs.append({"index": i, "address": str(addr), "group": vf.group if vf else None,
+                        "driver": vf.driver if vf else None, "owner": owner,
+                        "mac": net.mac if net else None, "vlan": net.vlan if net else None,
+                        "spoofchk": net.spoofchk if net else None, "trust": net.trust if net else None,
+                        "saved": saved.model_dump() if saved is not None else None})
+        pfs.append({"pf": str(pf.address), "netdev": netdev, "driver": pf.driver, "group": pf.group,
+                    "totalvfs": pf.sriov_totalvfs, "numvfs": pf.sriov_numvfs,
+                    "autoprobe": pf.sriov_drivers_autoprobe, "record": rec.model_dump() if rec else None,
+                    "netlink_error": net_error, "vfs": vfs})
+    return {"pfs": pfs}

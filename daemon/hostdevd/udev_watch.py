@@ -1,0 +1,308 @@
+"""udev: PCI devices added, removed, bound and unbound, also behind hostdevd's back (R10).
+
+libvirt's node-device driver ignores bind/unbind uevents, so hostdevd listens
+to udev itself. Two halves:
+
+* :class:`UdevWatch` is the door: a pyudev netlink monitor (subsystem ``pci``)
+  read in its own thread, each uevent turned into a :class:`PciEvent` and
+  handed to a sink. It reads nothing from /sys (pyudev builds the device from
+  the uevent; only ``DRIVER``, ``PCI_SLOT_NAME`` and the device path are used).
+* :class:`PciEventHandler` decides, from :class:`PciEvent` values alone, so
+  tests feed it synthetic events without udev:
+
+  - ``bind``/``unbind`` of a claimed device that should sit on vfio-pci and
+    now does not (a host driver took it, someone unbound it) is **drift**:
+    logged once (journald, ``MESSAGE_ID`` drift) and listed in the daemon's
+    ``status`` until it goes away. It is never "fixed": rebinding a device a
+    person just moved on purpose would be worse than reporting it.
+  - ``remove`` of a claimed device drops it from the ledger with a log line,
+    through the engine under the group lock (a claim left without devices is
+    dropped, its host actions undone).
+  - ``add`` (new VFs after ``sriov_numvfs``, a hot-added card) refreshes the
+    topology: the generation counter moves, subscribers are told (the SR-IOV
+    code waits for its VFs this way) and the daemon re-applies reservations.
+
+The handler judges a device only under its group's lock, so a bind or unbind
+hostdevd itself is doing is never mistaken for drift: by the time the lock is
+free the executor has finished and the ledger says what to expect.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from .address import PciAddress
+from .errors import HostdevError, InvalidAddress
+from .logfields import log_action
+from .planner import VFIO
+
+log = logging.getLogger("hostdevd.udev")
+
+ACTIONS = ("add", "remove", "bind", "unbind")
+# Drivers a claimed device may sit on without drift: vfio-pci, pci-stub (kept as found).
+_VIABLE = (VFIO, "pci-stub")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class PciEvent:
+    """One PCI uevent: what happened to which function (and, for bind, which driver took it)."""
+    action: str
+    address: PciAddress
+    driver: str | None = None
+    seqnum: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.address}" + (f" ({self.driver})" if self.driver else "")
+
+    @classmethod
+    def from_udev(cls, device: Any) -> "PciEvent | None":
+        """From a pyudev Device received on a monitor; None for what hostdevd does not follow."""
+        action = getattr(device, "action", None)
+        if action not in ACTIONS:
+            return None
+        props = device.properties
+        name = props.get("PCI_SLOT_NAME") or getattr(device, "sys_name", None)
+        try:
+            address = PciAddress.parse(name or "")
+        except InvalidAddress:
+            return None
+        driver = props.get("DRIVER") if action == "bind" else None
+        seq = getattr(device, "sequence_number", None)
+        return cls(action, address, driver, int(seq) if seq else None)
+
+
+class PciEventHandler:
+    """What a PCI uevent means for the ledger; see the module docstring."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._drift: dict[str, dict] = {}
+        self._subscribers: list[Callable[[PciEvent], None]] = []
+        self.counts: Counter[str] = Counter()
+        self.topology_generation = 0
+        self.last_event: str | None = None
+        self.on_topology_change: Callable[[PciEvent], None] | None = None
+
+    # ---- subscribers (e.g. SR-IOV provisioning waiting for its VFs)
+    def subscribe(self, fn: Callable[[PciEvent], None]) -> Callable[[], None]:
+        """Call ``fn(event)`` after every handled event; returns the unsubscribe function."""
+        with self._lock:
+            self._subscribers.append(fn)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if fn in self._subscribers:
+                    self._subscribers.remove(fn)
+        return unsubscribe
+
+    # ---- events
+    def handle(self, ev: PciEvent) -> None:
+        with self._lock:
+            self.counts[ev.action] += 1
+            self.last_event = f"{_now()} {ev}"
+        if ev.action == "remove":
+            self._removed(ev)
+        elif ev.action == "add":
+            self._added(ev)
+        else:
+            self.check_device(ev.address, ev)
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for fn in subscribers:
+            try:
+                fn(ev)
+            except Exception:  # a subscriber's bug must not stop event handling
+                log.exception("PCI event subscriber failed on %s", ev)
+
+    def _removed(self, ev: PciEvent) -> None:
+        self._clear(ev.address)
+        try:
+            what = self.engine.forget_vanished(ev.address)
+        except HostdevError as e:
+            log.error("%s vanished but its claim could not be updated: %s", ev.address, e)
+            return
+        if not what:
+            log.debug("%s removed (not claimed)", ev.address)
+        self._topology_changed(ev, "removed")
+
+    def _added(self, ev: PciEvent) -> None:
+        self._topology_changed(ev, "added")
+
+    def _topology_changed(self, ev: PciEvent, what: str) -> None:
+        with self._lock:
+            self.topology_generation += 1
+        physfn = None
+        try:
+            if ev.action == "add" and self.engine.sysfs.exists(ev.address):
+                physfn = self.engine.sysfs.read_device(ev.address).physfn
+        except HostdevError:
+            pass
+        if physfn is not None:
+            log.info("topology refreshed: VF %s of %s %s", ev.address, physfn, what)
+        else:
+            log.info("topology refreshed: PCI device %s %s", ev.address, what)
+        if self.on_topology_change is not None:
+            try:
+                self.on_topology_change(ev)
+            except Exception:
+                log.exception("topology refresh after %s failed", ev)
+
+    # ---- drift
+    def check_device(self, addr: PciAddress, ev: PciEvent | None = None) -> dict | None:
+        """Judge one device against its claim under the group lock; record and log new drift."""
+        claim = self.engine.ledger().claim_for_device(addr)
+        if claim is None:
+            self._clear(addr)
+            return None
+        with self.engine.locks.hold([claim.group]):
+            claim = self.engine.ledger().claim_for_device(addr)
+            rec = claim.device(addr) if claim is not None else None
+            if claim is None or rec is None or claim.state != "active" or rec.state != "vfio":
+                self._clear(addr)            # not claimed, or mid-operation/failed: not ours to judge
+                return None
+            sysfs = self.engine.sysfs
+            if not sysfs.exists(addr):
+                return None                  # gone: the remove event deals with it
+            driver = sysfs.driver(addr)
+            if driver in _VIABLE or (driver is not None and sysfs.read_device(addr).vfio_variant) \
+                    or (driver is not None and not rec.bound_by_us and driver == rec.original_driver):
+                self._clear(addr)
+                return None
+            entry = {"address": str(addr), "group": claim.group, "owner": claim.owner.name,
+                     "driver": driver, "expected": VFIO, "since": _now(),
+                     "event": ev.action if ev else "check"}
+        with self._lock:
+            old = self._drift.get(str(addr))
+            if old is not None and old["driver"] == driver:
+                return old
+            self._drift[str(addr)] = entry
+        now_on = f"bound to {driver}" if driver else "without a driver"
+        log_action(log, logging.WARNING, "drift",
+                   "%s (IOMMU group %s, claimed by %s) is now %s instead of vfio-pci, changed behind "
+                   "hostdevd's back; left as it is (the group is no longer viable for the guest: move it back "
+                   "or release the claim)", addr, claim.group, claim.owner.label(), now_on, address=addr,
+                   group=claim.group, owner=claim.owner, action=f"udev-{ev.action}" if ev else "check",
+                   result="drift")
+        return entry
+
+    def scan(self) -> list[dict]:
+        """Check every claimed device (daemon start, reconnects); returns the current drift."""
+        for claim in list(self.engine.ledger().claims.values()):
+            for rec in claim.devices:
+                try:
+                    self.check_device(rec.pci)
+                except HostdevError as e:
+                    log.warning("drift check of %s failed: %s", rec.address, e)
+        return self.drift()
+
+    def _clear(self, addr: PciAddress) -> None:
+        with self._lock:
+            old = self._drift.pop(str(addr), None)
+        if old is not None:
+            log.info("%s is no longer drifting (claim gone or device back on vfio-pci)", addr)
+
+    def drift(self) -> list[dict]:
+        """Current drift, re-validated cheaply (entries whose claim is gone or device is back go)."""
+        with self._lock:
+            entries = list(self._drift.values())
+        if not entries:
+            return []
+        ledger = self.engine.ledger()
+        out = []
+        for e in entries:
+            addr = PciAddress.parse(e["address"])
+            claim = ledger.claim_for_device(addr)
+            try:
+                back = self.engine.sysfs.driver(addr) in _VIABLE
+            except HostdevError:
+                back = False
+            if claim is None or back:
+                self._clear(addr)
+                continue
+            out.append(dict(e))
+        return sorted(out, key=lambda e: e["address"])
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"events": dict(self.counts), "topology_generation": self.topology_generation,
+                    "last_event": self.last_event}
+
+
+class UdevWatch:
+    """pyudev netlink monitor for subsystem pci, read in a daemon thread."""
+
+    def __init__(self, monitor_factory: Callable[[], Any] | None = None, poll_timeout: float = 1.0):
+        self._factory = monitor_factory or self._pyudev_monitor
+        self.poll_timeout = poll_timeout
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.error: str | None = None
+        self.received = 0
+
+    @staticmethod
+    def _pyudev_monitor() -> Any:
+        import pyudev
+
+        monitor = pyudev.Monitor.from_netlink(pyudev.Context())
+        monitor.filter_by("pci")
+        return monitor
+
+    def start(self, sink: Callable[[PciEvent], None]) -> bool:
+        """Open the monitor and start reading; False (and ``error`` set) when udev is unavailable."""
+        try:
+            monitor = self._factory()
+            monitor.start()
+        except Exception as e:  # no pyudev, no libudev, no netlink permission: run without udev
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("not watching udev (%s): devices changed behind hostdevd's back are noticed only by "
+                        "reconciliation and `hostdevctl check`", self.error)
+            return False
+        self._thread = threading.Thread(target=self._run, args=(monitor, sink), name="udev-monitor", daemon=True)
+        self._thread.start()
+        log.info("watching udev for PCI add/remove/bind/unbind")
+        return True
+
+    def _run(self, monitor: Any, sink: Callable[[PciEvent], None]) -> None:
+        while not self._stopping.is_set():
+            try:
+                device = monitor.poll(timeout=self.poll_timeout)
+            except Exception as e:
+                if self._stopping.is_set():
+                    return
+                self.error = f"{type(e).__name__}: {e}"
+                log.exception("reading udev events failed")
+                self._stopping.wait(1.0)
+                continue
+            if device is None:
+                continue
+            ev = PciEvent.from_udev(device)
+            if ev is None:
+                continue
+            self.received += 1
+            try:
+                sink(ev)
+            except Exception:
+                log.exception("PCI event sink failed on %s", ev)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(self.poll_timeout + 2)
+
+    @property
+    def watching(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def healthy(self) -> bool:
+        """False only when the reader thread died after a successful start."""
+        return self._thread is None or self._thread.is_alive() or self._stopping.is_set()
