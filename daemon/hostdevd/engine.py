@@ -5,8 +5,10 @@ The daemon, the hook's server side and hostdevctl are thin doors onto an
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from typing import Iterable, Iterator
 
@@ -17,10 +19,12 @@ from .executor import Executor, Result, Runner, default_modprobe, default_runner
 from .ledger import Ledger, LedgerStore, Owner
 from .planner import Plan, Policy, groups_of, plan_prepare, plan_release
 from .sysfs import RealHost, Sysfs
-from .topology import Topology, from_sysfs
+from .topology import Topology, from_sysfs, refresh_groups
 from .vfnet import NetlinkBackend, NetRequest, VfNetManager
 
 log = logging.getLogger("hostdevd.engine")
+
+CRITICAL_TTL = 10.0  # seconds
 
 
 class GroupLocks:
@@ -59,10 +63,22 @@ class Engine:
                                  vfnet=VfNetManager(self.netlink) if self.netlink is not None else None)
         self._vf_waiter = None
         self.locks = GroupLocks()
+        self._critical: tuple[float, dict] | None = None
 
     # ---- read side ----
     def topology(self, with_critical: bool = True) -> Topology:
-        return from_sysfs(self.sysfs, with_critical=with_critical)
+        topo = from_sysfs(self.sysfs, with_critical=False)
+        if with_critical:
+            topo.critical = self.critical()
+        return topo
+
+    def critical(self) -> dict:
+        """Host-critical devices, cached briefly: mounts, swaps and routes change rarely, and
+        reading them (and every boot_vga) on each request doubles a prepare's cost."""
+        now = time.monotonic()
+        if self._critical is None or now - self._critical[0] > CRITICAL_TTL:
+            self._critical = (now, self.sysfs.host_critical())
+        return dict(self._critical[1])
 
     def ledger(self) -> Ledger:
         return self.store.read()
@@ -85,9 +101,13 @@ class Engine:
         ``net``: VF MAC/VLAN per address (``<interface type='hostdev'>``), set after the bind.
         """
         addresses = list(addresses)
-        with self.locks.hold(groups_of(self.topology(with_critical=False), addresses)):
-            # Plan under the group locks, against a fresh ledger: no stale decisions.
-            plan = plan_prepare(self.topology(), addresses, owner, self.ledger(), self.policy, net_requests=net)
+        scan = self.topology()
+        groups = groups_of(scan, addresses)
+        with self.locks.hold(groups):
+            # Plan under the group locks, against a fresh ledger and freshly read group
+            # members: no stale decisions.
+            topo = refresh_groups(scan, self.sysfs, groups)
+            plan = plan_prepare(topo, addresses, owner, self.ledger(), self.policy, net_requests=net)
             if not plan.ok:
                 raise Refused(plan.refusal_message(), refusals=[r.to_json() for r in plan.refusals])
             return plan, self.executor.prepare(plan)
@@ -150,9 +170,21 @@ def default_netlink(sysfs: Sysfs) -> NetlinkBackend | None:
     """pyroute2 on a real host (sysfs at /sys); none for the simulated kernel or a moved sysfs root."""
     if not isinstance(sysfs.backend, RealHost) or sysfs.backend.sys_root != "/sys":
         return None
-    try:
-        from .vfnet import Pyroute2Backend
-        return Pyroute2Backend()
-    except ImportError as e:
-        log.warning("pyroute2 is not installed (%s): VF MAC/VLAN are neither saved nor restored", e)
+    if importlib.util.find_spec("pyroute2") is None:
+        log.warning("pyroute2 is not installed: VF MAC/VLAN are neither saved nor restored")
         return None
+    return _Lazy(lambda: __import__("hostdevd.vfnet", fromlist=["Pyroute2Backend"]).Pyroute2Backend())
+
+
+class _Lazy:
+    """Builds the real object on first use: hostdevctl's commands that never touch a VF
+    do not pay for importing pyroute2 (about a second under the lab's emulation)."""
+
+    def __init__(self, factory):
+        self._factory = factory
+        self._obj = None
+
+    def __getattr__(self, name):
+        if self._obj is None:
+            self._obj = self._factory()
+        return getattr(self._obj, name)
