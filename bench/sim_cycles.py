@@ -13,6 +13,7 @@ warm-up and after the cycles.
 
     python bench/sim_cycles.py                    # 1,000 cycles of nic1 (0000:01:00.0)
     python bench/sim_cycles.py --cycles 200 --device 0000:04:00.0 --json
+    python bench/sim_cycles.py --save             # also bench/results/sim_cycles-<date>.json
 
 This is a benchmark, not a test: it asserts nothing beyond "the device went
 to vfio-pci and came back", and it is never run by the test suite.
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         "after the timed run, this many more cycles under tracemalloc to tell a Python-level "
         "leak from allocator noise in RSS (default 200; 0 skips)"))
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
+    ap.add_argument("--save", action="store_true",
+                    help="also write the JSON to bench/results/sim_cycles-<date>.json")
     args = ap.parse_args(argv)
 
     rss_start = rss_kib()
@@ -253,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         "tracemalloc": {"cycles": args.leak_cycles,
                         "net_growth_bytes": traced_growth},
     }
+    if args.save:
+        out = REPO / "bench" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"sim_cycles-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

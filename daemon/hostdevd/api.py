@@ -16,7 +16,8 @@ Ops (``v`` is 1 for all):
 ``ping``      -> ``{"version", "pid"}``
 ``status``    -> ``{"daemon": {...libvirt state...}, "claims": [...], "reservations": [...], "drift": [...],
                  "udev": {...}}``
-``prepare``   ``{"domain": {"name", "uuid"?}, "xml" | "addresses", "origin"?}`` -> claims + plan
+``prepare``   ``{"domain": {"name", "uuid"?}, "xml" | "addresses", "origin"?, "phase"?}`` -> claims + plan
+              (phase "start": libvirt's 'start begin' hook, where a hostdev network's VF is known)
 ``release``   ``{"domain", "xml"?, "addresses"?}``: without addresses, every claim of the domain
 ``plan``      ``{"owner": {"name", "uuid"?, "kind"?}, "xml" | "addresses", "action"?}`` (dry run)
 ``vfs_set``   ``{"pf", "numvfs", "autoprobe"?, "wait_timeout"?}``: SR-IOV VF count (through 0) -> VFs

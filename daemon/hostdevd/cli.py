@@ -135,10 +135,15 @@ def _domain_ref(owner: Owner) -> dict:
     return {"name": owner.name, **({"uuid": owner.uuid} if owner.uuid else {})}
 
 
+_STDIN: list[str] = []      # stdin can be read once; a command may need the XML twice
+
+
 def _read_text(path: str) -> str:
     try:
         if path == "-":
-            return sys.stdin.read()
+            if not _STDIN:
+                _STDIN.append(sys.stdin.read())
+            return _STDIN[0]
         return Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from e
@@ -222,7 +227,7 @@ def _print_plan(ctx: Context, plan_json: dict, out: Callable[[str], None], title
     if plan_json.get("steps"):
         out("  steps:")
         for s in plan_json["steps"]:
-            target = s["address"] or f"group {s['group']}"
+            target = s["address"] or s.get("name") or f"group {s['group']}"
             out(f"    {s['action']:<8} {target}" + (f"  {s['detail']}" if s["detail"] else ""))
     for r in plan_json.get("refusals", []):
         out(f"  refused: {r['reason']}")
@@ -244,12 +249,20 @@ def cmd_plan(ctx: Context, out: Callable[[str], None]) -> int:
         if not addrs:
             raise UsageError("nothing to plan: give a domain XML file or --device BDF")
         plan = plan_prepare(topo, addrs, owner, ledger, ctx.engine.policy if topo.source == "sysfs"
-                            else _policy(ctx), warnings)
+                            else _policy(ctx), warnings, net_requests=_net_requests(ctx))
     data = plan.to_json()
     data["source"] = topo.source
     data["notes"] = notes
     _print_plan(ctx, data, out, "release plan" if ctx.args.release else "plan")
     return EXIT_OK if plan.ok else EXIT_PROBLEM
+
+
+def _net_requests(ctx: Context) -> dict:
+    """VF MAC/VLAN from the domain XML's <interface type='hostdev'> (none with --device only)."""
+    if not getattr(ctx.args, "xml", None):
+        return {}
+    from .vfnet import net_requests
+    return net_requests(parse_domain(_read_text(ctx.args.xml).encode()))
 
 
 def _policy(ctx: Context):
@@ -265,10 +278,14 @@ def cmd_prepare(ctx: Context, out: Callable[[str], None]) -> int:
         raise UsageError("nothing to prepare: give a domain XML file or --device BDF")
     sock = _daemon_socket(ctx)
     if sock:
-        return _via_daemon(ctx, sock, {"op": "prepare", "domain": _domain_ref(owner), "origin": "cli",
-                                       "addresses": [str(a) for a in addrs]}, out, "prepared")
+        req = {"op": "prepare", "domain": _domain_ref(owner), "origin": "cli"}
+        if ctx.args.xml and not ctx.args.device:   # the XML carries VF MAC/VLAN (<interface type='hostdev'>)
+            req["xml"] = _read_text(ctx.args.xml)
+        else:
+            req["addresses"] = [str(a) for a in addrs]
+        return _via_daemon(ctx, sock, req, out, "prepared")
     try:
-        plan, result = ctx.engine.prepare(addrs, owner)
+        plan, result = ctx.engine.prepare(addrs, owner, _net_requests(ctx))
     except Refused as e:
         plan = ctx.engine.plan_prepare(addrs, owner)
         data = plan.to_json()
@@ -457,7 +474,26 @@ def cmd_status(ctx: Context, out: Callable[[str], None]) -> int:
     for c in ledger.claims.values():
         for n in c.notes:
             out(f"group {c.group}: {n}")
+        if c.host_actions:
+            out(f"group {c.group}: host actions undone at release: " + ", ".join(
+                f"{'stopped' if a.kind == 'unit' else 'unloaded'} {a.name}"
+                + (" (pending)" if a.state == "pending" else "") for a in c.host_actions))
+    for d in _daemon_drift(ctx):
+        out(f"DRIFT: {d['address']} (group {d['group']}, {d['owner']}) is on {d['driver'] or 'no driver'}, "
+            f"not {d['expected']}, since {d['since']}: changed behind hostdevd's back, left as it is")
     return EXIT_OK
+
+
+def _daemon_drift(ctx: Context) -> list[dict]:
+    """Drift the daemon saw through udev (empty without a daemon)."""
+    from . import wire
+    sock = _daemon_socket(ctx)
+    if not sock:
+        return []
+    try:
+        return wire.call(sock, {"op": "status"}, timeout=10).get("drift") or []
+    except wire.WireError:
+        return []
 
 
 def cmd_check(ctx: Context, out: Callable[[str], None]) -> int:
@@ -645,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, sysfs: Sysfs | None = None,
          out: Callable[[str], None] = print, netlink=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="hostdevctl: %(message)s")
+    _STDIN.clear()
     try:
         args = build_parser().parse_args(argv)
         return args.func(Context(args, sysfs, netlink), out)

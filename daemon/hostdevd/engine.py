@@ -163,7 +163,17 @@ class Engine:
         if claim is None:
             return ""
         with self.locks.hold([claim.group]):
-            return self.executor.forget_vanished(claim.group, addr)
+            what = self.executor.forget_vanished(claim.group, addr)
+            fresh = self.ledger().claim_for_group(claim.group)
+            if what == "device" and fresh is not None and not fresh.requested:
+                # Only companions left: nothing of the group is in use any more, so it goes back
+                # (a claim without requested devices would otherwise never be released).
+                plan = plan_release(self.topology(with_critical=False), fresh.owner, self.ledger())
+                plan.groups = [g for g in plan.groups if g.group == fresh.group]
+                plan.steps = [st for st in plan.steps if st.group == fresh.group]
+                self.executor.release(plan)
+                what = "released"
+            return what
 
 
 def default_netlink(sysfs: Sysfs) -> NetlinkBackend | None:

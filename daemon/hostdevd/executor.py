@@ -10,6 +10,11 @@ step so a crash at any point leaves enough on disk to finish or undo it.
 * Release is best effort: each device's failure is logged and the rest
   continue (libvirt's reattach does the same); a group whose devices did not
   all come back keeps a ``failed`` claim so nothing is forgotten.
+* Host actions (config ``host_actions``): units stopped and modules unloaded
+  after the claim and before the first bind, each recorded in the claim
+  before it runs; undone at release and on rollback with modules loaded
+  *before* the devices go back to their drivers and units started *after*.
+  Commands go through an injectable runner (``systemctl``, ``modprobe``).
 """
 from __future__ import annotations
 

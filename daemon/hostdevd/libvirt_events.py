@@ -314,6 +314,18 @@ class LibvirtEvents:
             return bool(dom is not None and dom.isActive())
         return self._call(f"check whether {name} runs", run)
 
+    def network_xml(self, name: str) -> str | None:
+        """A libvirt network's XML (the network driver: never the domain a hook request is about);
+        None when there is no such network."""
+        def run(conn):
+            try:
+                return conn.networkLookupByName(name).XMLDesc(0)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+                    return None
+                raise
+        return self._call(f"read network {name}", run)
+
     def domain_xml(self, name: str, uuid: str | None = None) -> str | None:
         """Live XML of a running domain; None when it is not running (or not defined)."""
         def run(conn):

@@ -318,7 +318,7 @@ def _host_action_steps(topo: Topology, gp: GroupPlan, policy: Policy,
             if (kind, name) in planned:
                 continue
             planned.add((kind, name))
-            steps.append(Step(action, gp.group, None, f"{name} for {a} (host_actions, timeout {timeout:g} s)",
+            steps.append(Step(action, gp.group, None, f"for {a} (host_actions, timeout {timeout:g} s)",
                               name=name, timeout=timeout))
     return steps
 
@@ -365,7 +365,7 @@ def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> No
     # Modules first: a device can only go back to a driver that is loaded.
     for act in reversed(claim.host_actions):
         if act.kind == "module":
-            plan.steps.append(Step("load_module", claim.group, None, f"{act.name} (unloaded for this group)",
+            plan.steps.append(Step("load_module", claim.group, None, "unloaded for this group: back before the devices",
                                    name=act.name, timeout=act.timeout))
     for rec in reversed(claim.devices):        # R6: while the VFs are still on vfio-pci
         cfg = rec.vf_netconfig
@@ -397,7 +397,7 @@ def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> No
                              "release waits for QEMU to close it")
     for act in reversed(claim.host_actions):
         if act.kind == "unit":
-            plan.steps.append(Step("start_unit", claim.group, None, f"{act.name} (stopped for this group)",
+            plan.steps.append(Step("start_unit", claim.group, None, "stopped for this group: started after the devices",
                                    name=act.name, timeout=act.timeout))
     plan.steps.append(Step("drop", claim.group, None, "remove claim from ledger"))
 

@@ -15,6 +15,13 @@ Threads and who may call what:
   domain meanwhile (otherwise it looks again). A stale STOPPED event can so
   never release the claims of a domain that was started again.
 
+* the udev monitor thread (:mod:`hostdevd.udev_watch`) only queues PCI
+  uevents for the same worker (bind/unbind ``DRIFT_GRACE`` seconds late);
+  the handler judges a device under its group lock.
+* ``attach``/``detach`` (hostdevctl) hold the domain's gate for the whole
+  request, including the wait for the guest to let go of a device, which
+  libvirt's device events (recorded per domain) wake.
+
 Policy: prepare is all-or-nothing; release is best effort and idempotent (the
 hook's ``release end`` and the STOPPED event both release; the second finds
 nothing to do). While libvirt is unreachable the socket keeps serving from
@@ -528,6 +535,9 @@ class Daemon:
         parsed, addrs = self._devices(req.xml, req.addresses, fragment=False)
         owner = self._owner(req.domain, parsed)
         extras = self._extras(parsed)
+        # A managed='no' hostdev network: libvirt wants its VF on vfio-pci before 'start begin'.
+        picks = self._check_pools(parsed, owner, extras)
+        addrs += [a for a in picks if a not in addrs]
         if not addrs:
             return {"owner": owner.model_dump(), "groups": [], "note": "no PCI host device to prepare", **extras}
         t0 = time.monotonic()
@@ -535,6 +545,7 @@ class Daemon:
             # phase "start" (libvirt's 'start begin' hook): a VF from a hostdev network is known only
             # now, and libvirt already set its MAC/VLAN: recorded and verified, not written.
             net = net_requests(parsed, resolved_by_libvirt=getattr(req, "phase", "prepare") == "start")
+            net.update(picks)
             plan, result = self._prepare(addrs, owner, net)
         log.info("prepared %s for %s (%s) in %.0f ms", ", ".join(map(str, addrs)), owner.label(), req.origin,
                  (time.monotonic() - t0) * 1000)
@@ -549,6 +560,48 @@ class Daemon:
             plan, result = self.engine.release(owner, addrs)
         return {"owner": owner.model_dump(), "groups": result.groups, "plan": plan.to_json(),
                 "result": result.to_json(), "warnings": plan.warnings}
+
+    def _check_pools(self, parsed: DomainRequest | None, owner: Owner, extras: dict) -> dict:
+        """An interface on a libvirt hostdev network: libvirt picks its VF only after 'prepare
+        begin' (qemuProcessPrepareHost). Resolve the pool through the network's XML (the network
+        driver, not this domain: no deadlock, R9) and refuse now when no VF of it could be
+        assigned. For a managed='no' pool libvirt insists the VF is on vfio-pci before 'start
+        begin' ("Unmanaged PCI device … must be manually detached"), so the VF libvirt will take
+        (networkAllocatePort: the first VF of the pool without a connection) is returned, to be
+        prepared now; a managed='yes' pool's VF is bound by libvirt and claimed at 'start begin'.
+        Returns {address: NetRequest} for the VFs to prepare now."""
+        picks: dict = {}
+        if parsed is None or not parsed.networks or self.adapter is None or not self.libvirt_connected \
+                or not hasattr(self.adapter, "network_xml"):
+            return picks
+        from .domxml import parse_network
+        from .sriov import network_pool, pool_candidates
+        from .vfnet import NetRequest
+        topo = None
+        for i, ref in enumerate(parsed.networks):
+            try:
+                xml = self.adapter.network_xml(ref.network)
+                net = parse_network(xml) if xml is not None else None
+            except HostdevError as e:
+                extras.setdefault("warnings", []).append(f"network {ref.network!r}: {e}")
+                continue
+            if net is None or not net.is_hostdev:
+                continue
+            topo = topo or self.engine.topology()
+            pool = network_pool(topo, net)
+            ok, why = pool_candidates(topo, self.engine.ledger(), owner, pool, self.engine.policy)
+            ok = [a for a in ok if PciAddress.parse(a) not in picks]
+            extras["networks"][i].update(hostdev_pool=[str(a) for a in pool], assignable=ok)
+            if pool and not ok:
+                raise Refused(f"hostdev network {ref.network!r} has no VF {owner.name} could get: "
+                              + "; ".join(f"{a}: {r}" for a, r in list(why.items())[:4]),
+                              "free a VF of the pool (stop a domain using one) or create more VFs "
+                              "(`hostdevctl vfs set`)")
+            if pool and not net.managed:
+                # libvirt sets its MAC after this hook and restores it itself: saved now, verified.
+                picks[PciAddress.parse(ok[0])] = NetRequest(mac=ref.mac, managed=True)
+                extras["networks"][i]["prepared"] = ok[0]
+        return picks
 
     def op_vfs_set(self, req, peer: Peer) -> dict:
         """``hostdevctl vfs set`` through the daemon: its group locks cover the VFs' groups."""
@@ -618,7 +671,8 @@ class Daemon:
                 return reply
             held = {a for c in self.engine.ledger().claims_of(owner) for a in c.requested}
             new = [a for a in addrs if str(a) not in held]
-            plan, result = self._prepare(addrs, owner)
+            # An <interface type='hostdev'> carries the VF's MAC/VLAN: recorded (and set) as at start.
+            plan, result = self._prepare(addrs, owner, net_requests(parsed))
             reply.update(groups=result.groups, plan=plan.to_json(), result=result.to_json())
             done: list[str] = []
             try:
@@ -691,9 +745,13 @@ class Daemon:
                         self.adapter.detach_device(owner.name, owner.uuid, xml, config=True, live=False)
                     except LibvirtFailure as e:
                         reply["warnings"].append(f"persistent definition unchanged: {e.message}")
-            # Released: what the guest let go of, and what hostdevd held for a device the
-            # domain no longer has (or a domain that is not running).
-            release = [a for a in addrs if a not in still and (a in present or str(a) in claimed)]
+            # Released: what the guest let go of, and what hostdevd held for a device the domain
+            # no longer has (live XML read) or for a domain that is not running. --config alone on
+            # a running domain leaves the live guest, and so its claims, alone.
+            if live or not active:
+                release = [a for a in addrs if a not in still and (a in present or str(a) in claimed)]
+            else:
+                release = []
             if release:
                 with self.gate.lock(owner.name):
                     plan, result = self.engine.release(owner, release)

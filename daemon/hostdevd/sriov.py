@@ -296,14 +296,16 @@ class VfResult:
     pf: str
     numvfs: int
     vfs: list[str] = field(default_factory=list)
-    seconds: float | None = None
+    seconds: float | None = None          # writing N to sriov_numvfs until udev announced every VF
+    remove_seconds: float | None = None   # writing 0 (the kernel removes the old VFs synchronously)
     waiter: str = ""
     notes: list[str] = field(default_factory=list)
     changed: bool = False
 
     def to_json(self) -> dict:
         return {"pf": self.pf, "numvfs": self.numvfs, "vfs": self.vfs, "seconds": self.seconds,
-                "waiter": self.waiter, "notes": self.notes, "changed": self.changed}
+                "remove_seconds": self.remove_seconds, "waiter": self.waiter, "notes": self.notes,
+                "changed": self.changed}
 
 
 def _record(store: LedgerStore, pf: str, **changes) -> None:
@@ -321,7 +323,7 @@ def apply_vf_plan(sysfs: Sysfs, store: LedgerStore, plan: VfPlan, waiter: VfWait
                   on_step: Callable[[str], None] | None = None) -> VfResult:
     """Make the plan's writes; record intent first and the VFs after. Raises on refusal/failure."""
     if not plan.ok:
-        raise Refused(f"{plan.pf}: " + "; ".join(plan.refusals), plan.hint or None,
+        raise Refused("; ".join(plan.refusals), plan.hint or None,
                       refusals=[{"device": plan.pf, "reason": r, "hint": plan.hint} for r in plan.refusals])
     pf = PciAddress.parse(plan.pf)
     result = VfResult(plan.pf, plan.wanted, waiter=waiter.name)
@@ -343,9 +345,10 @@ def apply_vf_plan(sysfs: Sysfs, store: LedgerStore, plan: VfPlan, waiter: VfWait
                 if kind == "autoprobe":
                     sysfs.set_sriov_drivers_autoprobe(pf, bool(value))
                 elif kind == "numvfs":
-                    if value:
-                        t0 = time.monotonic()
+                    t0 = time.monotonic()
                     sysfs.set_sriov_numvfs(pf, int(value), timeout=timeout)
+                    if not value:
+                        result.remove_seconds = round(time.monotonic() - t0, 3)
                 elif kind == "wait":
                     result.notes += watch.wait(pf, int(value), max(0.0, timeout - (time.monotonic() - t0)))
     except HostdevError as e:
@@ -407,12 +410,41 @@ def apply_config(engine, entries: list[SriovConfig]) -> SriovReport:
     for entry in entries:
         try:
             report.results.append(engine.set_vfs(entry.pf, entry.numvfs, entry.autoprobe, entry.wait_timeout))
-        except HostdevError as e:
+        except Exception as e:  # noqa: BLE001 - one PF (or udev) failing must not stop the daemon
             report.errors.append(f"{entry.pf}: {e}")
             log_action(log, logging.ERROR, "refused" if isinstance(e, Refused) else "sriov",
                        "cannot give %s %s VFs: %s", entry.pf, entry.numvfs, e, action="sriov",
                        result="refused" if isinstance(e, Refused) else "failed")
     return report
+
+
+# --------------------------------------------------------------------------- hostdev networks
+
+
+def network_pool(topo: Topology, network) -> list[PciAddress]:
+    """The VFs a libvirt hostdev network (``domxml.parse_network``) hands out: the VFs of its
+    ``<pf dev=…/>`` PFs (by netdev name) and its explicit ``<address>`` list, in that order."""
+    pool: list[PciAddress] = []
+    for dev in network.pf_devs:
+        pf = resolve_pf(topo, dev)
+        if pf is not None:
+            pool += pf.virtfns
+    pool += network.vf_addresses
+    return list(dict.fromkeys(pool))
+
+
+def pool_candidates(topo: Topology, ledger: Ledger, owner, pool: list[PciAddress], policy=None
+                    ) -> tuple[list[str], dict[str, str]]:
+    """Which VFs of a pool ``owner`` could get (each planned alone); the others with the reason."""
+    from .planner import plan_prepare
+    ok, why = [], {}
+    for addr in pool:
+        plan = plan_prepare(topo, [addr], owner, ledger, policy)
+        if plan.ok:
+            ok.append(str(addr))
+        else:
+            why[str(addr)] = plan.refusals[0].reason
+    return ok, why
 
 
 # --------------------------------------------------------------------------- listing

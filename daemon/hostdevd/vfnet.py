@@ -323,13 +323,16 @@ class NetRequest:
     mac: str | None = None
     vlan: int | None = None
     managed: bool | None = None        # managed='yes': libvirt sets them; hostdevd records and verifies
+    # libvirt chose this VF from a hostdev network and configured it before hostdevd saw it:
+    # what hostdevd reads then is libvirt's setting, not the original (libvirt restores that).
+    libvirt_first: bool = False
 
     @property
     def wants_settings(self) -> bool:
         return self.mac is not None or self.vlan is not None
 
     def to_json(self) -> dict:
-        return {"mac": self.mac, "vlan": self.vlan, "managed": self.managed}
+        return {"mac": self.mac, "vlan": self.vlan, "managed": self.managed, "libvirt_first": self.libvirt_first}
 
 
 def vf_identity(sysfs: Sysfs, addr: PciAddress) -> tuple[str, int] | None:
@@ -397,8 +400,12 @@ class VfNetSteps:
             why = cfg.notes[0] if cfg is not None else "it is not a VF whose PF has a network interface"
             raise ExecutionFailed(f"{addr}: cannot set MAC/VLAN: {why}",
                                   "use <hostdev> without MAC/VLAN, or a VF of a network PF")
-        if req.managed:
+        if req.managed or req.libvirt_first:
             cfg.state, cfg.requested_mac, cfg.requested_vlan = "libvirt", req.mac, req.vlan
+            if req.libvirt_first:
+                cfg.mac = cfg.vlan = cfg.qos = cfg.spoofchk = cfg.trust = None
+                cfg.notes.append("read after libvirt configured it (hostdev network): the original settings "
+                                 "are libvirt's to restore")
             self.set_state(group, addr, vf_netconfig=cfg)
             log_action(log, logging.INFO, "sriov", "VF %s: libvirt sets mac %s vlan %s itself (managed='yes'); "
                        "recorded, verified after start", addr, req.mac, req.vlan, address=addr, group=group,
@@ -503,5 +510,5 @@ def net_requests(parsed, resolved_by_libvirt: bool = False) -> dict[PciAddress, 
                           "give the interface a single <vlan><tag id=…/></vlan>")
         libvirt_owned = resolved_by_libvirt or r.network is not None
         out[r.address] = NetRequest(mac=r.mac, vlan=r.vlan_tags[0] if r.vlan_tags else None,
-                                    managed=True if libvirt_owned else r.managed)
+                                    managed=True if libvirt_owned else r.managed, libvirt_first=libvirt_owned)
     return out

@@ -370,3 +370,14 @@ def test_default_runner_reports_timeouts_and_missing_programs():
         default_runner(["sleep", "5"], 0.2)
     with pytest.raises(ExecutionFailed, match="cannot run"):
         default_runner(["/nonexistent/hostdevd-test"], 5)
+
+
+def test_status_lists_the_host_actions_to_undo(eng, sim, host, tmp_path):
+    from hostdevd.cli import main as cli_main
+
+    eng.prepare([A.parse(GPU)], VM1)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{eng.config.state_dir}"\nruntime_dir = "{tmp_path / "run"}"\n')
+    lines: list[str] = []
+    assert cli_main(["--config", str(cfg), "status"], sysfs=Sysfs(sim, 2.0), out=lines.append) == 0
+    assert lines[-1] == f"group 1: host actions undone at release: stopped {DM}, unloaded nouveau"

@@ -287,6 +287,15 @@ def test_detach_keeps_a_group_another_device_of_the_domain_uses(hot):
     assert detach(path, PAIR_B)["groups"] == [15] and sim.driver(PAIR) == "e1000e"
 
 
+def test_detach_config_only_leaves_the_running_guest_and_its_claims_alone(hot):
+    d, sim, path, lv = hot
+    assert attach(path, NIC1, live=True, config=True)["ok"]
+    r = detach(path, NIC1, config=True)
+    assert r["ok"] and (r["live"], r["config"]) == (False, True) and r["groups"] == []
+    assert lv.persistent["vm1"] == [] and len(lv.running["vm1"]) == 1
+    assert sim.driver(NIC1) == "vfio-pci" and d.engine.ledger().claim_for_group(12) is not None
+
+
 def test_detach_of_something_not_attached(hot):
     d, sim, path, lv = hot
     r = detach(path, NIC1)

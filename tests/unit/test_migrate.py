@@ -264,3 +264,17 @@ def test_hostdevctl_check_migrate_without_the_daemon(tmp_path):
     import json
     m = json.loads("\n".join(lines))
     assert rc == 1 and m["cannot_unplug"] == [NIC1] and m["source"] == "given XML"
+
+
+def test_variant_driver_note_only_for_real_variant_drivers(tmp_path):
+    eng = make_engine(load_sim("lab"), tmp_path / "s")
+    owner = Owner(name="vm1", uuid=UUID)
+    eng.prepare([A.parse(NIC1)], owner)
+    topo = eng.topology()
+    assert topo.get(A.parse(NIC1)).vfio_variant, "vfio-dev/ exists for plain vfio-pci too (6.1+)"
+    placement = guest_placements(dom(hd(NIC1, "0000:01:00.0")))
+    r = assess("vm1", placement, eng.ledger().claims_of(owner), topo)
+    assert r.devices[0].notes == []
+    topo.get(A.parse(NIC1)).driver = "mlx5_vfio_pci"
+    r = assess("vm1", placement, eng.ledger().claims_of(owner), topo)
+    assert "VFIO variant driver mlx5_vfio_pci" in r.devices[0].notes[0] and r.blocked

@@ -519,3 +519,97 @@ def test_numvfs_write_error_is_reported(tmp_path):
     assert "ENOMEM" in str(e.value) and eng.ledger().sriov[PF].state == "failed"
     store = LedgerStore(tmp_path)
     assert store.read().sriov[PF].note
+
+
+# --------------------------------------------------------------------------- hostdev networks
+
+
+class NetAdapter:
+    """Just enough of the libvirt adapter for a hook prepare: the network's XML."""
+    uri, connected = "test:///", True
+
+    def __init__(self, networks):
+        self.networks, self.asked = networks, []
+
+    def network_xml(self, name):
+        self.asked.append(name)
+        return self.networks.get(name)
+
+    def stop(self):
+        pass
+
+
+def test_hostdev_network_pool_is_resolved_from_the_network_xml():
+    from hostdevd.domxml import parse_network
+    from hostdevd.sriov import network_pool
+    sim = load_sim("sriov_pf")
+    base = short_dir()
+    try:
+        d = _daemon(sim, base, '[[sriov]]\npf = "enp3s0f0"\nnumvfs = 2\n')
+        d.start()
+        try:
+            vfs = sim.vfs(PF)
+            net = ("<network><name>pool</name><forward mode='hostdev' managed='yes'><pf dev='enp3s0f0'/>"
+                   "</forward></network>")
+            assert [str(a) for a in network_pool(d.engine.topology(), parse_network(net))] == vfs
+            d.adapter = NetAdapter({"pool": net, "nat": "<network><name>nat</name><forward mode='nat'/></network>"})
+            d._lv_connected = True
+            xml = ("<domain><name>web1</name><devices><interface type='network'><source network='pool'/></interface>"
+                   "<interface type='network'><source network='nat'/></interface></devices></domain>")
+            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
+            assert r["ok"] and r["networks"][0]["hostdev_pool"] == vfs and r["networks"][0]["assignable"] == vfs
+            assert "hostdev_pool" not in r["networks"][1] and d.adapter.asked == ["pool", "nat"]
+            assert "'start begin' hook" in r["warnings"][0]
+            d.engine.prepare([A.parse(v) for v in vfs], DB1)          # every VF of the pool is taken
+            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
+            assert not r["ok"] and "hostdev network 'pool' has no VF web1 could get" in r["error"]["message"]
+            assert "db1" in r["error"]["message"]
+        finally:
+            d.stop(drain_timeout=2)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_managed_no_hostdev_network_vf_is_prepared_at_prepare_begin():
+    """libvirt refuses an unmanaged VF that is not on vfio-pci before 'start begin' ("Unmanaged PCI
+    device … must be manually detached"): hostdevd prepares the VF libvirt will pick (the first
+    of the pool without a user) at 'prepare begin', and leaves its MAC to libvirt."""
+    sim = load_sim("sriov_pf")
+    nl = FakeNetlink().add_pf("enp3s0f0", 8)
+    base = short_dir()
+    try:
+        eng = make_engine(sim, base / "state", '[[sriov]]\npf = "enp3s0f0"\nnumvfs = 3\n', netlink=nl)
+        eng.config.runtime_dir = str(base / "run")
+        d = Daemon(eng.config, eng, None, sock_path=str(base / "run" / "s.sock"), read_timeout=5)
+        d.start()
+        try:
+            vfs = sim.vfs(PF)
+            d.adapter = NetAdapter({"pool": "<network><name>pool</name><forward mode='hostdev' managed='no'>"
+                                             "<pf dev='enp3s0f0'/></forward></network>"})
+            d._lv_connected = True
+
+            def xml(name, mac):
+                return (f"<domain><name>{name}</name><devices><interface type='network'><mac address='{mac}'/>"
+                        "<source network='pool'/></interface></devices></domain>")
+            d.engine.prepare([A.parse(vfs[0])], DB1)                  # taken directly by another domain
+            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"},
+                                          "xml": xml("web1", "52:54:00:00:00:01")})
+            assert r["ok"] and r["networks"][0]["prepared"] == vfs[1] and sim.driver(vfs[1]) == "vfio-pci"
+            cfg = d.engine.ledger().claim_for_device(vfs[1]).device(vfs[1]).vf_netconfig
+            assert (cfg.state, cfg.mac, cfg.requested_mac) == ("libvirt", ZERO_MAC_, "52:54:00:00:00:01")
+            assert nl.calls == []
+            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "app2"},
+                                          "xml": xml("app2", "52:54:00:00:00:02")})
+            assert r["ok"] and r["networks"][0]["prepared"] == vfs[2]
+            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "app3"},
+                                          "xml": xml("app3", "52:54:00:00:00:03")})
+            assert not r["ok"] and "has no VF app3 could get" in r["error"]["message"]
+            wire.call(d.server.path, {"op": "release", "origin": "hook", "domain": {"name": "web1"}})
+            assert sim.driver(vfs[1]) is None and d.engine.ledger().claim_for_device(vfs[1]) is None
+        finally:
+            d.stop(drain_timeout=2)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+ZERO_MAC_ = "00:00:00:00:00:00"

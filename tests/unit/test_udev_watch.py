@@ -281,6 +281,14 @@ def test_claimed_device_that_vanishes_is_dropped_with_a_log_line(eng, sim, handl
     assert handler.topology_generation == 2
 
 
+def test_requested_device_vanishing_gives_the_companions_back(eng, sim, handler):
+    eng.prepare([A.parse(PAIR)], VM1)
+    sim.hot_unplug(PAIR)
+    handler.handle(ev("remove", PAIR))
+    assert eng.ledger().claims == {}, "a group with only companions left is not held for nothing"
+    assert sim.driver(PAIR_B) == "e1000e" and sim.driver_override(PAIR_B) is None
+
+
 def test_remove_event_for_a_device_still_present_changes_nothing(eng, sim, handler):
     eng.prepare([A.parse(NIC1)], VM1)
     handler.handle(ev("remove", NIC1))                   # a stale or replayed uevent
@@ -404,3 +412,19 @@ def test_daemon_with_a_watcher_starts_and_stops_it():
         w.healthy = True
         d.stop(1)
     assert not w.watching
+
+
+def test_hostdevctl_status_shows_drift(tmp_path):
+    from hostdevd.cli import main as cli_main
+
+    with running_daemon("lab") as (d, sim, path):
+        d.drift_grace = 0
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'state_dir = "{d.engine.config.state_dir}"\nruntime_dir = "{d.engine.config.runtime_dir}"\n')
+        assert call(path, {"op": "prepare", "domain": {"name": "vm1"}, "addresses": [NIC1]})["ok"]
+        bind_by_hand(sim, NIC1, "e1000e")
+        d.on_pci_event(ev("bind", NIC1, "e1000e"))
+        assert d.wait_idle()
+        lines: list[str] = []
+        assert cli_main(["--config", str(cfg), "status"], sysfs=Sysfs(sim, 2.0), out=lines.append) == 0
+        assert lines[-1].startswith(f"DRIFT: {NIC1} (group 12, vm1) is on e1000e, not vfio-pci, since ")

@@ -209,8 +209,14 @@ def test_hostdev_network_vf_is_libvirts(tmp_path):
     libvirt set its MAC before hostdevd saw it, so hostdevd never writes it."""
     sim, nl, eng, vfs = setup(tmp_path)
     xml = dom("web1", iface(vfs[3], vlan=3, managed="no"))
+    nl.pfs[PFNET][3].mac, nl.pfs[PFNET][3].vlan = MAC, 3          # libvirt's "Loop 4", before 'start begin'
     prepare_xml(eng, xml, resolved_by_libvirt=True)
-    assert nl.calls == [] and eng.ledger().claim_for_device(vfs[3]).device(vfs[3]).vf_netconfig.state == "libvirt"
+    cfg = eng.ledger().claim_for_device(vfs[3]).device(vfs[3]).vf_netconfig
+    assert nl.calls == [] and cfg.state == "libvirt"
+    assert cfg.mac is None and cfg.vlan is None and "libvirt's to restore" in cfg.notes[0]   # not originals
+    nl.pfs[PFNET][3].mac, nl.pfs[PFNET][3].vlan = ZERO_MAC, 0      # libvirt restores before 'release end'
+    _, result = eng.release(WEB1)
+    assert nl.calls == [] and result.notes == []
     parsed = parse_domain("<domain><name>n</name><devices><interface type='network'><mac address='52:54:00:00:00:09'/>"
                           "<source network='pool'/><actual type='hostdev' managed='no'><source><address "
                           f"type='pci' domain='0' bus='3' slot='0x10' function='6'/></source></actual></interface>"
@@ -454,3 +460,25 @@ def test_pyroute2_errors_carry_the_errno(monkeypatch):
     with pytest.raises(NetlinkError) as e:
         m.set("enp11s0", 0, mac=MAC)
     assert e.value.errno == errno.EAGAIN and len(sets) >= 2 and "EAGAIN" in e.value.message
+
+
+def test_hostdevctl_plan_and_prepare_carry_the_interface_mac(tmp_path, monkeypatch):
+    from hostdevd import cli
+    from hostdevd.sysfs import Sysfs
+    sim, nl, eng, vfs = setup(tmp_path)
+    xml = dom("web1", iface(vfs[1], vlan=12))
+    monkeypatch.setattr("sys.stdin", io.StringIO(xml))
+    out: list[str] = []
+    rc = cli.main(["--state-dir", str(tmp_path), "--no-daemon", "plan", "-"], sysfs=Sysfs(sim, 2.0),
+                  out=out.append, netlink=nl)
+    text = "\n".join(out)
+    assert rc == 0 and f"save_net {vfs[1]}  VF 1 of enp3s0f0" in text and f"set_net  {vfs[1]}  mac {MAC}, vlan 12" in text
+    monkeypatch.setattr("sys.stdin", io.StringIO(xml))
+    out.clear()
+    rc = cli.main(["--state-dir", str(tmp_path), "--no-daemon", "prepare", "-"], sysfs=Sysfs(sim, 2.0),
+                  out=out.append, netlink=nl)
+    assert rc == 0 and nl.vf(PFNET, 1).mac == MAC and nl.vf(PFNET, 1).vlan == 12
+    out.clear()
+    rc = cli.main(["--state-dir", str(tmp_path), "--no-daemon", "release", "--owner", "web1"],
+                  sysfs=Sysfs(sim, 2.0), out=out.append, netlink=nl)
+    assert rc == 0 and "restore_net" in "\n".join(out) and nl.vf(PFNET, 1).mac == ZERO_MAC
