@@ -227,11 +227,17 @@ def igb_lab(request, lab):
     items = request.session.items
     mine = [i for i, it in enumerate(items) if it.module is request.module]
     later = any("lab" in it.fixturenames for it in items[max(mine) + 1:]) if mine else False
+    def session_lab_back() -> None:
+        if later:
+            lab.boot(share_dir=labvm.REPO_ROOT)
+            lab.install_hostdevd()
+
     lab.stop()
     try:
         wrapper = subprocess.run([str(Path(__file__).resolve().parent / "qemu-igb.sh")], check=True,
                                  capture_output=True, text=True, timeout=900).stdout.strip()
     except subprocess.CalledProcessError as e:
+        session_lab_back()
         pytest.fail("cannot get a QEMU with igb (tests/lab/qemu-igb.sh):\n" + e.stderr[-3000:], pytrace=False)
     old = os.environ.get("QEMU")
     os.environ["QEMU"] = wrapper
@@ -242,6 +248,7 @@ def igb_lab(request, lab):
         vm.install_hostdevd()
     except labvm.LabError as e:
         vm.stop(force=True)
+        session_lab_back()
         pytest.fail("booting the igb L1 variant failed:\n%s" % e, pytrace=False)
     finally:
         if old is None:
@@ -252,9 +259,7 @@ def igb_lab(request, lab):
         yield vm
     finally:
         vm.stop()
-        if later:
-            lab.boot(share_dir=labvm.REPO_ROOT)
-            lab.install_hostdevd()
+        session_lab_back()
 
 
 @pytest.fixture(scope="module")
