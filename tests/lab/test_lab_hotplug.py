@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_l2]
 
 HCTL = "/opt/hostdevd/bin/hostdevctl"
 HOOK = "/etc/libvirt/hooks/qemu.d/hostdevd"
