@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchutil import source_info  # bench/ is sys.path[0] when run as a script
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO / "tests" / "lab"))
@@ -54,16 +56,6 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- one VM at a time
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_lab_instances() -> list[str]:
     """Other lab VMs: run dirs with a live qemu pid, or any qemu-system process at all."""
     found = []
@@ -72,7 +64,7 @@ def running_lab_instances() -> list[str]:
         for d in sorted(run.iterdir()):
             pidfile = d / "qemu.pid"
             try:
-                if _alive(int(pidfile.read_text().split()[0])):
+                if labvm._pid_alive(int(pidfile.read_text().split()[0])):
                     found.append(d.name)
             except (OSError, ValueError, IndexError):
                 continue
@@ -94,18 +86,6 @@ def wait_for_idle_lab(poll: float = 30.0, max_wait: float = 3 * 3600) -> float:
             raise SystemExit("another lab VM has been running for %.0f s: %s" % (max_wait, others))
         log("another lab VM is running (%s); waiting %.0f s" % (", ".join(others), poll))
         time.sleep(poll)
-
-
-def source_info() -> dict:
-    """Which code was measured: HEAD and the uncommitted changes under daemon/ (the wheel's source)."""
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
-                                  timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "daemon").splitlines() if line.strip()]
-    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_daemon_files": dirty}
 
 
 # ---------------------------------------------------------------- statistics

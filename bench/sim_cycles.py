@@ -26,12 +26,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+
+from benchutil import source_info  # bench/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "daemon"))  # run from a checkout without installing
@@ -100,18 +101,6 @@ class TimedStore(LedgerStore):
         finally:
             os.fsync = real_fsync
             self.save_s += time.perf_counter() - t0
-
-
-def source_info() -> dict:
-    """Which code was measured: HEAD and the uncommitted changes under daemon/."""
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
-                                  timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "daemon").splitlines() if line.strip()]
-    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_daemon_files": dirty}
 
 
 def stats(samples: list[float]) -> dict:

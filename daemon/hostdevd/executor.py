@@ -338,8 +338,7 @@ class Executor:
             return
         # Intent first: a crash after the command leaves a record that release undoes.
         self._record_action(group, HostActionRecord(kind=kind, name=name, state="pending", timeout=timeout))
-        undo_fn = (lambda: self._start_unit(plan.owner, group, name, timeout)) if kind == "unit" else \
-            (lambda: self._load_module(plan.owner, group, name, timeout))
+        undo_fn = lambda: self._undo_host_action(plan.owner, group, kind, name, timeout)  # noqa: E731
         undo.append((f"{step.action}:{name}", undo_fn))
         argv = ["systemctl", "stop", name] if kind == "unit" else ["modprobe", "-r", name]
         t0 = time.monotonic()
@@ -359,31 +358,26 @@ class Executor:
                    else "unloaded", what, group, (time.monotonic() - t0) * 1000, group=group, owner=plan.owner,
                    action=step.action, result="ok")
 
-    def _start_unit(self, owner: Owner | None, group: int, name: str, timeout: float) -> None:
-        self._boundary(f"start_unit:{name}")
-        res = self._run(["systemctl", "start", name], timeout)
-        if res.rc != 0:
-            log_action(log, logging.ERROR, "host_action", "start unit %s failed: %s", name,
-                       res.output or f"exit status {res.rc}", group=group, owner=owner, action="start_unit",
-                       result="failed")
-            raise ExecutionFailed(f"`systemctl start {name}` failed: {res.output or f'exit status {res.rc}'}",
-                                  f"start it by hand: systemctl start {name}")
-        self._drop_action(group, "unit", name)
-        log_action(log, logging.INFO, "host_action", "started unit %s again (group %s)", name, group, group=group,
-                   owner=owner, action="start_unit", result="ok")
+    # Undo of a host action: (argv, what the log says it did, the hint when it fails).
+    _HOST_UNDO = {
+        "unit": (("systemctl", "start"), "start_unit", "started unit %s again (group %s)", "start it by hand"),
+        "module": (("modprobe",), "load_module", "loaded module %s again (group %s)", "load it by hand"),
+    }
 
-    def _load_module(self, owner: Owner | None, group: int, name: str, timeout: float) -> None:
-        self._boundary(f"load_module:{name}")
-        res = self._run(["modprobe", name], timeout)
+    def _undo_host_action(self, owner: Owner | None, group: int, kind: str, name: str, timeout: float) -> None:
+        """Start a stopped unit or load an unloaded module again, then drop its record."""
+        argv, action, done, hint = self._HOST_UNDO[kind]
+        cmd = " ".join(argv + (name,))
+        self._boundary(f"{action}:{name}")
+        res = self._run([*argv, name], timeout)
         if res.rc != 0:
-            log_action(log, logging.ERROR, "host_action", "load module %s failed: %s", name,
-                       res.output or f"exit status {res.rc}", group=group, owner=owner, action="load_module",
-                       result="failed")
-            raise ExecutionFailed(f"`modprobe {name}` failed: {res.output or f'exit status {res.rc}'}",
-                                  f"load it by hand: modprobe {name}")
-        self._drop_action(group, "module", name)
-        log_action(log, logging.INFO, "host_action", "loaded module %s again (group %s)", name, group, group=group,
-                   owner=owner, action="load_module", result="ok")
+            why = res.output or f"exit status {res.rc}"
+            log_action(log, logging.ERROR, "host_action", "%s failed: %s", cmd, why, group=group, owner=owner,
+                       action=action, result="failed")
+            raise ExecutionFailed(f"`{cmd}` failed: {why}", f"{hint}: {cmd}")
+        self._drop_action(group, kind, name)
+        log_action(log, logging.INFO, "host_action", done, name, group, group=group, owner=owner, action=action,
+                   result="ok")
 
     def _undo_host_actions(self, owner: Owner, group: int, kind: str, records: list[HostActionRecord]
                            ) -> list[str]:
@@ -400,7 +394,7 @@ class Executor:
                            action="start_unit" if kind == "unit" else "load_module", result="deferred")
                 continue
             try:
-                (self._start_unit if kind == "unit" else self._load_module)(owner, group, act.name, act.timeout)
+                self._undo_host_action(owner, group, kind, act.name, act.timeout)
             except Exception as e:  # best effort, like every release step
                 failures.append(f"{act.kind} {act.name}: {e}")
         return failures
