@@ -458,8 +458,10 @@ def cmd_check_migrate(ctx: Context, out: Callable[[str], None]) -> int:
 
 def cmd_status(ctx: Context, out: Callable[[str], None]) -> int:
     ledger = ctx.ledger()
-    data = json.loads(ledger.model_dump_json())
+    drift = _daemon_drift(ctx)
     if ctx.args.json:
+        data = json.loads(ledger.model_dump_json())
+        data["drift"] = drift   # the ledger plus what the daemon saw through udev ([] without a daemon)
         out(json.dumps(data, indent=2))
         return EXIT_OK
     rows = []
@@ -478,7 +480,7 @@ def cmd_status(ctx: Context, out: Callable[[str], None]) -> int:
             out(f"group {c.group}: host actions undone at release: " + ", ".join(
                 f"{'stopped' if a.kind == 'unit' else 'unloaded'} {a.name}"
                 + (" (pending)" if a.state == "pending" else "") for a in c.host_actions))
-    for d in _daemon_drift(ctx):
+    for d in drift:
         out(f"DRIFT: {d['address']} (group {d['group']}, {d['owner']}) is on {d['driver'] or 'no driver'}, "
             f"not {d['expected']}, since {d['since']}: changed behind hostdevd's back, left as it is")
     return EXIT_OK

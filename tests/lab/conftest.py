@@ -40,6 +40,46 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if LAB_DIR_PATH in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.lab)
+    # tests that keep a nested L2 running go last: if L1 stalls there, nothing else is lost
+    items.sort(key=lambda it: it.get_closest_marker("lab_l2") is not None)
+
+
+# --------------------------------------------------------------------------- L1 kernel stalls
+# Under TCG an L1 running a live nested L2 has, rarely, stopped getting timer interrupts (RCU
+# stalls, soft lockups; see README "Tests"). labvm's watcher cuts the agent the moment L1's
+# kernel says so; here every later test fails at once instead of waiting out its timeouts, the
+# summary says it loudly, and $HOSTDEVD_LAB_STALL_FILE tells run-tests.sh it was the emulator.
+_STALLS: dict[str, list[str]] = {}
+
+
+def _stalled_vms() -> list:
+    return [vm for vm in list(labvm.BOOTED) if vm.stalled]
+
+
+@pytest.fixture(autouse=True)
+def _l1_health(request):
+    for vm in _stalled_vms():
+        if vm.running:
+            pytest.fail("L1 '%s' stalled earlier in this session (%s); not running %s on it"
+                        % (vm.name, vm.stalled[0], request.node.name), pytrace=False)
+    yield
+    for vm in _stalled_vms():
+        _STALLS.setdefault(vm.name, vm.stalled)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for vm in _stalled_vms():
+        _STALLS.setdefault(vm.name, vm.stalled)
+    if not _STALLS:
+        return
+    tr = terminalreporter
+    tr.section("L1 KERNEL STALLED (emulator, not hostdevd)", sep="!", red=True, bold=True)
+    for name, lines in _STALLS.items():
+        tr.line("L1 '%s': %d stall lines, first: %s" % (name, len(lines), lines[0]), red=True)
+        tr.line("  serial log: %s" % (labvm.lab_dir() / "run" / name / "serial.log"))
+    marker = os.environ.get("HOSTDEVD_LAB_STALL_FILE")
+    if marker:
+        Path(marker).write_text("".join("%s: %s\n" % (n, ls[0]) for n, ls in _STALLS.items()))
 
 
 def _fail(msg: str) -> None:

@@ -23,13 +23,16 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +60,13 @@ def lab_dir() -> Path:
 
 class LabError(RuntimeError):
     """The lab could not be built, booted, or driven."""
+
+
+# What L1's kernel prints when TCG stopped delivering its timer interrupts or starved a vCPU
+# (seen with a live nested L2): after this the guest agent dies and every command times out.
+STALL_RE = re.compile(r"rcu: INFO: .*detected stalls|soft lockup - CPU#|rcu_.* kthread starved|"
+                      r"timer wakeup didn't happen|blocked for more than \d+ seconds")
+KMSG_START = re.compile(r"^.*?(?=\[\s*\d+\.\d+\] )")
 
 
 @dataclass
@@ -163,6 +173,7 @@ def reap_stale_instances() -> list[str]:
 
 
 _instances = itertools.count(1)
+BOOTED: "weakref.WeakSet[LabVM]" = weakref.WeakSet()   # every instance booted in this process
 
 
 def _default_name() -> str:
@@ -183,6 +194,7 @@ class LabVM:
     running: bool = False
     install_info: dict | None = None
     _labfn_uploaded: bool = field(default=False, repr=False)
+    stalled: list[str] = field(default_factory=list)   # kernel stall lines, once L1 stalled
 
     # ------------------------------------------------------------------ paths
     @property
@@ -235,6 +247,9 @@ class LabVM:
             raise LabError("run-l1.sh failed (rc=%s), logs in %s:\n%s%s"
                            % (p.returncode, self.run_dir, p.stdout, p.stderr[-5000:]))
         self.boot_seconds = time.monotonic() - t0
+        self.stalled = []
+        BOOTED.add(self)
+        threading.Thread(target=self._watch_stalls, name="l1-stall-watch", daemon=True).start()
         _log("L1 '%s' up after %.1fs (run dir %s)" % (self.name, self.boot_seconds, self.run_dir))
         return self.boot_seconds
 
@@ -284,6 +299,35 @@ class LabVM:
     def __exit__(self, *exc):
         self.stop()
 
+    def _watch_stalls(self, interval: float = 5.0) -> None:
+        """Once L1's kernel reports a stall its agent is as good as dead: cut the agent
+        connection so the command in flight fails now, not after its full timeout."""
+        while self.running and not self.stalled:
+            time.sleep(interval)
+            st = self.stalls()
+            if st and self.running:
+                self.stalled = st
+                _log("L1 '%s' KERNEL STALLED: %s" % (self.name, st[0]))
+                conn = self._conn
+                if conn is not None:
+                    try:
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def stalls(self) -> list[str]:
+        """Kernel stall lines in L1's serial log (empty while L1 is healthy)."""
+        try:
+            text = self.serial_log.read_text(errors="replace")
+        except OSError:
+            return []
+        # from the kernel's "[  12.345]" on: the console line may start with a shell prompt
+        return [KMSG_START.sub("", ln).strip() for ln in text.splitlines() if STALL_RE.search(ln)]
+
+    def _stall_note(self) -> str:
+        st = self.stalls()
+        return "\n*** L1 KERNEL STALLED (TCG stopped its timers): %s" % st[0] if st else ""
+
     def _serial_tail(self, n: int = 40) -> str:
         try:
             return "\n".join(self.serial_log.read_text(errors="replace").splitlines()[-n:])
@@ -299,6 +343,8 @@ class LabVM:
     def _agent(self) -> qga.QGA:
         if not self.running:
             raise LabError("L1 '%s' is not running" % self.name)
+        if self.stalled:
+            raise LabError("L1 '%s' is unusable: its kernel stalled (%s)" % (self.name, self.stalled[0]))
         if self._conn is None:
             self._conn = qga.QGA(self.qga_sock, timeout=30)
         return self._conn
@@ -326,10 +372,11 @@ class LabVM:
         try:
             rc, out, err = self._call(lambda g: g.exec_argv(argv, timeout, input, env))
         except qga.GuestTimeout as e:
-            raise LabError("guest command timed out after %ss: %r (%s)" % (timeout, cmd, e)) from None
+            raise LabError("guest command timed out after %ss: %r (%s)%s"
+                           % (timeout, cmd, e, self._stall_note())) from None
         except (OSError, qga.AgentError) as e:
-            raise LabError("guest agent failure running %r: %s; serial log tail:\n%s"
-                           % (cmd, e, self._serial_tail(15))) from None
+            raise LabError("guest agent failure running %r: %s%s; serial log tail:\n%s"
+                           % (cmd, e, self._stall_note(), self._serial_tail(15))) from None
         res = Result(cmd, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
                      time.monotonic() - t0, timeout)
         if check and rc != 0:

@@ -10,6 +10,7 @@
 #   L1_MEM         guest RAM (default 3G)         L1_SMP   vCPUs (default 2)
 #   L1_IOMMU_PT    1 (default): "intel_iommu=on iommu=pt"; 0: "intel_iommu=on" only
 #   L1_APPEND      extra kernel command line
+#   L1_ACCEL       -accel value (default tcg,thread=multi,tb-size=512)
 #   L1_TIMEOUT     seconds to wait for the guest agent (default 300)
 #   L1_NVME_SIZE   size of each emulated NVMe backing file (default 256M)
 #   L1_SHARE_RW    1: share SHARE_DIR read-write (default 0: read-only)
@@ -65,7 +66,7 @@ SHARE_RO=,readonly=on
 
 set -- \
   -name "lab-$NAME" \
-  -machine q35 -accel tcg,thread=multi,tb-size=512 -cpu max -m "$MEM" -smp "$SMP" \
+  -machine q35 -accel "${L1_ACCEL:-tcg,thread=multi,tb-size=512}" -cpu max -m "$MEM" -smp "$SMP" \
   -display none -no-reboot -nodefaults \
   -device intel-iommu,intremap=on,caching-mode=on \
   -device pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,addr=0x2 \

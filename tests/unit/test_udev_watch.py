@@ -8,6 +8,7 @@ judged only after the executor let go of the group lock, and must never count as
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -428,3 +429,13 @@ def test_hostdevctl_status_shows_drift(tmp_path):
         lines: list[str] = []
         assert cli_main(["--config", str(cfg), "status"], sysfs=Sysfs(sim, 2.0), out=lines.append) == 0
         assert lines[-1].startswith(f"DRIFT: {NIC1} (group 12, vm1) is on e1000e, not vfio-pci, since ")
+        lines.clear()
+        assert cli_main(["--config", str(cfg), "status", "--json"], sysfs=Sysfs(sim, 2.0), out=lines.append) == 0
+        data = json.loads("".join(lines))
+        [drift] = data["drift"]
+        assert (drift["address"], drift["driver"], drift["expected"]) == (NIC1, "e1000e", "vfio-pci")
+        assert list(data["claims"]) == ["12"]
+    # without a daemon the JSON still has the key, empty: drift is only known to a running daemon
+    lines = []
+    assert cli_main(["--config", str(cfg), "status", "--json"], sysfs=Sysfs(sim, 2.0), out=lines.append) == 0
+    assert json.loads("".join(lines))["drift"] == []
