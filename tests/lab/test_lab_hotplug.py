@@ -267,6 +267,9 @@ def test_drift_behind_hostdevds_back_is_reported_not_fixed(lab, hot):
     assert [(d["address"], d["owner"], d["driver"]) for d in drift] == [(n1, "drifty", "e1000e")]
     [e] = journal(lab, since, "drift", f"HOSTDEV_ADDRESS={n1}")
     assert e["RESULT"] == "drift" and e["DOMAIN_NAME"] == "drifty" and "behind hostdevd's back" in e["MESSAGE"]
+    st = json.loads(hctl(lab, "status", "--json").stdout)       # the operator's view, from the daemon
+    assert [(d["address"], d["driver"], d["expected"]) for d in st["drift"]] == [(n1, "e1000e", "vfio-pci")]
+    assert f"DRIFT: {n1} (group " in hctl(lab, "status").stdout
     time.sleep(3)
     assert drivers(lab, n1) == {n1: "e1000e"}, "reported, never rebound"
     hctl(lab, "release", "--owner", "drifty")
