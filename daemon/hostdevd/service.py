@@ -13,7 +13,9 @@ Threads and who may call what:
   bumps a generation; an event handler snapshots the generation while the
   domain is idle, asks libvirt, and acts only if nothing happened to the
   domain meanwhile (otherwise it looks again). A stale STOPPED event can so
-  never release the claims of a domain that was started again.
+  never release the claims of a domain that was started again. An event for
+  a busy domain does not wait in the worker: the gate queues it again when
+  the domain's last request ends.
 
 * the udev monitor thread (:mod:`hostdevd.udev_watch`) only queues PCI
   uevents for the same worker (bind/unbind ``DRIFT_GRACE`` seconds late);
@@ -61,7 +63,6 @@ from .wire import socket_path
 
 log = logging.getLogger("hostdevd.service")
 
-EVENT_IDLE_WAIT = 120.0     # how long an event waits for a domain's requests to finish
 EVENT_RETRIES = 5
 # A bind/unbind uevent of a claimed device is judged this long after it arrived: libvirt's
 # managed reattach rebinds a hot-unplugged device just before it sends DEVICE_REMOVED.
@@ -127,6 +128,7 @@ class DomainGate:
         self._active: dict[str, int] = {}
         self._gen: dict[str, int] = {}
         self._locks: dict[str, threading.RLock] = {}
+        self._on_idle: dict[str, list[Callable[[], None]]] = {}
 
     def lock(self, name: str) -> threading.RLock:
         with self._cond:
@@ -141,12 +143,16 @@ class DomainGate:
         try:
             yield
         finally:
+            waiters: list[Callable[[], None]] = []
             with self._cond:
                 self._active[name] -= 1
                 if not self._active[name]:
                     del self._active[name]
+                    waiters = self._on_idle.pop(name, [])
                 self._gen[name] += 1
                 self._cond.notify_all()
+            for cb in waiters:          # outside the lock: they only queue work
+                cb()
 
     def busy(self, name: str) -> bool:
         with self._cond:
@@ -162,6 +168,15 @@ class DomainGate:
             if not self._cond.wait_for(lambda: not self._active.get(name), timeout):
                 return None
             return self._gen.get(name, 0)
+
+    def idle_or_later(self, name: str, later: Callable[[], None]) -> int | None:
+        """``name``'s generation if no request serves it now; otherwise None, and ``later``
+        runs (in the thread that ends the last request) as soon as none does."""
+        with self._cond:
+            if not self._active.get(name):
+                return self._gen.get(name, 0)
+            self._on_idle.setdefault(name, []).append(later)
+            return None
 
     @contextlib.contextmanager
     def guard(self, name: str, generation: int) -> Iterator[bool]:
@@ -307,12 +322,20 @@ class Daemon:
                     self._idle.notify_all()
 
     def _for_domain(self, name: str, label: str, fetch: Callable[[], Any], act: Callable[[Any], None]) -> None:
-        """Fetch from libvirt with no lock held, then act only if the domain stayed untouched."""
+        """Fetch from libvirt with no lock held, then act only if the domain stayed untouched.
+
+        While a request serves the domain (a detach waiting for its guest, a hook's prepare) the
+        event is put aside and queued again when that request ends, so the worker goes on with
+        other domains' events instead of waiting. Order needs no keeping: every handler acts on
+        libvirt's state when it runs, guarded by the time its event was received.
+        """
         for _ in range(EVENT_RETRIES):
-            gen = self.gate.wait_idle(name, EVENT_IDLE_WAIT)
+            gen = self.gate.idle_or_later(name, lambda: self._queue.put((label, lambda: self._for_domain(
+                name, label, fetch, act))))
             if gen is None:
-                log.warning("%s: %s stayed busy for %s s; handled at the next reconciliation", label, name,
-                            EVENT_IDLE_WAIT)
+                with self._idle:
+                    self._pending += 1      # still to do: wait_idle() must not report idle meanwhile
+                log.debug("%s: %s is busy; queued again when its request ends", label, name)
                 return
             try:
                 data = fetch()

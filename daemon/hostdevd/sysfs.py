@@ -18,12 +18,12 @@ import errno
 import logging
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .address import PciAddress
 from .errors import InvalidAddress, SysfsError, SysfsTimeout
+from .timedcall import TimedCaller
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class Sysfs:
     def __init__(self, backend: HostBackend | None = None, write_timeout: float = DEFAULT_WRITE_TIMEOUT):
         self.backend = backend if backend is not None else RealHost()
         self.write_timeout = write_timeout
+        self._writers = TimedCaller(name="sysfs-write")
 
     # ----- paths ---------------------------------------------------------
     @staticmethod
@@ -450,8 +451,9 @@ class Sysfs:
         """Write with a timeout; a write the kernel never returns from is abandoned.
 
         A blocked sysfs write cannot be cancelled from user space (a driver's
-        remove() may wait for its users); the thread is a daemon so it cannot
-        hold up exit, and the caller is told which device hung.
+        remove() may wait for its users); the write runs on a helper thread
+        (timedcall: reused, daemonic, so it cannot hold up exit) and the caller
+        is told which device hung.
         """
         result: dict[str, BaseException | None] = {"error": None}
 
@@ -461,12 +463,10 @@ class Sysfs:
             except BaseException as e:  # noqa: BLE001 - handed back to the caller
                 result["error"] = e
 
-        t = threading.Thread(target=run, name=f"sysfs-write {rel}", daemon=True)
-        t.start()
         limit = self.write_timeout if timeout is None else timeout
-        t.join(limit)
+        finished = self._writers.call(run, limit)
         what = f"device {device}" if device else f"/sys/{rel}"
-        if t.is_alive():
+        if not finished:
             raise SysfsTimeout(
                 f"writing {value!r} to /sys/{rel} did not return within {limit:g}s ({what} hung)",
                 "the driver may be waiting for its users to let go; check `dmesg` and processes using the device",

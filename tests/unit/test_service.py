@@ -146,6 +146,48 @@ def test_shutdown_event_keeps_claims_while_qemu_runs(fake):
     assert d.wait_idle() and not d.engine.ledger().claims and sim.driver(NIC1) == "e1000e"
 
 
+def test_gate_idle_or_later_runs_the_callback_when_the_last_request_ends():
+    gate = DomainGate()
+    ran: list[str] = []
+    assert gate.idle_or_later("a", lambda: ran.append("now?")) == 0 and ran == []   # idle: nothing kept
+    with gate.request("a"):
+        with gate.request("a"):
+            assert gate.idle_or_later("a", lambda: ran.append("later")) is None
+        assert ran == [], "one request still serves a"
+    assert ran == ["later"] and gate.idle_or_later("a", lambda: None) == 4
+
+
+def test_a_busy_domain_does_not_hold_up_other_domains_events(fake):
+    """vm1's detach waits for its guest (a long request); vm2 stops meanwhile: vm2's devices go
+    back at once, and vm1's event runs when its request ends (it used to block the worker)."""
+    d, sim, path, adapter = fake
+    NIC2 = "0000:04:00.0"                             # the lab's nic2a (group with nic2b)
+    vm2 = Owner(name="vm2", uuid=uuid_for(2))
+    d.engine.prepare([A.parse(NIC1)], VM1)
+    d.engine.prepare([A.parse(NIC2)], vm2)
+    entered, release = threading.Event(), threading.Event()
+
+    def long_request():
+        with d.gate.request("vm1"):
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    assert entered.wait(5)
+    d.on_domain_event("vm1", VM1.uuid, "stopped", "destroyed")
+    d.on_domain_event("vm2", vm2.uuid, "stopped", "destroyed")
+    deadline = time.monotonic() + 5
+    while sim.driver(NIC2) != "e1000e" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sim.driver(NIC2) == "e1000e", "vm2's event waited behind vm1's request"
+    assert not d.wait_idle(0.2), "vm1's event is still to do"
+    assert sim.driver(NIC1) == "vfio-pci" and d.engine.ledger().claims_of(VM1)
+    release.set()
+    t.join(5)
+    assert d.wait_idle() and not d.engine.ledger().claims and sim.driver(NIC1) == "e1000e"
+
+
 def test_event_without_claims_asks_libvirt_nothing(fake):
     d, sim, path, adapter = fake
     adapter.calls.clear()
