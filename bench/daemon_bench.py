@@ -91,13 +91,19 @@ def main() -> int:
             prep.append(timed([str(hook), "bench", "prepare", "begin", "-"], ONE_HOSTDEV))
             rel.append(timed([str(hook), "bench", "release", "end", "-"], ONE_HOSTDEV))
 
+        # RSS after the hook calls (every code path warm), then after each half of the cycles:
+        # a leak grows in both halves alike; warm-up and allocator settling do not
+        rss_warm = rss_kib(daemon.pid)
         dom = {"name": "cycle", "uuid": "00000000-0000-0000-0000-0000000c1c1e"}
         t0 = time.perf_counter()
+        rss_half = rss_warm
         for i in range(a.cycles):
             r = wire.call(sock, {"op": "prepare", "domain": dom, "addresses": ["0000:04:00.0"]}, timeout=30)
             assert r["ok"], r
             r = wire.call(sock, {"op": "release", "domain": dom}, timeout=30)
             assert r["ok"], r
+            if i + 1 == a.cycles // 2:
+                rss_half = rss_kib(daemon.pid)
         cycle_ms = (time.perf_counter() - t0) * 1000 / a.cycles
         rss_end = rss_kib(daemon.pid)
     finally:
@@ -113,8 +119,10 @@ def main() -> int:
         "ratio_hook_no_hostdev_to_interpreter": round(statistics.median(plain) / statistics.median(baseline), 2),
         "ratio_hook_prepare_to_interpreter": round(statistics.median(prep) / statistics.median(baseline), 2),
         "socket_cycle_ms": round(cycle_ms, 2),
-        "daemon_rss_kib": {"after_start": rss_start, f"after_{a.cycles}_cycles": rss_end,
-                           "growth_ratio": round(rss_end / rss_start, 3)},
+        "daemon_rss_kib": {"after_start": rss_start, "after_hook_calls": rss_warm,
+                           f"after_{a.cycles // 2}_cycles": rss_half, f"after_{a.cycles}_cycles": rss_end,
+                           "growth_ratio": round(rss_end / rss_start, 3),
+                           "first_half_kib": rss_half - rss_warm, "second_half_kib": rss_end - rss_half},
     }
     print(json.dumps(res, indent=2))
     out = ROOT / "bench" / "results"

@@ -12,6 +12,7 @@ became unhealthy, 2 usage or configuration error.
 """
 from __future__ import annotations
 
+import collections
 import argparse
 import logging
 import os
@@ -85,6 +86,8 @@ def build_daemon(config: Config, args: argparse.Namespace):
     if getattr(args, "sim", None):
         from .simkernel import SimKernel     # simulated kernel: demos and tests only
         sim = SimKernel.from_file(args.sim)
+        # the sim records every write for tests to inspect; a long-running demo keeps the last few
+        sim.write_log = collections.deque(sim.write_log, maxlen=10_000)  # type: ignore[assignment]
         engine = Engine(config, Sysfs(sim, config.write_timeout), LedgerStore(config.state_dir),
                         modprobe=sim.load_module)
     else:
