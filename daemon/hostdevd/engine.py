@@ -139,14 +139,13 @@ class Engine:
 
     def set_vfs(self, pf: str, numvfs: int, autoprobe: bool | None = None, timeout: float = 60.0):
         """Give the PF ``numvfs`` VFs (through 0), wait for them, record them; refuse while any is assigned."""
-        from .sriov import apply_vf_plan, resolve_pf, vfs_of
+        from .sriov import resolve_pf, vfs_of
         topo = self.topology(with_critical=False)
         dev = resolve_pf(topo, pf)
         devs = ([dev] + vfs_of(topo, dev)) if dev is not None else []
         with self.locks.hold(d.group for d in devs if d.group is not None):
             plan = self.plan_vfs(pf, numvfs, autoprobe)
-            return apply_vf_plan(self.sysfs, self.store, plan, self.vf_waiter, timeout,
-                                 on_step=self.executor.on_step)
+            return self.executor.apply_vf_plan(plan, self.vf_waiter, timeout)
 
     def verify_vf_net(self, owner: Owner) -> list[str]:
         """After a domain started: do its VFs carry the MAC/VLAN it asked for (whoever set them)?"""

@@ -6,10 +6,10 @@ Three layers, like the rest of the core:
   (the writes to make) or refusals that say why. It refuses to change ``sriov_numvfs``
   while any VF (or the PF) is held by a domain or the reservation, naming them, and
   while QEMU has a VF's group open behind hostdevd's back.
-* :func:`apply_vf_plan` makes the writes through :class:`~hostdevd.sysfs.Sysfs` (the only
-  writer of the ``sriov_*`` attributes; binding stays with the executor): intent in the
-  ledger first (``changing``), ``sriov_drivers_autoprobe``, ``sriov_numvfs`` through 0,
-  then waits for the VFs and records them (``ready``).
+* :meth:`Executor.apply_vf_plan <hostdevd.executor.Executor.apply_vf_plan>` makes the
+  writes (the executor stays the only writer): intent in the ledger first (``changing``),
+  ``sriov_drivers_autoprobe``, ``sriov_numvfs`` through 0, then it waits for the VFs with a
+  :class:`VfWaiter` and records them (``ready``).
 * Waiting is injectable (:class:`VfWaiter`): :class:`UdevWaiter` listens to udev (pyudev,
   subsystem ``pci``, action ``add``: the same events ``udevadm settle`` waits for) and is
   what the daemon uses on a real host; :class:`SysfsPollWaiter` polls sysfs and is what
@@ -28,12 +28,12 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
 from .address import PciAddress
 from .config import SriovConfig
 from .errors import ExecutionFailed, HostdevError, InvalidAddress, Refused
-from .ledger import Ledger, LedgerStore, SriovRecord, now
+from .ledger import Ledger
 from .logfields import log_action
 from .sysfs import Sysfs
 from .topology import Device, Topology
@@ -306,64 +306,6 @@ class VfResult:
         return {"pf": self.pf, "numvfs": self.numvfs, "vfs": self.vfs, "seconds": self.seconds,
                 "remove_seconds": self.remove_seconds, "waiter": self.waiter, "notes": self.notes,
                 "changed": self.changed}
-
-
-def _record(store: LedgerStore, pf: str, **changes) -> None:
-    with store.transaction() as ledger:
-        rec = ledger.sriov.get(pf)
-        if rec is None:
-            rec = SriovRecord(pf=pf, numvfs=changes.pop("numvfs"), autoprobe=changes.pop("autoprobe"))
-        for k, v in changes.items():
-            setattr(rec, k, v)
-        rec.updated = now()
-        ledger.sriov[pf] = rec
-
-
-def apply_vf_plan(sysfs: Sysfs, store: LedgerStore, plan: VfPlan, waiter: VfWaiter, timeout: float,
-                  on_step: Callable[[str], None] | None = None) -> VfResult:
-    """Make the plan's writes; record intent first and the VFs after. Raises on refusal/failure."""
-    if not plan.ok:
-        raise Refused("; ".join(plan.refusals), plan.hint or None,
-                      refusals=[{"device": plan.pf, "reason": r, "hint": plan.hint} for r in plan.refusals])
-    pf = PciAddress.parse(plan.pf)
-    result = VfResult(plan.pf, plan.wanted, waiter=waiter.name)
-    if plan.noop:
-        result.vfs = [str(v) for v in sysfs.read_device(pf).virtfns]
-        _record(store, plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state="ready", vfs=result.vfs,
-                previous_numvfs=plan.current, note=None)
-        return result
-    result.changed = True
-    _record(store, plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state="changing",
-            previous_numvfs=plan.current, vfs=[], seconds=None,
-            note=f"changing from {plan.current} to {plan.wanted} VFs")
-    t0 = time.monotonic()
-    try:
-        with waiter.watch(pf) as watch:
-            for kind, value in plan.steps:
-                if on_step:
-                    on_step(f"sriov:{kind}:{value}")
-                if kind == "autoprobe":
-                    sysfs.set_sriov_drivers_autoprobe(pf, bool(value))
-                elif kind == "numvfs":
-                    t0 = time.monotonic()
-                    sysfs.set_sriov_numvfs(pf, int(value), timeout=timeout)
-                    if not value:
-                        result.remove_seconds = round(time.monotonic() - t0, 3)
-                elif kind == "wait":
-                    result.notes += watch.wait(pf, int(value), max(0.0, timeout - (time.monotonic() - t0)))
-    except HostdevError as e:
-        _record(store, plan.pf, state="failed", note=str(e))
-        log_action(log, logging.ERROR, "sriov", "setting %s VFs on %s failed: %s", plan.wanted, plan.pf, e,
-                   address=plan.pf, action="sriov", result="failed")
-        raise
-    result.seconds = round(time.monotonic() - t0, 3) if plan.wanted else None
-    result.vfs = [str(v) for v in sysfs.read_device(pf).virtfns]
-    _record(store, plan.pf, state="ready", vfs=result.vfs, seconds=result.seconds,
-            note="; ".join(result.notes) or None)
-    log_action(log, logging.INFO, "sriov", "%s now has %s VFs (was %s)%s", plan.pf, plan.wanted, plan.current,
-               f", seen by {waiter.name} after {result.seconds:.3f} s" if result.seconds is not None else "",
-               address=plan.pf, action="sriov", result="ok")
-    return result
 
 
 # --------------------------------------------------------------------------- config

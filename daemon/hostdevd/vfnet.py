@@ -31,7 +31,7 @@ import errno
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .address import PciAddress
