@@ -16,6 +16,7 @@ import collections
 import argparse
 import logging
 import os
+import time
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ from .wire import socket_path
 log = logging.getLogger("hostdevd.main")
 
 DEFAULT_STATUS_INTERVAL = 10.0
+STATUS_POLL = 1.0
 HOOK_PATH = "etc/libvirt/hooks/qemu.d/hostdevd"
 UNIT_PATH = "etc/systemd/system/hostdevd.service"
 TMPFILES_PATH = "etc/tmpfiles.d/hostdevd.conf"
@@ -144,7 +146,17 @@ def run(config: Config, args: argparse.Namespace) -> int:
     wd = watchdog_interval()
     interval = wd or DEFAULT_STATUS_INTERVAL
     rc = 0
-    while not stop.wait(interval):
+    next_check = time.monotonic() + interval
+    # STATUS= follows the daemon within STATUS_POLL (`systemctl status` shows claims as they
+    # change); health and the watchdog ping keep their own interval.
+    while not stop.wait(min(STATUS_POLL, interval)):
+        line = daemon.status_line()
+        if line != status:
+            status = line
+            notify(f"STATUS={status}")
+        if time.monotonic() < next_check:
+            continue
+        next_check = time.monotonic() + interval
         if not daemon.healthy():
             log.error("a daemon thread died; %s", "no more watchdog pings: systemd restarts hostdevd" if wd
                       else "exiting so that systemd restarts hostdevd")
@@ -156,10 +168,6 @@ def run(config: Config, args: argparse.Namespace) -> int:
             break
         if wd:
             notify("WATCHDOG=1")
-        line = daemon.status_line()
-        if line != status:
-            status = line
-            notify(f"STATUS={status}")
     notify("STOPPING=1\nSTATUS=stopping")
     daemon.stop()
     return rc

@@ -110,6 +110,26 @@ def test_notify_is_a_no_op_without_notify_socket(monkeypatch):
     assert daemon_main.notify("READY=1") is False
 
 
+def test_status_follows_claims_within_a_second_with_a_long_watchdog(base):
+    """`systemctl status` used to lag up to the watchdog interval (15 s with WatchdogSec=30s)."""
+    notify = Notify(base / "notify")
+    proc = start_daemon(base, notify, {"WATCHDOG_USEC": "30000000"})
+    try:
+        notify.wait_for("READY=1")
+        sock = str(base / "run" / "hostdevd.sock")
+        assert call(sock, {"op": "prepare", "domain": {"name": "vm1"}, "addresses": ["0000:01:00.0"]})["ok"]
+        t0 = time.monotonic()
+        notify.wait_for("STATUS=1 claims", timeout=5)
+        assert time.monotonic() - t0 < 3
+        assert not any("WATCHDOG=1" in m for m in notify.messages), "the ping keeps its 15 s interval"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_watchdog_interval(monkeypatch):
     monkeypatch.setenv("WATCHDOG_USEC", "30000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
