@@ -1,6 +1,7 @@
 """``hostdevd run`` as systemd runs it (sd_notify, watchdog, SIGTERM) and ``hostdevd install``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -58,10 +60,26 @@ def start_daemon(base: Path, notify: Notify, extra_env: dict | None = None) -> s
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@contextlib.contextmanager
+def daemon_process(base: Path, notify: Notify, extra_env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """The daemon as systemd runs it; killed if the test leaves it running."""
+    proc = start_daemon(base, notify, extra_env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def stop_with_sigterm(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+
+
 def test_run_notifies_ready_pings_watchdog_and_stops_cleanly_on_sigterm(base):
     notify = Notify(base / "notify")
-    proc = start_daemon(base, notify, {"WATCHDOG_USEC": "400000"})
-    try:
+    with daemon_process(base, notify, {"WATCHDOG_USEC": "400000"}) as proc:
         ready = notify.wait_for("READY=1")
         assert "STATUS=0 claims, libvirt not used" in ready
         sock = str(base / "run" / "hostdevd.sock")
@@ -69,12 +87,7 @@ def test_run_notifies_ready_pings_watchdog_and_stops_cleanly_on_sigterm(base):
         assert reply["ok"] and reply["groups"] == [12]
         notify.wait_for("WATCHDOG=1")
         notify.wait_for("STATUS=1 claims")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_with_sigterm(proc)
     err = proc.stderr.read()
     notify.wait_for("STOPPING=1")
     assert "received SIGTERM" in err and "1 claims kept in the ledger" in err
@@ -113,8 +126,7 @@ def test_notify_is_a_no_op_without_notify_socket(monkeypatch):
 def test_status_follows_claims_within_a_second_with_a_long_watchdog(base):
     """`systemctl status` used to lag up to the watchdog interval (15 s with WatchdogSec=30s)."""
     notify = Notify(base / "notify")
-    proc = start_daemon(base, notify, {"WATCHDOG_USEC": "30000000"})
-    try:
+    with daemon_process(base, notify, {"WATCHDOG_USEC": "30000000"}) as proc:
         notify.wait_for("READY=1")
         sock = str(base / "run" / "hostdevd.sock")
         assert call(sock, {"op": "prepare", "domain": {"name": "vm1"}, "addresses": ["0000:01:00.0"]})["ok"]
@@ -122,12 +134,7 @@ def test_status_follows_claims_within_a_second_with_a_long_watchdog(base):
         notify.wait_for("STATUS=1 claims", timeout=5)
         assert time.monotonic() - t0 < 3
         assert not any("WATCHDOG=1" in m for m in notify.messages), "the ping keeps its 15 s interval"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_with_sigterm(proc)
 
 
 def test_watchdog_interval(monkeypatch):
