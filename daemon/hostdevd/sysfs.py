@@ -134,7 +134,7 @@ class RawDevice:
     boot_vga: bool = False
     reset_method: list[str] | None = None
     has_reset: bool = False
-    vfio_variant: bool = False  # bound to a vfio variant driver (has vfio-dev/)
+    has_vfio_dev: bool = False  # has vfio-dev/: bound to a vfio driver (6.1+: vfio-pci and every variant)
     net: list[str] = field(default_factory=list)
 
 
@@ -316,7 +316,7 @@ class Sysfs:
             boot_vga=self._read(f"{d}/boot_vga") == "1",
             reset_method=rm.split() if rm else None,
             has_reset=self.backend.exists(f"{d}/reset"),
-            vfio_variant=self.backend.exists(f"{d}/vfio-dev"),
+            has_vfio_dev=self.backend.exists(f"{d}/vfio-dev"),
             net=[n for n in net if _NAME_RE.match(n)],
         )
 

@@ -42,7 +42,7 @@ class Device:
     boot_vga: bool = False
     reset_method: list[str] | None = None
     has_reset: bool = False
-    vfio_variant: bool = False
+    has_vfio_dev: bool = False
     net: list[str] = field(default_factory=list)
 
     @property
@@ -55,7 +55,7 @@ class Device:
 
     @property
     def on_vfio(self) -> bool:
-        return self.driver in VFIO_DRIVERS or self.vfio_variant
+        return self.driver in VFIO_DRIVERS or self.has_vfio_dev
 
     @property
     def viable_for_vfio(self) -> bool:
@@ -81,7 +81,7 @@ class Device:
             "boot_vga": self.boot_vga,
             "reset_method": self.reset_method,
             "has_reset": self.has_reset,
-            "vfio_variant": self.vfio_variant,
+            "has_vfio_dev": self.has_vfio_dev,
             "net": self.net,
         }
         return d
@@ -180,7 +180,7 @@ def from_snapshot(text: str) -> Topology:
                 boot_vga=bool(d.get("boot_vga", False)),
                 reset_method=d.get("reset_method"),
                 has_reset=bool(d.get("has_reset", False)),
-                vfio_variant=bool(d.get("vfio_variant", False)),
+                has_vfio_dev=bool(d.get("has_vfio_dev", d.get("vfio_variant", False))),  # older snapshots: vfio_variant
                 net=list(d.get("net", [])),
             )
         critical = {PciAddress.parse(a): r for a, r in data.get("critical", {}).items()}

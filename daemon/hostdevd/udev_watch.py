@@ -173,7 +173,7 @@ class PciEventHandler:
             if not sysfs.exists(addr):
                 return None                  # gone: the remove event deals with it
             driver = sysfs.driver(addr)
-            if driver in _VIABLE or (driver is not None and sysfs.read_device(addr).vfio_variant) \
+            if driver in _VIABLE or (driver is not None and sysfs.read_device(addr).has_vfio_dev) \
                     or (driver is not None and not rec.bound_by_us and driver == rec.original_driver):
                 self._clear(addr)
                 return None

@@ -271,7 +271,7 @@ def test_variant_driver_note_only_for_real_variant_drivers(tmp_path):
     owner = Owner(name="vm1", uuid=UUID)
     eng.prepare([A.parse(NIC1)], owner)
     topo = eng.topology()
-    assert topo.get(A.parse(NIC1)).vfio_variant, "vfio-dev/ exists for plain vfio-pci too (6.1+)"
+    assert topo.get(A.parse(NIC1)).has_vfio_dev, "vfio-dev/ exists for plain vfio-pci too (6.1+)"
     placement = guest_placements(dom(hd(NIC1, "0000:01:00.0")))
     r = assess("vm1", placement, eng.ledger().claims_of(owner), topo)
     assert r.devices[0].notes == []

@@ -33,7 +33,7 @@ def test_read_device_fields_lab():
     assert (nic.vendor, nic.device, nic.pci_class, nic.header_type) == ("8086", "10d3", "020000", 0)
     assert (nic.driver, nic.driver_override, nic.iommu_group) == ("e1000e", None, 12)
     assert nic.net == ["enp1s0"] and nic.reset_method == ["flr"] and nic.has_reset
-    assert not nic.vfio_variant and nic.physfn is None and nic.sriov_totalvfs is None
+    assert not nic.has_vfio_dev and nic.physfn is None and nic.sriov_totalvfs is None
     rp = s.read_device(A("0000:00:02.0"))
     assert rp.header_type == 1 and rp.driver == "pcieport" and not rp.has_reset
     nic4b = s.read_device(A("0000:0a:00.0"))
@@ -59,7 +59,7 @@ def test_read_device_vfs_and_vfio():
     s.set_driver_override(a, "vfio-pci")
     s.drivers_probe(a)
     vf = s.read_device(a)
-    assert vf.driver == "vfio-pci" and vf.vfio_variant   # kernel 6.1+: vfio-dev/ for every vfio driver
+    assert vf.driver == "vfio-pci" and vf.has_vfio_dev   # kernel 6.1+: vfio-dev/ for every vfio driver
     assert s.vfio_group_node_exists(21) and not s.vfio_group_node_exists(22)
     k.open_group(21)
     assert s.vfio_group_users(21) == 1
