@@ -62,10 +62,12 @@ class LabError(RuntimeError):
     """The lab could not be built, booted, or driven."""
 
 
-# What L1's kernel prints when TCG stopped delivering its timer interrupts or starved a vCPU
-# (seen with a live nested L2): after this the guest agent dies and every command times out.
+# What L1's kernel prints when the emulation under it broke (seen with a live nested L2 on TCG:
+# timer interrupts that stop coming, starved vCPUs, a kernel stack overflow in the KVM vCPU
+# thread and a panic): after this the guest agent dies and every command times out.
 STALL_RE = re.compile(r"rcu: INFO: .*detected stalls|soft lockup - CPU#|rcu_.* kthread starved|"
-                      r"timer wakeup didn't happen|blocked for more than \d+ seconds")
+                      r"timer wakeup didn't happen|blocked for more than \d+ seconds|"
+                      r"Kernel panic - not syncing|stack guard page was hit|BUG: unable to handle|general protection")
 KMSG_START = re.compile(r"^.*?(?=\[\s*\d+\.\d+\] )")
 
 

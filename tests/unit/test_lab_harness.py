@@ -17,12 +17,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))
 import labvm  # noqa: E402
 
-# lines copied from L1 serial logs of the two stalls seen in the lab (2026-11-24)
+# lines copied from L1 serial logs of the kernel failures seen in the lab
 REAL_STALLS = [
     "[  219.337580] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
     "[  219.341316] rcu: rcu_preempt kthread timer wakeup didn't happen for 5254 jiffies! g39849 f0x0",
     "[  300.981544] watchdog: BUG: soft lockup - CPU#0 stuck for 45s! [libvirtd:1652]",
     "[  276.689539] rcu: rcu_preempt kthread starved for 5252 jiffies! g78505 f0x2 RCU_GP_WAIT_FQS(5)",
+    # 2026-11-25, L1's KVM vCPU thread while an L2 booted
+    "[  258.626468] BUG: TASK stack guard page was hit at 00000000da203579 (stack is 00000000f5deb585..)",
+    "[  258.642040] Kernel panic - not syncing: corrupted stack end detected inside scheduler",
 ]
 HEALTHY = [
     "[    0.573752] rcu: Preemptible hierarchical RCU implementation.",
