@@ -45,7 +45,14 @@ def main() -> int:
     burners = []
     try:
         out["boot_s"] = round(vm.boot(), 1)
+        # kvm_amd loads late in L1's boot and libvirtd caches "no KVM" until it restarts; without
+        # this the L2 silently runs under TCG inside L1 and nested SVM is never exercised
+        vm.run("for i in $(seq 60); do [ -c /dev/kvm ] && break; sleep 1; done; systemctl restart libvirtd",
+               timeout=120)
         vt = vm.labsh("virt_type", timeout=60).stdout.strip()
+        out["l2_virt_type"] = vt
+        if vt != "kvm":
+            raise RuntimeError(f"L2 would run as type {vt!r}, not kvm: nested SVM is not what is soaked")
         nic = vm.topology()["nic1"]  # alone in its group: libvirt can attach it without hostdevd
         vm.write_text("/root/l2hot.xml", L2_XML.format(vt=vt, serial=SERIAL))
         vm.write_text("/root/hd.xml", hostdev_xml(nic))
