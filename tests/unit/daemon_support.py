@@ -19,13 +19,13 @@ def short_dir() -> Path:
 
 @contextlib.contextmanager
 def running_daemon(sim: SimKernel | str = "lab", adapter=None, read_timeout: float = 5.0,
-                   state_dir: Path | None = None, start: bool = True):
+                   state_dir: Path | None = None, start: bool = True, config_text: str = "", netlink=None):
     """A started Daemon on ``sim``; yields (daemon, sim, socket path)."""
     if isinstance(sim, str):
         sim = load_sim(sim)
     base = short_dir()
     try:
-        engine = make_engine(sim, state_dir or base / "state")
+        engine = make_engine(sim, state_dir or base / "state", config_text, netlink=netlink)
         engine.config.runtime_dir = str(base / "run")
         daemon = Daemon(engine.config, engine, adapter, sock_path=str(base / "run" / "hostdevd.sock"),
                         read_timeout=read_timeout)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -17,14 +15,13 @@ from hostdevd.address import PciAddress as A
 from hostdevd.config import parse_config
 from hostdevd.errors import ConfigError, Refused, SysfsTimeout
 from hostdevd.ledger import LedgerStore, Owner
-from hostdevd.service import Daemon
 from hostdevd.simkernel import SimKernel
 from hostdevd.sriov import (SriovTimeout, SysfsPollWaiter, UdevWaiter, _UdevWatch, apply_config, default_waiter,
-                            plan_vfs, set_vfs_by_hand)
+                            set_vfs_by_hand)
 from hostdevd.vfnet import FakeNetlink
 
 from .conftest import TOPOLOGIES, load_sim, make_engine
-from .daemon_support import domain_xml, short_dir, vfio_bind_by_hand
+from .daemon_support import domain_xml, running_daemon, vfio_bind_by_hand
 
 PF = "0000:03:00.0"
 WEB1 = Owner(name="web1", uuid="00000000-0000-0000-0000-0000000000a1")
@@ -294,46 +291,27 @@ def test_udev_waiter_uses_a_pci_add_monitor(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- daemon and CLI
 
 
-def _daemon(sim, base: Path, config_text: str) -> Daemon:
-    eng = make_engine(sim, base / "state", config_text)
-    eng.config.runtime_dir = str(base / "run")
-    return Daemon(eng.config, eng, None, sock_path=str(base / "run" / "hostdevd.sock"), read_timeout=5)
-
-
-def test_daemon_start_creates_configured_vfs_before_reservations():
+def test_daemon_start_creates_configured_vfs_before_reservations(tmp_path):
     sim = load_sim("sriov_pf")
-    base = short_dir()
-    try:
-        # the reserved device is the second VF: it only exists once the PF has VFs
-        d = _daemon(sim, base, 'reserve = ["0000:03:10.4"]\n\n[[sriov]]\npf = "enp3s0f0"\nnumvfs = 3\n'
-                               'autoprobe = false\n')
-        d.start()
-        try:
-            assert sim.vfs(PF) == ["0000:03:10.0", "0000:03:10.4", "0000:03:11.0"]
-            assert d.sriov.errors == [] and d.sriov.results[0].changed
-            assert sim.driver("0000:03:10.4") == "vfio-pci" and d.reservations.reserved
-            assert sim.driver("0000:03:10.0") is None
-            assert d.engine.ledger().sriov[PF].state == "ready"
-        finally:
-            d.stop(drain_timeout=2)
-        # a restart with the same config changes nothing (the reserved VF would refuse it anyway)
-        writes = numvfs_writes(sim)
-        d = _daemon(sim, base, 'reserve = ["0000:03:10.4"]\n\n[[sriov]]\npf = "enp3s0f0"\nnumvfs = 3\n')
-        d.start()
-        try:
-            assert numvfs_writes(sim) == writes and d.sriov.errors == []
-        finally:
-            d.stop(drain_timeout=2)
-        # asking for another count while the VF is reserved: refused, logged, the daemon still starts
-        d = _daemon(sim, base, 'reserve = ["0000:03:10.4"]\n\n[[sriov]]\npf = "enp3s0f0"\nnumvfs = 5\n')
-        d.start()
-        try:
-            assert numvfs_writes(sim) == writes and "to the reservation" in d.sriov.errors[0]
-            assert d.server.alive
-        finally:
-            d.stop(drain_timeout=2)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    state = tmp_path / "state"               # kept across the three daemon starts
+    # the reserved device is the second VF: it only exists once the PF has VFs
+    with running_daemon(sim, state_dir=state, config_text='reserve = ["0000:03:10.4"]\n\n[[sriov]]\n'
+                        'pf = "enp3s0f0"\nnumvfs = 3\nautoprobe = false\n') as (d, _, _):
+        assert sim.vfs(PF) == ["0000:03:10.0", "0000:03:10.4", "0000:03:11.0"]
+        assert d.sriov.errors == [] and d.sriov.results[0].changed
+        assert sim.driver("0000:03:10.4") == "vfio-pci" and d.reservations.reserved
+        assert sim.driver("0000:03:10.0") is None
+        assert d.engine.ledger().sriov[PF].state == "ready"
+    # a restart with the same config changes nothing (the reserved VF would refuse it anyway)
+    writes = numvfs_writes(sim)
+    with running_daemon(sim, state_dir=state, config_text='reserve = ["0000:03:10.4"]\n\n[[sriov]]\n'
+                        'pf = "enp3s0f0"\nnumvfs = 3\n') as (d, _, _):
+        assert numvfs_writes(sim) == writes and d.sriov.errors == []
+    # asking for another count while the VF is reserved: refused, logged, the daemon still starts
+    with running_daemon(sim, state_dir=state, config_text='reserve = ["0000:03:10.4"]\n\n[[sriov]]\n'
+                        'pf = "enp3s0f0"\nnumvfs = 5\n') as (d, _, _):
+        assert numvfs_writes(sim) == writes and "to the reservation" in d.sriov.errors[0]
+        assert d.server.alive
 
 
 def test_apply_config_reports_each_pf(tmp_path):
@@ -345,22 +323,14 @@ def test_apply_config_reports_each_pf(tmp_path):
 
 def test_vfs_set_op_through_the_socket():
     sim = load_sim("sriov_pf")
-    base = short_dir()
-    try:
-        d = _daemon(sim, base, "")
-        d.start()
-        try:
-            r = wire.call(d.server.path, {"op": "vfs_set", "pf": "enp3s0f0", "numvfs": 2, "autoprobe": False})
-            assert r["ok"] and r["vfs"]["vfs"] == sim.vfs(PF) and r["vfs"]["changed"]
-            d.engine.prepare([A.parse(sim.vfs(PF)[0])], WEB1)
-            r = wire.call(d.server.path, {"op": "vfs_set", "pf": PF, "numvfs": 4})
-            assert not r["ok"] and r["error"]["code"] == "REFUSED" and "web1" in r["error"]["message"]
-            r = wire.call(d.server.path, {"op": "vfs_set", "pf": PF, "numvfs": -1})
-            assert not r["ok"] and r["error"]["code"] == "BAD_REQUEST"
-        finally:
-            d.stop(drain_timeout=2)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with running_daemon(sim) as (d, _, _):
+        r = wire.call(d.server.path, {"op": "vfs_set", "pf": "enp3s0f0", "numvfs": 2, "autoprobe": False})
+        assert r["ok"] and r["vfs"]["vfs"] == sim.vfs(PF) and r["vfs"]["changed"]
+        d.engine.prepare([A.parse(sim.vfs(PF)[0])], WEB1)
+        r = wire.call(d.server.path, {"op": "vfs_set", "pf": PF, "numvfs": 4})
+        assert not r["ok"] and r["error"]["code"] == "REFUSED" and "web1" in r["error"]["message"]
+        r = wire.call(d.server.path, {"op": "vfs_set", "pf": PF, "numvfs": -1})
+        assert not r["ok"] and r["error"]["code"] == "BAD_REQUEST"
 
 
 def run_cli(argv, sim, state, netlink=None):
@@ -411,22 +381,14 @@ def test_hostdevctl_vfs_without_netlink_and_without_pfs(tmp_path):
 
 def test_hostdevctl_vfs_set_goes_through_the_daemon_when_it_runs(tmp_path):
     sim = load_sim("sriov_pf")
-    base = short_dir()
-    try:
-        d = _daemon(sim, base, "")
-        d.start()
-        try:
-            conf = base / "hostdevd.toml"
-            conf.write_text(f'runtime_dir = "{base / "run"}"\nstate_dir = "{base / "state"}"\n')
-            out: list[str] = []
-            from hostdevd.sysfs import Sysfs
-            rc = cli.main(["--config", str(conf), "vfs", "set", PF, "2"], sysfs=Sysfs(sim, 2.0), out=out.append)
-            assert rc == 0 and "note: done by the hostdevd daemon" in "\n".join(out)
-            assert len(sim.vfs(PF)) == 2 and d.dispatcher is not None
-        finally:
-            d.stop(drain_timeout=2)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with running_daemon(sim) as (d, _, _):
+        conf = tmp_path / "hostdevd.toml"
+        conf.write_text(f'runtime_dir = "{d.engine.config.runtime_dir}"\nstate_dir = "{d.engine.config.state_dir}"\n')
+        out: list[str] = []
+        from hostdevd.sysfs import Sysfs
+        rc = cli.main(["--config", str(conf), "vfs", "set", PF, "2"], sysfs=Sysfs(sim, 2.0), out=out.append)
+        assert rc == 0 and "note: done by the hostdevd daemon" in "\n".join(out)
+        assert len(sim.vfs(PF)) == 2 and d.dispatcher is not None
 
 
 def test_vfs_set_by_hand_takes_defaults_from_the_config_entry(tmp_path):
@@ -491,23 +453,15 @@ def test_vf_sharing_the_pf_group_is_refused_explaining_acs(tmp_path):
 
 def test_domain_with_vf_hostdev_through_the_daemon(tmp_path):
     sim = load_sim("sriov_pf")
-    base = short_dir()
-    try:
-        d = _daemon(sim, base, '[[sriov]]\npf = "enp3s0f0"\nnumvfs = 2\n')
-        d.start()
-        try:
-            vf = sim.vfs(PF)[1]
-            xml = domain_xml("web1", WEB1.uuid, vf)
-            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
-            assert r["ok"] and sim.driver(vf) == "vfio-pci"
-            r = wire.call(d.server.path, {"op": "vfs_set", "pf": PF, "numvfs": 0})
-            assert not r["ok"] and "web1" in r["error"]["message"] and len(sim.vfs(PF)) == 2
-            r = wire.call(d.server.path, {"op": "release", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
-            assert r["ok"] and sim.driver(vf) is None
-        finally:
-            d.stop(drain_timeout=2)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with running_daemon(sim, config_text='[[sriov]]\npf = "enp3s0f0"\nnumvfs = 2\n') as (d, _, _):
+        vf = sim.vfs(PF)[1]
+        xml = domain_xml("web1", WEB1.uuid, vf)
+        r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
+        assert r["ok"] and sim.driver(vf) == "vfio-pci"
+        r = wire.call(d.server.path, {"op": "vfs_set", "pf": PF, "numvfs": 0})
+        assert not r["ok"] and "web1" in r["error"]["message"] and len(sim.vfs(PF)) == 2
+        r = wire.call(d.server.path, {"op": "release", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
+        assert r["ok"] and sim.driver(vf) is None
 
 
 def test_numvfs_write_error_is_reported(tmp_path):
@@ -543,31 +497,23 @@ def test_hostdev_network_pool_is_resolved_from_the_network_xml():
     from hostdevd.domxml import parse_network
     from hostdevd.sriov import network_pool
     sim = load_sim("sriov_pf")
-    base = short_dir()
-    try:
-        d = _daemon(sim, base, '[[sriov]]\npf = "enp3s0f0"\nnumvfs = 2\n')
-        d.start()
-        try:
-            vfs = sim.vfs(PF)
-            net = ("<network><name>pool</name><forward mode='hostdev' managed='yes'><pf dev='enp3s0f0'/>"
-                   "</forward></network>")
-            assert [str(a) for a in network_pool(d.engine.topology(), parse_network(net))] == vfs
-            d.adapter = NetAdapter({"pool": net, "nat": "<network><name>nat</name><forward mode='nat'/></network>"})
-            d._lv_connected = True
-            xml = ("<domain><name>web1</name><devices><interface type='network'><source network='pool'/></interface>"
-                   "<interface type='network'><source network='nat'/></interface></devices></domain>")
-            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
-            assert r["ok"] and r["networks"][0]["hostdev_pool"] == vfs and r["networks"][0]["assignable"] == vfs
-            assert "hostdev_pool" not in r["networks"][1] and d.adapter.asked == ["pool", "nat"]
-            assert "'start begin' hook" in r["warnings"][0]
-            d.engine.prepare([A.parse(v) for v in vfs], DB1)          # every VF of the pool is taken
-            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
-            assert not r["ok"] and "hostdev network 'pool' has no VF web1 could get" in r["error"]["message"]
-            assert "db1" in r["error"]["message"]
-        finally:
-            d.stop(drain_timeout=2)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with running_daemon(sim, config_text='[[sriov]]\npf = "enp3s0f0"\nnumvfs = 2\n') as (d, _, _):
+        vfs = sim.vfs(PF)
+        net = ("<network><name>pool</name><forward mode='hostdev' managed='yes'><pf dev='enp3s0f0'/>"
+               "</forward></network>")
+        assert [str(a) for a in network_pool(d.engine.topology(), parse_network(net))] == vfs
+        d.adapter = NetAdapter({"pool": net, "nat": "<network><name>nat</name><forward mode='nat'/></network>"})
+        d._lv_connected = True
+        xml = ("<domain><name>web1</name><devices><interface type='network'><source network='pool'/></interface>"
+               "<interface type='network'><source network='nat'/></interface></devices></domain>")
+        r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
+        assert r["ok"] and r["networks"][0]["hostdev_pool"] == vfs and r["networks"][0]["assignable"] == vfs
+        assert "hostdev_pool" not in r["networks"][1] and d.adapter.asked == ["pool", "nat"]
+        assert "'start begin' hook" in r["warnings"][0]
+        d.engine.prepare([A.parse(v) for v in vfs], DB1)          # every VF of the pool is taken
+        r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
+        assert not r["ok"] and "hostdev network 'pool' has no VF web1 could get" in r["error"]["message"]
+        assert "db1" in r["error"]["message"]
 
 
 def test_managed_no_hostdev_network_vf_is_prepared_at_prepare_begin():
@@ -576,40 +522,30 @@ def test_managed_no_hostdev_network_vf_is_prepared_at_prepare_begin():
     of the pool without a user) at 'prepare begin', and leaves its MAC to libvirt."""
     sim = load_sim("sriov_pf")
     nl = FakeNetlink().add_pf("enp3s0f0", 8)
-    base = short_dir()
-    try:
-        eng = make_engine(sim, base / "state", '[[sriov]]\npf = "enp3s0f0"\nnumvfs = 3\n', netlink=nl)
-        eng.config.runtime_dir = str(base / "run")
-        d = Daemon(eng.config, eng, None, sock_path=str(base / "run" / "s.sock"), read_timeout=5)
-        d.start()
-        try:
-            vfs = sim.vfs(PF)
-            d.adapter = NetAdapter({"pool": "<network><name>pool</name><forward mode='hostdev' managed='no'>"
-                                             "<pf dev='enp3s0f0'/></forward></network>"})
-            d._lv_connected = True
+    with running_daemon(sim, config_text='[[sriov]]\npf = "enp3s0f0"\nnumvfs = 3\n', netlink=nl) as (d, _, _):
+        vfs = sim.vfs(PF)
+        d.adapter = NetAdapter({"pool": "<network><name>pool</name><forward mode='hostdev' managed='no'>"
+                                         "<pf dev='enp3s0f0'/></forward></network>"})
+        d._lv_connected = True
 
-            def xml(name, mac):
-                return (f"<domain><name>{name}</name><devices><interface type='network'><mac address='{mac}'/>"
-                        "<source network='pool'/></interface></devices></domain>")
-            d.engine.prepare([A.parse(vfs[0])], DB1)                  # taken directly by another domain
-            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"},
-                                          "xml": xml("web1", "52:54:00:00:00:01")})
-            assert r["ok"] and r["networks"][0]["prepared"] == vfs[1] and sim.driver(vfs[1]) == "vfio-pci"
-            cfg = d.engine.ledger().claim_for_device(vfs[1]).device(vfs[1]).vf_netconfig
-            assert (cfg.state, cfg.mac, cfg.requested_mac) == ("libvirt", ZERO_MAC_, "52:54:00:00:00:01")
-            assert nl.calls == []
-            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "app2"},
-                                          "xml": xml("app2", "52:54:00:00:00:02")})
-            assert r["ok"] and r["networks"][0]["prepared"] == vfs[2]
-            r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "app3"},
-                                          "xml": xml("app3", "52:54:00:00:00:03")})
-            assert not r["ok"] and "has no VF app3 could get" in r["error"]["message"]
-            wire.call(d.server.path, {"op": "release", "origin": "hook", "domain": {"name": "web1"}})
-            assert sim.driver(vfs[1]) is None and d.engine.ledger().claim_for_device(vfs[1]) is None
-        finally:
-            d.stop(drain_timeout=2)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+        def xml(name, mac):
+            return (f"<domain><name>{name}</name><devices><interface type='network'><mac address='{mac}'/>"
+                    "<source network='pool'/></interface></devices></domain>")
+        d.engine.prepare([A.parse(vfs[0])], DB1)                  # taken directly by another domain
+        r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"},
+                                      "xml": xml("web1", "52:54:00:00:00:01")})
+        assert r["ok"] and r["networks"][0]["prepared"] == vfs[1] and sim.driver(vfs[1]) == "vfio-pci"
+        cfg = d.engine.ledger().claim_for_device(vfs[1]).device(vfs[1]).vf_netconfig
+        assert (cfg.state, cfg.mac, cfg.requested_mac) == ("libvirt", ZERO_MAC_, "52:54:00:00:00:01")
+        assert nl.calls == []
+        r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "app2"},
+                                      "xml": xml("app2", "52:54:00:00:00:02")})
+        assert r["ok"] and r["networks"][0]["prepared"] == vfs[2]
+        r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "app3"},
+                                      "xml": xml("app3", "52:54:00:00:00:03")})
+        assert not r["ok"] and "has no VF app3 could get" in r["error"]["message"]
+        wire.call(d.server.path, {"op": "release", "origin": "hook", "domain": {"name": "web1"}})
+        assert sim.driver(vfs[1]) is None and d.engine.ledger().claim_for_device(vfs[1]) is None
 
 
 ZERO_MAC_ = "00:00:00:00:00:00"
