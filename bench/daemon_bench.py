@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "daemon"))
 
 from hostdevd import wire  # noqa: E402
-from hostdevd.daemon_main import hook_script  # noqa: E402
+from hostdevd.doors.daemon_main import hook_script  # noqa: E402
 
 NIC = "0000:01:00.0"  # lab topology: the singleton e1000e
 NO_HOSTDEV = "<domain type='kvm'><name>plain</name><devices><disk type='file'/></devices></domain>"
@@ -67,7 +67,7 @@ def main() -> int:
     run_dir, state = base / "run", base / "state"
     sock = str(run_dir / "hostdevd.sock")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "daemon"))
-    daemon = subprocess.Popen([sys.executable, "-m", "hostdevd.daemon_main", "run", "--no-libvirt",
+    daemon = subprocess.Popen([sys.executable, "-m", "hostdevd.doors.daemon_main", "run", "--no-libvirt",
                                "--sim", str(ROOT / "tests/topologies/lab.json"), "--state-dir", str(state),
                                "--runtime-dir", str(run_dir), "--log-level", "WARNING"], env=env,
                               stderr=subprocess.DEVNULL)

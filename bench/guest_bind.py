@@ -30,11 +30,11 @@ import threading
 import time
 import traceback
 
-from hostdevd.address import PciAddress
-from hostdevd.config import Config
-from hostdevd.engine import Engine
-from hostdevd.ledger import LedgerStore, Owner
-from hostdevd.sysfs import RealHost, Sysfs
+from hostdevd.core.address import PciAddress
+from hostdevd.core.config import Config
+from hostdevd.core.engine import Engine
+from hostdevd.core.ledger import LedgerStore, Owner
+from hostdevd.core.sysfs import RealHost, Sysfs
 
 SYS = "/sys/bus/pci/devices"
 VFIO = "vfio-pci"

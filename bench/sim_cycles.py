@@ -37,12 +37,12 @@ from benchutil import source_info  # bench/ is sys.path[0] when run as a script
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "daemon"))  # run from a checkout without installing
 
-from hostdevd.address import PciAddress  # noqa: E402
-from hostdevd.config import Config  # noqa: E402
-from hostdevd.engine import Engine  # noqa: E402
-from hostdevd.ledger import LedgerStore, Owner  # noqa: E402
-from hostdevd.simkernel import SimKernel  # noqa: E402
-from hostdevd.sysfs import Sysfs  # noqa: E402
+from hostdevd.core.address import PciAddress  # noqa: E402
+from hostdevd.core.config import Config  # noqa: E402
+from hostdevd.core.engine import Engine  # noqa: E402
+from hostdevd.core.ledger import LedgerStore, Owner  # noqa: E402
+from hostdevd.sim.simkernel import SimKernel  # noqa: E402
+from hostdevd.core.sysfs import Sysfs  # noqa: E402
 
 TOPOLOGY = REPO / "tests" / "topologies" / "lab.json"
 VFIO = "vfio-pci"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import config_json_schema
-from .ledger import ledger_json_schema
+from .core.config import config_json_schema
+from .core.ledger import ledger_json_schema
 
 SCHEMAS = {
     "ledger.schema.json": ledger_json_schema,

@@ -60,7 +60,7 @@ def test_check_in_guest_reports_iommu_and_remapping(lab):
 
 def test_check_on_this_host_without_iommu():
     has_iommu = any(Path("/sys/class/iommu").glob("*"))
-    r = subprocess.run([sys.executable, "-m", "hostdevd.cli", "check"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "hostdevd.doors.cli", "check"], capture_output=True, text=True,
                        timeout=120)
     if has_iommu:  # pragma: no cover - CI machines have none
         assert r.returncode == 0, r.stdout

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from hostdevd.config import Config, parse_config
-from hostdevd.engine import Engine
-from hostdevd.ledger import LedgerStore
-from hostdevd.simkernel import SimKernel
-from hostdevd.sysfs import Sysfs
+from hostdevd.core.config import Config, parse_config
+from hostdevd.core.engine import Engine
+from hostdevd.core.ledger import LedgerStore
+from hostdevd.sim.simkernel import SimKernel
+from hostdevd.core.sysfs import Sysfs
 
 TOPOLOGIES = Path(__file__).resolve().parents[1] / "topologies"
 

@@ -6,8 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hostdevd.service import Daemon
-from hostdevd.simkernel import SimKernel
+from hostdevd.doors.service import Daemon
+from hostdevd.sim.simkernel import SimKernel
 
 from .conftest import load_sim, make_engine
 
@@ -71,7 +71,7 @@ def singleton_groups_spec(n: int = 16) -> dict:
 
 def vfio_bind_by_hand(eng, addr: str) -> None:
     """What libvirt's managed detach (or driverctl) does, behind hostdevd's back."""
-    from hostdevd.address import PciAddress
+    from hostdevd.core.address import PciAddress
 
     a = PciAddress.parse(addr)
     if not eng.sysfs.driver_loaded("vfio-pci"):

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostdevd import api
-from hostdevd.api import Peer, call
-from hostdevd.errors import HostdevError
-from hostdevd.simkernel import SimKernel
-from hostdevd.wire import MAX_MESSAGE, DaemonNotRunning, LineReader
+from hostdevd.doors import api
+from hostdevd.doors.api import Peer, call
+from hostdevd.core.errors import HostdevError
+from hostdevd.sim.simkernel import SimKernel
+from hostdevd.doors.wire import MAX_MESSAGE, DaemonNotRunning, LineReader
 
 from .daemon_support import domain_xml, running_daemon, short_dir, singleton_groups_spec, uuid_for
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from hostdevd.config import Config, parse_config
-from hostdevd.logfields import MSG
+from hostdevd.core.config import Config, parse_config
+from hostdevd.core.logfields import MSG
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 

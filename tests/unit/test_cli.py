@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hostdevd.cli import main
-from hostdevd.sysfs import Sysfs
+from hostdevd.doors.cli import main
+from hostdevd.core.sysfs import Sysfs
 
 from .conftest import load_sim
 

@@ -1,9 +1,9 @@
 """Config parsing: defaults, every key, and one clear line naming the bad key."""
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.config import DeviceMatcher, load_config, parse_config
-from hostdevd.errors import ConfigError
+from hostdevd.core.address import PciAddress as A
+from hostdevd.core.config import DeviceMatcher, load_config, parse_config
+from hostdevd.core.errors import ConfigError
 
 FULL = """
 libvirt_uri = "qemu+ssh://host/system"

@@ -14,9 +14,9 @@ from typing import Iterator
 
 import pytest
 
-from hostdevd import daemon_main
-from hostdevd.api import call
-from hostdevd.config import parse_config
+from hostdevd.doors import daemon_main
+from hostdevd.doors.api import call
+from hostdevd.core.config import parse_config
 
 from .daemon_support import short_dir
 
@@ -53,7 +53,7 @@ def base():
 
 def start_daemon(base: Path, notify: Notify, extra_env: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ, NOTIFY_SOCKET=notify.path, **(extra_env or {}))
-    cmd = [sys.executable, "-m", "hostdevd.daemon_main", "--config", str(base / "none.toml"), "run",
+    cmd = [sys.executable, "-m", "hostdevd.doors.daemon_main", "--config", str(base / "none.toml"), "run",
            "--sim", str(LAB), "--no-libvirt", "--state-dir", str(base / "state"),
            "--runtime-dir", str(base / "run")]
     (base / "none.toml").write_text("")
@@ -99,7 +99,7 @@ def test_run_notifies_ready_pings_watchdog_and_stops_cleanly_on_sigterm(base):
 
 def test_bad_config_is_exit_2_with_one_line(base):
     (base / "bad.toml").write_text("write_timeout = -1\n")
-    proc = subprocess.run([sys.executable, "-m", "hostdevd.daemon_main", "--config", str(base / "bad.toml")],
+    proc = subprocess.run([sys.executable, "-m", "hostdevd.doors.daemon_main", "--config", str(base / "bad.toml")],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "write_timeout" in proc.stderr
 
@@ -162,7 +162,7 @@ def test_install_places_every_file(base, monkeypatch):
     assert daemon_main.install(str(root), config, None, reload=False, out=Out()) == 0
     unit = (root / "etc/systemd/system/hostdevd.service").read_text()
     exec_line = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    assert exec_line.endswith(" run") and ("hostdevd run" in exec_line or "-m hostdevd.daemon_main" in exec_line)
+    assert exec_line.endswith(" run") and ("hostdevd run" in exec_line or "-m hostdevd.doors.daemon_main" in exec_line)
     assert "Type=notify" in unit and "WatchdogSec=30s" in unit
     assert (root / "etc/tmpfiles.d/hostdevd.conf").read_text().count("\nd /") == 2
     assert "-- 4c5bc6d98714421c885f01f5214c904d" in (root / "usr/lib/systemd/catalog/hostdevd.catalog").read_text()
@@ -182,7 +182,7 @@ def test_install_places_every_file(base, monkeypatch):
 
 
 def test_install_cli_entry_point(base):
-    proc = subprocess.run([sys.executable, "-m", "hostdevd.daemon_main", "install", "--prefix", str(base / "r"),
+    proc = subprocess.run([sys.executable, "-m", "hostdevd.doors.daemon_main", "install", "--prefix", str(base / "r"),
                            "--no-reload"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "restart libvirtd" in proc.stdout and (base / "r/etc/libvirt/hooks/qemu.d/hostdevd").exists()

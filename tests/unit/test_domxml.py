@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostdevd import domxml
-from hostdevd.address import PciAddress
-from hostdevd.domxml import (
+from hostdevd.core import domxml
+from hostdevd.core.address import PciAddress
+from hostdevd.core.domxml import (
     DEFAULT_MAX_BYTES, DeviceRequest, NetworkRef, parse_device, parse_domain, parse_network,
     parse_networkport, parse_nodedev, parse_nodedevs,
 )
-from hostdevd.errors import InvalidXML, UsageError
+from hostdevd.core.errors import InvalidXML, UsageError
 
 A = PciAddress.parse
 

@@ -15,12 +15,12 @@ from typing import Callable
 
 import pytest
 
-from hostdevd.address import PciAddress
-from hostdevd.domxml import (
+from hostdevd.core.address import PciAddress
+from hostdevd.core.domxml import (
     DeviceRequest, HostdevNetwork, NetworkPort, NetworkRef, NodeDevice,
     parse_device, parse_domain, parse_network, parse_networkport, parse_nodedev, parse_nodedevs,
 )
-from hostdevd.errors import InvalidXML
+from hostdevd.core.errors import InvalidXML
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "libvirt"
 FILES = sorted(p.relative_to(CORPUS).as_posix() for p in CORPUS.rglob("*.xml"))

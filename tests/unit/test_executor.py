@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.errors import ExecutionFailed, HostdevError, Refused, SysfsTimeout
-from hostdevd.ledger import LedgerStore, Owner
-from hostdevd.sysfs import Sysfs
+from hostdevd.core.address import PciAddress as A
+from hostdevd.core.errors import ExecutionFailed, HostdevError, Refused, SysfsTimeout
+from hostdevd.core.ledger import LedgerStore, Owner
+from hostdevd.core.sysfs import Sysfs
 
 from .conftest import load_sim, make_engine
 

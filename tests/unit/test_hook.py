@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from hostdevd.daemon_main import hook_script
-from hostdevd.hook import NOT_RUNNING, needs_daemon
+from hostdevd.doors.daemon_main import hook_script
+from hostdevd.doors.hook import NOT_RUNNING, needs_daemon
 
 from .daemon_support import domain_xml, running_daemon, short_dir, uuid_for
 
@@ -59,10 +59,10 @@ def test_filter():
 
 
 def test_hook_imports_only_the_standard_library():
-    code = ("import sys; import hostdevd.hook; "
+    code = ("import sys; import hostdevd.doors.hook; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('hostdevd', 'pydantic', 'lxml', 'libvirt')))")
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['hostdevd', 'hostdevd.hook', 'hostdevd.wire']"
+    assert out.strip() == "['hostdevd', 'hostdevd.doors', 'hostdevd.doors.hook', 'hostdevd.doors.wire']"
 
 
 def test_no_hostdev_exits_0_without_a_daemon():

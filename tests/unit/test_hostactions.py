@@ -11,14 +11,14 @@ import errno
 
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.config import parse_config
-from hostdevd.engine import Engine
-from hostdevd.errors import ConfigError, ExecutionFailed, HostdevError
-from hostdevd.executor import RunResult
-from hostdevd.ledger import LedgerStore, Owner
-from hostdevd.reconcile import reconcile
-from hostdevd.sysfs import Sysfs
+from hostdevd.core.address import PciAddress as A
+from hostdevd.core.config import parse_config
+from hostdevd.core.engine import Engine
+from hostdevd.core.errors import ConfigError, ExecutionFailed, HostdevError
+from hostdevd.core.executor import RunResult
+from hostdevd.core.ledger import LedgerStore, Owner
+from hostdevd.core.reconcile import reconcile
+from hostdevd.core.sysfs import Sysfs
 
 from .conftest import load_sim
 
@@ -363,7 +363,7 @@ def test_runner_timeout_is_a_step_failure(sim, tmp_path):
 
 
 def test_default_runner_reports_timeouts_and_missing_programs():
-    from hostdevd.executor import default_runner
+    from hostdevd.core.executor import default_runner
     assert default_runner(["true"], 5).rc == 0
     assert default_runner(["sh", "-c", "echo oops >&2; exit 3"], 5) == RunResult(3, "oops")
     with pytest.raises(ExecutionFailed, match="within 0.2 s"):
@@ -373,7 +373,7 @@ def test_default_runner_reports_timeouts_and_missing_programs():
 
 
 def test_status_lists_the_host_actions_to_undo(eng, sim, host, tmp_path):
-    from hostdevd.cli import main as cli_main
+    from hostdevd.doors.cli import main as cli_main
 
     eng.prepare([A.parse(GPU)], VM1)
     cfg = tmp_path / "c.toml"

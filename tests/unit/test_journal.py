@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from hostdevd import journal
-from hostdevd.ledger import Owner
-from hostdevd.logfields import MSG, log_action
+from hostdevd.adapters import journal
+from hostdevd.core.ledger import Owner
+from hostdevd.core.logfields import MSG, log_action
 
 OWNER = Owner(name="vm1", uuid="00000000-0000-0000-0000-000000000001")
 

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from hostdevd.errors import LedgerError
-from hostdevd.ledger import Claim, DeviceRecord, Ledger, LedgerStore, Owner
+from hostdevd.core.errors import LedgerError
+from hostdevd.core.ledger import Claim, DeviceRecord, Ledger, LedgerStore, Owner
 
 
 def _claim(group, name="vm1", addr="0000:01:00.0"):

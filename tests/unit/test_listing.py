@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostdevd.address import PciAddress
-from hostdevd.errors import ListingError
-from hostdevd.listing import class_warnings, parse_listing
-from hostdevd.topology import Device, Topology, from_snapshot
+from hostdevd.core.address import PciAddress
+from hostdevd.core.errors import ListingError
+from hostdevd.core.listing import class_warnings, parse_listing
+from hostdevd.core.topology import Device, Topology, from_snapshot
 
 LISTINGS = Path(__file__).resolve().parent.parent / "listings"
 

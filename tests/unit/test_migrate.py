@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.api import call
-from hostdevd.cli import main as cli_main
-from hostdevd.domxml import guest_placements
-from hostdevd.errors import InvalidXML
-from hostdevd.ledger import Owner
-from hostdevd.migrate import assess
-from hostdevd.sysfs import Sysfs
+from hostdevd.core.address import PciAddress as A
+from hostdevd.doors.api import call
+from hostdevd.doors.cli import main as cli_main
+from hostdevd.core.domxml import guest_placements
+from hostdevd.core.errors import InvalidXML
+from hostdevd.core.ledger import Owner
+from hostdevd.core.migrate import assess
+from hostdevd.core.sysfs import Sysfs
 
 from .conftest import load_sim, make_engine
 from .daemon_support import running_daemon, short_dir, uuid_for
@@ -152,7 +152,7 @@ def daemon():
 
 def test_daemon_judges_the_live_xml_and_logs_it(daemon, caplog):
     import logging
-    from hostdevd.logfields import MSG
+    from hostdevd.core.logfields import MSG
     d, sim, path, lv = daemon
     assert call(path, {"op": "attach", "domain": {"name": "vm1"}, "addresses": [PAIR]})["ok"]
     caplog.set_level(logging.INFO, "hostdevd")

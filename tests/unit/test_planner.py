@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.config import parse_config
-from hostdevd.ledger import Claim, DeviceRecord, Ledger, Owner
-from hostdevd.planner import Policy, plan_prepare, plan_release
-from hostdevd.topology import Device, Topology
+from hostdevd.core.address import PciAddress as A
+from hostdevd.core.config import parse_config
+from hostdevd.core.ledger import Claim, DeviceRecord, Ledger, Owner
+from hostdevd.core.planner import Policy, plan_prepare, plan_release
+from hostdevd.core.topology import Device, Topology
 
 VM1 = Owner(name="vm1", uuid="11111111-1111-1111-1111-111111111111")
 VM2 = Owner(name="vm2", uuid="22222222-2222-2222-2222-222222222222")

@@ -11,9 +11,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.ledger import Owner
-from hostdevd.reconcile import RunningDomain, adopt_domain, reconcile, release_missing, release_owner
+from hostdevd.core.address import PciAddress as A
+from hostdevd.core.ledger import Owner
+from hostdevd.core.reconcile import RunningDomain, adopt_domain, reconcile, release_missing, release_owner
 
 from .conftest import load_sim, make_engine
 from .daemon_support import domain_xml, vfio_bind_by_hand

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.errors import HostdevError, Refused
-from hostdevd.ledger import Owner
-from hostdevd.reservations import apply_reservations
+from hostdevd.core.address import PciAddress as A
+from hostdevd.core.errors import HostdevError, Refused
+from hostdevd.core.ledger import Owner
+from hostdevd.core.reservations import apply_reservations
 
 from .conftest import load_sim, make_engine
 
@@ -90,8 +90,8 @@ def test_reservation_by_vendor_device_and_host_critical_refused(tmp_path):
 
 
 def test_daemon_start_binds_reservations_and_groups_shows_them(tmp_path):
-    from hostdevd.cli import main
-    from hostdevd.sysfs import Sysfs
+    from hostdevd.doors.cli import main
+    from hostdevd.core.sysfs import Sysfs
 
     from .daemon_support import running_daemon
 

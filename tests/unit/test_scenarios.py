@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.errors import Refused
-from hostdevd.ledger import Owner
+from hostdevd.core.address import PciAddress as A
+from hostdevd.core.errors import Refused
+from hostdevd.core.ledger import Owner
 
 from .conftest import load_sim, make_engine
 

@@ -6,13 +6,13 @@ import time
 
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.api import call
-from hostdevd.errors import LedgerError
-from hostdevd.ledger import Owner
-from hostdevd.service import DomainGate, LibvirtFailure, LibvirtUnavailable, hostdev_xml
+from hostdevd.core.address import PciAddress as A
+from hostdevd.doors.api import call
+from hostdevd.core.errors import LedgerError
+from hostdevd.core.ledger import Owner
+from hostdevd.doors.service import DomainGate, LibvirtFailure, LibvirtUnavailable, hostdev_xml
 
-from hostdevd.wire import DaemonNotRunning
+from hostdevd.doors.wire import DaemonNotRunning
 
 from .daemon_support import domain_xml, running_daemon, uuid_for
 
@@ -243,7 +243,7 @@ def test_attach_failure_keeps_devices_held_before(fake):
 
 
 def test_hostdev_xml_round_trips():
-    from hostdevd.domxml import parse_device
+    from hostdevd.core.domxml import parse_device
     assert parse_device(hostdev_xml(A.parse("0000:0a:1f.7"))).addresses() == [A.parse("0000:0a:1f.7")]
 
 

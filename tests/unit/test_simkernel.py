@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hostdevd.errors import ConfigError
-from hostdevd.simkernel import SimKernel
+from hostdevd.core.errors import ConfigError
+from hostdevd.sim.simkernel import SimKernel
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 

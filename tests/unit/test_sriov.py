@@ -10,15 +10,15 @@ import json
 
 import pytest
 
-from hostdevd import cli, wire
-from hostdevd.address import PciAddress as A
-from hostdevd.config import parse_config
-from hostdevd.errors import ConfigError, Refused, SysfsTimeout
-from hostdevd.ledger import LedgerStore, Owner
-from hostdevd.simkernel import SimKernel
-from hostdevd.sriov import (SriovTimeout, SysfsPollWaiter, UdevWaiter, _UdevWatch, apply_config, default_waiter,
+from hostdevd.doors import cli, wire
+from hostdevd.core.address import PciAddress as A
+from hostdevd.core.config import parse_config
+from hostdevd.core.errors import ConfigError, Refused, SysfsTimeout
+from hostdevd.core.ledger import LedgerStore, Owner
+from hostdevd.sim.simkernel import SimKernel
+from hostdevd.core.sriov import (SriovTimeout, SysfsPollWaiter, UdevWaiter, _UdevWatch, apply_config, default_waiter,
                             set_vfs_by_hand)
-from hostdevd.vfnet import FakeNetlink
+from hostdevd.core.vfnet import FakeNetlink
 
 from .conftest import TOPOLOGIES, load_sim, make_engine
 from .daemon_support import domain_xml, running_daemon, vfio_bind_by_hand
@@ -158,7 +158,7 @@ def test_refused_while_a_reserved_vf_or_an_unknown_qemu_holds_one(tmp_path):
     sim = load_sim("sriov_pf")
     eng = make_engine(sim, tmp_path)
     vfs = eng.set_vfs(PF, 2, autoprobe=True).vfs
-    from hostdevd.reservations import apply_reservations
+    from hostdevd.core.reservations import apply_reservations
     apply_reservations(eng, [vfs[0]])
     with pytest.raises(Refused) as e:
         eng.set_vfs(PF, 0)
@@ -335,7 +335,7 @@ def test_vfs_set_op_through_the_socket():
 
 def run_cli(argv, sim, state, netlink=None):
     out: list[str] = []
-    from hostdevd.sysfs import Sysfs
+    from hostdevd.core.sysfs import Sysfs
     rc = cli.main(["--state-dir", str(state), "--no-daemon"] + argv, sysfs=Sysfs(sim, 2.0), out=out.append,
                   netlink=netlink)
     return rc, "\n".join(out)
@@ -385,7 +385,7 @@ def test_hostdevctl_vfs_set_goes_through_the_daemon_when_it_runs(tmp_path):
         conf = tmp_path / "hostdevd.toml"
         conf.write_text(f'runtime_dir = "{d.engine.config.runtime_dir}"\nstate_dir = "{d.engine.config.state_dir}"\n')
         out: list[str] = []
-        from hostdevd.sysfs import Sysfs
+        from hostdevd.core.sysfs import Sysfs
         rc = cli.main(["--config", str(conf), "vfs", "set", PF, "2"], sysfs=Sysfs(sim, 2.0), out=out.append)
         assert rc == 0 and "note: done by the hostdevd daemon" in "\n".join(out)
         assert len(sim.vfs(PF)) == 2 and d.dispatcher is not None
@@ -494,8 +494,8 @@ class NetAdapter:
 
 
 def test_hostdev_network_pool_is_resolved_from_the_network_xml():
-    from hostdevd.domxml import parse_network
-    from hostdevd.sriov import network_pool
+    from hostdevd.core.domxml import parse_network
+    from hostdevd.core.sriov import network_pool
     sim = load_sim("sriov_pf")
     with running_daemon(sim, config_text='[[sriov]]\npf = "enp3s0f0"\nnumvfs = 2\n') as (d, _, _):
         vfs = sim.vfs(PF)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from hostdevd.address import PciAddress
-from hostdevd.errors import SysfsError, SysfsTimeout
-from hostdevd.simkernel import SimKernel
-from hostdevd.sysfs import RealHost, Sysfs
-from hostdevd.topology import from_sysfs
+from hostdevd.core.address import PciAddress
+from hostdevd.core.errors import SysfsError, SysfsTimeout
+from hostdevd.sim.simkernel import SimKernel
+from hostdevd.core.sysfs import RealHost, Sysfs
+from hostdevd.core.topology import from_sysfs
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 A = PciAddress.parse

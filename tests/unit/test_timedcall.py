@@ -4,9 +4,9 @@ from __future__ import annotations
 import threading
 import time
 
-from hostdevd.address import PciAddress
-from hostdevd.sysfs import Sysfs
-from hostdevd.timedcall import TimedCaller
+from hostdevd.core.address import PciAddress
+from hostdevd.core.sysfs import Sysfs
+from hostdevd.core.timedcall import TimedCaller
 
 from .conftest import load_sim
 

@@ -16,12 +16,13 @@ import time
 
 import pytest
 
-from hostdevd.address import PciAddress as A
-from hostdevd.api import call
-from hostdevd.ledger import Owner
-from hostdevd.logfields import MSG
-from hostdevd.sysfs import Sysfs
-from hostdevd.udev_watch import PciEvent, PciEventHandler, UdevWatch
+from hostdevd.core.address import PciAddress as A
+from hostdevd.doors.api import call
+from hostdevd.core.ledger import Owner
+from hostdevd.core.logfields import MSG
+from hostdevd.core.sysfs import Sysfs
+from hostdevd.adapters.udev import UdevWatch
+from hostdevd.core.pci_events import PciEvent, PciEventHandler
 
 from .conftest import load_sim, make_engine
 from .daemon_support import running_daemon
@@ -416,7 +417,7 @@ def test_daemon_with_a_watcher_starts_and_stops_it():
 
 
 def test_hostdevctl_status_shows_drift(tmp_path):
-    from hostdevd.cli import main as cli_main
+    from hostdevd.doors.cli import main as cli_main
 
     with running_daemon("lab") as (d, sim, path):
         d.drift_grace = 0

@@ -13,13 +13,13 @@ import types
 
 import pytest
 
-from hostdevd import hook, wire
-from hostdevd.address import PciAddress as A
-from hostdevd.domxml import parse_domain
-from hostdevd.errors import ExecutionFailed, HostdevError, Refused
-from hostdevd.ledger import Owner, VfNetConfig
-from hostdevd.service import Daemon
-from hostdevd.vfnet import (ZERO_MAC, FakeNetlink, NetlinkError, NetRequest, Pyroute2Backend, VfNetManager,
+from hostdevd.doors import hook, wire
+from hostdevd.core.address import PciAddress as A
+from hostdevd.core.domxml import parse_domain
+from hostdevd.core.errors import ExecutionFailed, HostdevError, Refused
+from hostdevd.core.ledger import Owner, VfNetConfig
+from hostdevd.doors.service import Daemon
+from hostdevd.core.vfnet import (ZERO_MAC, FakeNetlink, NetlinkError, NetRequest, Pyroute2Backend, VfNetManager,
                             net_requests)
 
 from .conftest import load_sim, make_engine
@@ -289,7 +289,7 @@ def test_vf_net_unreadable_blocks_only_a_mac_request(tmp_path):
 def test_mac_on_a_non_vf_and_vlan_trunks_are_refused(tmp_path):
     sim, nl, eng, vfs = setup(tmp_path)
     plan = eng.plan_prepare([A.parse("0000:00:1f.6")], WEB1)
-    from hostdevd.planner import plan_prepare
+    from hostdevd.core.planner import plan_prepare
     plan = plan_prepare(eng.topology(), [A.parse("0000:00:1f.6")], WEB1, eng.ledger(), eng.policy,
                         net_requests={A.parse("0000:00:1f.6"): NetRequest(mac=MAC)})
     assert any("is not an SR-IOV VF" in r.reason for r in plan.refusals)
@@ -302,7 +302,7 @@ def test_vf_of_a_pf_without_netdev_refuses_mac_but_not_hostdev(tmp_path):
     sim = load_sim("lab")                             # the NVMe PF: SR-IOV, no network interface
     eng = make_engine(sim, tmp_path, netlink=FakeNetlink())
     vfs = eng.set_vfs("0000:03:00.0", 2, False).vfs
-    from hostdevd.planner import plan_prepare
+    from hostdevd.core.planner import plan_prepare
     plan = plan_prepare(eng.topology(), [A.parse(vfs[0])], WEB1, eng.ledger(), eng.policy,
                         net_requests={A.parse(vfs[0]): NetRequest(mac=MAC)})
     assert any("has no network interface" in r.reason for r in plan.refusals)
@@ -312,7 +312,7 @@ def test_vf_of_a_pf_without_netdev_refuses_mac_but_not_hostdev(tmp_path):
 
 def test_reserved_vf_gets_its_settings_back_when_the_domain_returns_it(tmp_path):
     sim, nl, eng, vfs = setup(tmp_path)
-    from hostdevd.reservations import apply_reservations
+    from hostdevd.core.reservations import apply_reservations
     apply_reservations(eng, [vfs[1]])
     prepare_xml(eng, dom("web1", iface(vfs[1], vlan=9)))
     assert nl.vf(PFNET, 1).vlan == 9
@@ -463,8 +463,8 @@ def test_pyroute2_errors_carry_the_errno(monkeypatch):
 
 
 def test_hostdevctl_plan_and_prepare_carry_the_interface_mac(tmp_path, monkeypatch):
-    from hostdevd import cli
-    from hostdevd.sysfs import Sysfs
+    from hostdevd.doors import cli
+    from hostdevd.core.sysfs import Sysfs
     sim, nl, eng, vfs = setup(tmp_path)
     xml = dom("web1", iface(vfs[1], vlan=12))
     monkeypatch.setattr("sys.stdin", io.StringIO(xml))

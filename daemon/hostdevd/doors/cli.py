@@ -12,17 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
-from .address import PciAddress
-from .checks import run_checks
-from .config import Config, load_config
-from .domxml import parse_domain
-from .engine import Engine
-from .errors import HostdevError, Refused, UsageError
-from .ledger import Ledger, LedgerStore, Owner
-from .planner import plan_prepare, plan_release
-from .sysfs import RealHost, Sysfs
-from .topology import Topology, from_snapshot
+from .. import __version__
+from ..core.address import PciAddress
+from ..core.checks import run_checks
+from ..core.config import Config, load_config
+from ..core.domxml import parse_domain
+from ..core.engine import Engine
+from ..core.errors import HostdevError, Refused, UsageError
+from ..core.ledger import Ledger, LedgerStore, Owner
+from ..core.planner import plan_prepare, plan_release
+from ..core.sysfs import RealHost, Sysfs
+from ..core.topology import Topology, from_snapshot
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -84,7 +84,7 @@ class Context:
         """The topology to work on, and class cautions (listing only)."""
         a = self.args
         if getattr(a, "listing", None):
-            from .listing import class_warnings, parse_listing
+            from ..core.listing import class_warnings, parse_listing
             topo = parse_listing(_read_text(a.listing))
             return topo, class_warnings(topo)
         if getattr(a, "snapshot", None):
@@ -261,12 +261,12 @@ def _net_requests(ctx: Context) -> dict:
     """VF MAC/VLAN from the domain XML's <interface type='hostdev'> (none with --device only)."""
     if not getattr(ctx.args, "xml", None):
         return {}
-    from .vfnet import net_requests
+    from ..core.vfnet import net_requests
     return net_requests(parse_domain(_read_text(ctx.args.xml).encode()))
 
 
 def _policy(ctx: Context):
-    from .planner import Policy
+    from ..core.planner import Policy
     return Policy.from_config(ctx.config)
 
 
@@ -439,8 +439,8 @@ def cmd_check_migrate(ctx: Context, out: Callable[[str], None]) -> int:
             raise HostdevError(err.get("message", "check failed"), err.get("hint"))
         m = reply["migration"]
     else:
-        from .domxml import guest_placements
-        from .migrate import assess
+        from ..core.domxml import guest_placements
+        from ..core.migrate import assess
         placement = guest_placements(xml) if xml is not None else None
         owner = Owner(name=a.domain, uuid=placement.uuid if placement is not None else None)
         report = assess(a.domain, placement, ctx.ledger().claims_of(owner), ctx.engine.topology(),
@@ -512,7 +512,7 @@ def cmd_check(ctx: Context, out: Callable[[str], None]) -> int:
 
 
 def cmd_vfs(ctx: Context, out: Callable[[str], None]) -> int:
-    from .sriov import vf_listing
+    from ..core.sriov import vf_listing
     eng = ctx.engine
     data = vf_listing(eng.topology(with_critical=False), ctx.ledger(), eng.executor.vf_net.manager)
     if ctx.args.json:
@@ -563,7 +563,7 @@ def cmd_vfs_set(ctx: Context, out: Callable[[str], None]) -> int:
         data = reply["vfs"]
         data["notes"] = data.get("notes", []) + ["done by the hostdevd daemon"]
     else:
-        from .sriov import set_vfs_by_hand
+        from ..core.sriov import set_vfs_by_hand
         try:
             data = set_vfs_by_hand(ctx.engine, a.pf, a.numvfs, a.autoprobe, a.wait_timeout).to_json()
         except Refused as e:

@@ -25,12 +25,12 @@ import sys
 import threading
 from pathlib import Path
 
-from . import __version__
-from .config import DEFAULT_PATH, Config, load_config
-from .engine import Engine
-from .errors import HostdevError
-from .ledger import LedgerStore
-from .sysfs import Sysfs
+from .. import __version__
+from ..core.config import DEFAULT_PATH, Config, load_config
+from ..core.engine import Engine
+from ..core.errors import HostdevError
+from ..core.ledger import LedgerStore
+from ..core.sysfs import Sysfs
 from .wire import socket_path
 
 log = logging.getLogger("hostdevd.main")
@@ -86,7 +86,7 @@ def build_daemon(config: Config, args: argparse.Namespace):
     from .service import Daemon
 
     if getattr(args, "sim", None):
-        from .simkernel import SimKernel     # simulated kernel: demos and tests only
+        from ..sim.simkernel import SimKernel     # simulated kernel: demos and tests only
         sim = SimKernel.from_file(args.sim)
         # the sim records every write for tests to inspect; a long-running demo keeps the last few
         sim.write_log = collections.deque(sim.write_log, maxlen=10_000)  # type: ignore[assignment]
@@ -107,7 +107,7 @@ def build_daemon(config: Config, args: argparse.Namespace):
     adapter = None
     if not args.no_libvirt:
         try:
-            from .libvirt_events import LibvirtEvents
+            from ..adapters.libvirt_events import LibvirtEvents
         except ImportError as e:
             log.warning("libvirt-python is not installed (%s): running without libvirt events", e)
         else:
@@ -115,7 +115,7 @@ def build_daemon(config: Config, args: argparse.Namespace):
     udev = None
     if not getattr(args, "no_udev", False) and not getattr(args, "sim", None):
         # A simulated kernel has no uevents; the real one is watched (R10).
-        from .udev_watch import UdevWatch
+        from ..adapters.udev import UdevWatch
         udev = UdevWatch()
     return Daemon(config, engine, adapter, udev=udev)
 
@@ -179,7 +179,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
 def data_dir() -> Path:
     """Where the unit, tmpfiles, catalog and example config ship."""
     here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "systemd", Path(sys.prefix) / "share" / "hostdevd" / "systemd"):
+    for candidate in (here.parents[3] / "systemd", Path(sys.prefix) / "share" / "hostdevd" / "systemd"):
         if (candidate / "hostdevd.service").is_file():
             return candidate
     raise HostdevError("cannot find hostdevd's systemd files (hostdevd.service, ...)",
@@ -188,7 +188,7 @@ def data_dir() -> Path:
 
 def exec_start(config_path: str | None) -> str:
     script = Path(sys.executable).parent / "hostdevd"
-    cmd = f"{script} run" if os.access(script, os.X_OK) else f"{sys.executable} -m hostdevd.daemon_main run"
+    cmd = f"{script} run" if os.access(script, os.X_OK) else f"{sys.executable} -m hostdevd.doors.daemon_main run"
     if config_path:
         cmd = cmd.replace(" run", f" --config {os.path.abspath(config_path)} run", 1)
     return cmd
@@ -197,20 +197,20 @@ def exec_start(config_path: str | None) -> str:
 def hook_script(sock: str) -> str:
     """The launcher libvirt runs. ``-IS``: no environment, no user site, no site-packages
     scan (saves ~20 ms per hook); the package's directory is named instead."""
-    pkg_parent = str(Path(__file__).resolve().parents[1])
+    pkg_parent = str(Path(__file__).resolve().parents[2])
     return (f"#!{sys.executable} -IS\n"
             "# libvirt qemu hook for hostdevd, written by `hostdevd install`.\n"
             "# libvirt runs it as: <domain> <op> <subop> <extra>, domain XML on stdin.\n"
-            "# It only forwards prepare/release to the daemon (see hostdevd/hook.py).\n"
+            "# It only forwards prepare/release to the daemon (see hostdevd/doors/hook.py).\n"
             "import sys\n"
             f"sys.path.insert(0, {pkg_parent!r})\n"
             "try:\n"
-            "    from hostdevd.hook import main\n"
+            "    from hostdevd.doors.hook import main\n"
             "except ImportError:  # moved since install: fall back to the normal search path\n"
             "    del sys.path[0]\n"
             "    import site\n"
             "    site.main()\n"
-            "    from hostdevd.hook import main\n"
+            "    from hostdevd.doors.hook import main\n"
             f"sys.exit(main(socket_path={sock!r}))\n")
 
 
@@ -279,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .journal import setup_logging
+    from ..adapters.journal import setup_logging
 
     args = parser().parse_args(argv)
     for name, default in (("log_level", "INFO"), ("no_libvirt", False), ("no_udev", False), ("sim", None),

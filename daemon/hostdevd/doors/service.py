@@ -42,22 +42,22 @@ import uuid as uuidlib
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Protocol
 
-from . import __version__
-from .address import PciAddress
+from .. import __version__
+from ..core.address import PciAddress
 from .api import ApiServer, BadRequest, Dispatcher, Peer
-from .config import Config
-from .domxml import DomainRequest, guest_placements, parse_device, parse_domain
-from .engine import Engine
-from .errors import HostdevError, NotFound, Refused
-from .ledger import Ledger, Owner
-from .logfields import log_action
-from .migrate import assess
-from .planner import groups_of, plan_prepare
-from .udev_watch import PciEvent, PciEventHandler
-from .reservations import apply_reservations
-from .sriov import apply_config as apply_sriov
-from .vfnet import net_requests
-from .reconcile import (ReconcileReport, RunningDomain, adopt_domain, reconcile, release_missing,
+from ..core.config import Config
+from ..core.domxml import DomainRequest, guest_placements, parse_device, parse_domain
+from ..core.engine import Engine
+from ..core.errors import HostdevError, NotFound, Refused
+from ..core.ledger import Ledger, Owner
+from ..core.logfields import log_action
+from ..core.migrate import assess
+from ..core.planner import groups_of, plan_prepare
+from ..core.pci_events import PciEvent, PciEventHandler
+from ..core.reservations import apply_reservations
+from ..core.sriov import apply_config as apply_sriov
+from ..core.vfnet import net_requests
+from ..core.reconcile import (ReconcileReport, RunningDomain, adopt_domain, reconcile, release_missing,
                         release_owner)
 from .wire import socket_path
 
@@ -597,9 +597,9 @@ class Daemon:
         if parsed is None or not parsed.networks or self.adapter is None or not self.libvirt_connected \
                 or not hasattr(self.adapter, "network_xml"):
             return picks
-        from .domxml import parse_network
-        from .sriov import network_pool, pool_candidates
-        from .vfnet import NetRequest
+        from ..core.domxml import parse_network
+        from ..core.sriov import network_pool, pool_candidates
+        from ..core.vfnet import NetRequest
         topo = None
         for i, ref in enumerate(parsed.networks):
             try:
@@ -628,7 +628,7 @@ class Daemon:
 
     def op_vfs_set(self, req, peer: Peer) -> dict:
         """``hostdevctl vfs set`` through the daemon: its group locks cover the VFs' groups."""
-        from .sriov import set_vfs_by_hand
+        from ..core.sriov import set_vfs_by_hand
         result = set_vfs_by_hand(self.engine, req.pf, req.numvfs, req.autoprobe, req.wait_timeout)
         return {"vfs": result.to_json()}
 

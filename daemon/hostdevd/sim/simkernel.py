@@ -87,8 +87,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .address import PciAddress
-from .errors import ConfigError
+from ..core.address import PciAddress
+from ..core.errors import ConfigError
 from .simspec import (PCI_STUB, PCIEPORT, VFIO_DEPS, VFIO_PCI, VIRTIO_PCI, SimBlock, SimDevice,
                       SimDriver, SpecLoader, errno_value, lowest_free, vf_address)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import libvirt
 
-from .service import LibvirtFailure, LibvirtUnavailable
+from ..doors.service import LibvirtFailure, LibvirtUnavailable
 
 log = logging.getLogger("hostdevd.libvirt")
 

@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import HostdevError, Refused, UsageError
+from ..core.errors import HostdevError, Refused, UsageError
 from .wire import MAX_MESSAGE, PROTOCOL_VERSION, LineReader, call, encode, socket_path  # noqa: F401 (re-export)
 
 log = logging.getLogger("hostdevd.api")

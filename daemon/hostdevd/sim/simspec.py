@@ -51,8 +51,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .address import PciAddress
-from .errors import ConfigError, InvalidAddress
+from ..core.address import PciAddress
+from ..core.errors import ConfigError, InvalidAddress
 
 if TYPE_CHECKING:
     from .simkernel import SimKernel

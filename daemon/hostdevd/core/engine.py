@@ -182,7 +182,7 @@ def default_netlink(sysfs: Sysfs) -> NetlinkBackend | None:
     if importlib.util.find_spec("pyroute2") is None:
         log.warning("pyroute2 is not installed: VF MAC/VLAN are neither saved nor restored")
         return None
-    return _Lazy(lambda: __import__("hostdevd.vfnet", fromlist=["Pyroute2Backend"]).Pyroute2Backend())
+    return _Lazy(lambda: __import__("hostdevd.core.vfnet", fromlist=["Pyroute2Backend"]).Pyroute2Backend())
 
 
 class _Lazy:
