@@ -48,7 +48,7 @@ POLL = 0.001  # seconds between driver-link checks while waiting for a bind
 
 
 def log(msg: str) -> None:
-    sys.stderr.write("[guest_bind %7.1fs] %s\n" % (time.monotonic() - T0, msg))
+    sys.stderr.write(f"[guest_bind {time.monotonic() - T0:7.1f}s] {msg}\n")
     sys.stderr.flush()
 
 
@@ -201,7 +201,7 @@ class Bench:
         log(f"{key}: warm-up")
         warm = fn()
         self.extra.setdefault("warmup", {})[key] = warm
-        for i in range(self.rounds):
+        for _i in range(self.rounds):
             for kind, v in fn().items():
                 self.sample(key, kind, v)
         med = {k: sorted(v)[len(v) // 2] for k, v in self.samples[key].items()}
@@ -368,7 +368,7 @@ class Bench:
                 gate.wait()
                 try:
                     fn(h)
-                except BaseException as e:  # noqa: BLE001 - re-raised below
+                except BaseException as e:
                     errors.append(e)
             threads = [threading.Thread(target=worker, args=(h,)) for h in heads]
             for t in threads:
@@ -436,7 +436,7 @@ class Bench:
         def sh(cmd):
             try:
                 return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout.strip()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 return f"? ({e})"
         fs = "?"
         with open("/proc/self/mounts") as f:

@@ -51,7 +51,7 @@ DEVICES = ["nic1", "nic2a", "nic2b", "nic3a", "nic3b", "nic4a"]
 
 
 def log(msg: str) -> None:
-    sys.stderr.write("[lab_bind] %s\n" % msg)
+    sys.stderr.write(f"[lab_bind] {msg}\n")
     sys.stderr.flush()
 
 
@@ -83,8 +83,8 @@ def wait_for_idle_lab(poll: float = 30.0, max_wait: float = 3 * 3600) -> float:
         if not others:
             return time.monotonic() - t0
         if time.monotonic() - t0 > max_wait:
-            raise SystemExit("another lab VM has been running for %.0f s: %s" % (max_wait, others))
-        log("another lab VM is running (%s); waiting %.0f s" % (", ".join(others), poll))
+            raise SystemExit(f"another lab VM has been running for {max_wait:.0f} s: {others}")
+        log("another lab VM is running ({}); waiting {:.0f} s".format(", ".join(others), poll))
         time.sleep(poll)
 
 
@@ -132,7 +132,7 @@ def ms(x: dict | None) -> str:
 
 
 def rng(x: dict | None) -> str:
-    return "-" if x is None else "%.0f-%.0f" % (x["min_s"] * 1e3, x["max_s"] * 1e3)
+    return "-" if x is None else "{:.0f}-{:.0f}".format(x["min_s"] * 1e3, x["max_s"] * 1e3)
 
 
 def report(result: dict) -> str:
@@ -157,14 +157,12 @@ def report(result: dict) -> str:
     extra = result.get("extra", {})
     notes = []
     if "cli.startup" in st:
-        notes.append("hostdevctl --version (Python start-up + imports): %s ms" % ms(st["cli.startup"]["once"]))
+        notes.append("hostdevctl --version (Python start-up + imports): {} ms".format(ms(st["cli.startup"]["once"])))
     if "engine.topology_scan" in st:
-        notes.append("Engine.topology() scan: %s ms; vfio_group_users scan of /proc (%s processes): %s ms"
-                     % (ms(st["engine.topology_scan"]["once"]), extra.get("proc_count", "?"),
+        notes.append("Engine.topology() scan: {} ms; vfio_group_users scan of /proc ({} processes): {} ms".format(ms(st["engine.topology_scan"]["once"]), extra.get("proc_count", "?"),
                         ms(st["engine.vfio_group_users_scan"]["once"])))
     if "nic1.engine" in st and "ledger_save" in st["nic1.engine"]:
-        notes.append("Engine ledger saves per nic1 cycle: %s, %s ms in total (state dir on %s)"
-                     % (extra.get("engine_ledger_saves_per_cycle", "?"), ms(st["nic1.engine"]["ledger_save"]),
+        notes.append("Engine ledger saves per nic1 cycle: {}, {} ms in total (state dir on {})".format(extra.get("engine_ledger_saves_per_cycle", "?"), ms(st["nic1.engine"]["ledger_save"]),
                         result["meta"].get("state_dir_fs", "?")))
     for label, key, suf in (("nic1 raw", "nic1.raw", ""), ("nic1 Engine", "nic1.engine", ""),
                             ("4 groups Engine sequential", "groups4.engine", "_seq"),
@@ -173,16 +171,14 @@ def report(result: dict) -> str:
                             ("4 groups raw 4 threads", "groups4.raw", "_par")):
         k = st.get(key, {})
         if "cpu_user" + suf in k:
-            notes.append("CPU per cycle, %s: user %s ms, system %s ms (wall %s ms)"
-                         % (label, ms(k["cpu_user" + suf]), ms(k["cpu_sys" + suf]), ms(k.get("cycle" + suf))))
+            notes.append("CPU per cycle, {}: user {} ms, system {} ms (wall {} ms)".format(label, ms(k["cpu_user" + suf]), ms(k["cpu_sys" + suf]), ms(k.get("cycle" + suf))))
     if "virsh_first_call_s" in extra:
-        notes.append("first virsh call after boot: %.1f s (libvirtd %s before it); the same call later: %.2f s"
-                     % (extra["virsh_first_call_s"], extra.get("libvirtd_before_first_call", "?"),
+        notes.append("first virsh call after boot: {:.1f} s (libvirtd {} before it); the same call later: {:.2f} s".format(extra["virsh_first_call_s"], extra.get("libvirtd_before_first_call", "?"),
                         extra.get("virsh_noop_call_s", float("nan"))))
     out += [""] + notes
     out += ["", "%-40s %8s %8s %8s" % ("ratios of medians", "prepare", "release", "cycle")]
     for k, row in ra.items():
-        out.append("%-40s %8s %8s %8s" % (k, *("%.2f" % row[c] if c in row else "-"
+        out.append("%-40s %8s %8s %8s" % (k, *(f"{row[c]:.2f}" if c in row else "-"
                                                  for c in ("prepare", "release", "cycle"))))
     return "\n".join(out)
 
@@ -200,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.monotonic()
     waited = 0.0 if args.no_wait else wait_for_idle_lab()
-    log("image: %.1f s" % labvm.ensure_image())
+    log(f"image: {labvm.ensure_image():.1f} s")
     vm = labvm.LabVM()
     raw = None
     guest_rc = None
@@ -211,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         install = vm.install_hostdevd()
         topo = vm.topology()
         devs = {n: topo[n] for n in DEVICES}
-        log("devices: %s" % devs)
+        log(f"devices: {devs}")
         vm.put(BENCH / "guest_bind.py", GUEST_SCRIPT, mode="755")
         cmd = [GUEST_PY, GUEST_SCRIPT, "--devices", json.dumps(devs), "--rounds", str(args.rounds),
                "--out", GUEST_OUT]
@@ -231,16 +227,16 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:
                 raw = None
         if raw is None:
-            raise labvm.LabError("guest_bind.py produced no result:\n%s" % r)
+            raise labvm.LabError(f"guest_bind.py produced no result:\n{r}")
     finally:
         if vm.running:
             try:  # the guest script restores on its own; this covers a killed one
                 rr = vm.run([GUEST_PY, GUEST_SCRIPT, "--restore", "--devices", json.dumps(
                     {n: vm.topology()[n] for n in DEVICES})], timeout=300, check=False)
                 restored = json.loads(rr.stdout.strip().splitlines()[-1])
-                log("restore check: %s" % restored)
-            except Exception as e:  # noqa: BLE001 - the VM is stopped next anyway
-                log("restore check failed: %s" % e)
+                log(f"restore check: {restored}")
+            except Exception as e:
+                log(f"restore check failed: {e}")
         vm.stop()
 
     result = {"benchmark": "lab_bind", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -264,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report(result))
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ("lab_bind-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
+    path = out_dir / ("lab_bind-{}.json".format(time.strftime("%Y%m%d-%H%M%S")))
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
-    log("written %s" % path)
+    log(f"written {path}")
     if result["errors"] or result["restore_problems"]:
-        log("ERRORS: %s; restore problems: %s" % (result["errors"], result["restore_problems"]))
+        log("ERRORS: {}; restore problems: {}".format(result["errors"], result["restore_problems"]))
         return 1
     return 0
 

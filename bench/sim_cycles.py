@@ -41,8 +41,8 @@ from hostdevd.core.address import PciAddress  # noqa: E402
 from hostdevd.core.config import Config  # noqa: E402
 from hostdevd.core.engine import Engine  # noqa: E402
 from hostdevd.core.ledger import LedgerStore, Owner  # noqa: E402
-from hostdevd.sim.simkernel import SimKernel  # noqa: E402
 from hostdevd.core.sysfs import Sysfs  # noqa: E402
+from hostdevd.sim.simkernel import SimKernel  # noqa: E402
 
 TOPOLOGY = REPO / "tests" / "topologies" / "lab.json"
 VFIO = "vfio-pci"

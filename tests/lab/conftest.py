@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labvm  # noqa: E402
+import labvm
 
 LAB_DIR_PATH = Path(__file__).resolve().parent
 
@@ -60,8 +60,7 @@ def _stalled_vms() -> list:
 def _l1_health(request):
     for vm in _stalled_vms():
         if vm.running:
-            pytest.fail("L1 '%s' stalled earlier in this session (%s); not running %s on it"
-                        % (vm.name, vm.stalled[0], request.node.name), pytrace=False)
+            pytest.fail(f"L1 '{vm.name}' stalled earlier in this session ({vm.stalled[0]}); not running {request.node.name} on it", pytrace=False)
     yield
     for vm in _stalled_vms():
         _STALLS.setdefault(vm.name, vm.stalled)
@@ -79,11 +78,11 @@ def pytest_terminal_summary(terminalreporter):
         tr.line("  serial log: %s" % (labvm.lab_dir() / "run" / name / "serial.log"))
     marker = os.environ.get("HOSTDEVD_LAB_STALL_FILE")
     if marker:
-        Path(marker).write_text("".join("%s: %s\n" % (n, ls[0]) for n, ls in _STALLS.items()))
+        Path(marker).write_text("".join(f"{n}: {ls[0]}\n" for n, ls in _STALLS.items()))
 
 
 def _fail(msg: str) -> None:
-    pytest.fail("\n\n*** hostdevd LAB UNAVAILABLE ***\n%s\n" % msg, pytrace=False)
+    pytest.fail(f"\n\n*** hostdevd LAB UNAVAILABLE ***\n{msg}\n", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -93,16 +92,16 @@ def lab():
         _fail("the lab needs root (mmdebstrap --mode=root, mke2fs -d, 9p share as root)")
     missing = [t for t in ("qemu-system-x86_64", "qemu-img") if shutil.which(t) is None]
     if missing:
-        _fail("missing %s: apt-get install qemu-system-x86 qemu-utils "
-              "(plus mmdebstrap e2fsprogs busybox-static cpio for the image build)" % missing)
+        _fail(f"missing {missing}: apt-get install qemu-system-x86 qemu-utils "
+              "(plus mmdebstrap e2fsprogs busybox-static cpio for the image build)")
     err = None
     try:
         t = labvm.ensure_image()
     except labvm.LabError as e:
-        err = "building the lab image in %s failed:\n%s" % (labvm.lab_dir(), e)
+        err = f"building the lab image in {labvm.lab_dir()} failed:\n{e}"
     if err:
         _fail(err)
-    sys.stderr.write("\n[lab] image ready in %s (%.1fs)\n" % (labvm.lab_dir(), t))
+    sys.stderr.write(f"\n[lab] image ready in {labvm.lab_dir()} ({t:.1f}s)\n")
 
     vm = labvm.LabVM()
     # SIGTERM (CI cancel, timeout) -> KeyboardInterrupt, so pytest runs the teardown.
@@ -120,7 +119,7 @@ def lab():
             step = "installing hostdevd into L1"
             vm.install_hostdevd()
         except labvm.LabError as e:
-            err = "%s failed:\n%s" % (step, e)
+            err = f"{step} failed:\n{e}"
         if err:
             _fail(err)
         yield vm

@@ -92,9 +92,8 @@ class Result:
                 and self.seconds >= self.timeout - 0.5)
 
     def __str__(self) -> str:
-        what = " (TIMED OUT: killed after %ss)" % self.timeout if self.timed_out else ""
-        return ("guest command %r: rc=%s after %.1fs%s\n--- stdout\n%s--- stderr\n%s"
-                % (self.cmd, self.rc, self.seconds, what, self.stdout, self.stderr))
+        what = f" (TIMED OUT: killed after {self.timeout}s)" if self.timed_out else ""
+        return (f"guest command {self.cmd!r}: rc={self.rc} after {self.seconds:.1f}s{what}\n--- stdout\n{self.stdout}--- stderr\n{self.stderr}")
 
 
 class GuestCommandError(LabError):
@@ -104,7 +103,7 @@ class GuestCommandError(LabError):
 
 
 def _log(msg: str) -> None:
-    sys.stderr.write("[labvm] %s\n" % msg)
+    sys.stderr.write(f"[labvm] {msg}\n")
     sys.stderr.flush()
 
 
@@ -129,10 +128,9 @@ def ensure_image(force: bool = False, timeout: float = 1200) -> float:
         p = subprocess.run([str(LAB_SRC / "build-image.sh")], env=env, timeout=timeout,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     except subprocess.TimeoutExpired as e:
-        raise LabError("build-image.sh did not finish within %ss:\n%s"
-                       % (timeout, (e.output or "")[-4000:])) from None
+        raise LabError("build-image.sh did not finish within {}s:\n{}".format(timeout, (e.output or "")[-4000:])) from None
     if p.returncode != 0 or not image_ready():
-        raise LabError("build-image.sh failed (rc=%s):\n%s" % (p.returncode, p.stdout[-6000:]))
+        raise LabError(f"build-image.sh failed (rc={p.returncode}):\n{p.stdout[-6000:]}")
     return time.monotonic() - t0
 
 
@@ -167,7 +165,7 @@ def reap_stale_instances() -> list[str]:
             if time.time() - d.stat().st_mtime > 86400:
                 shutil.rmtree(d, ignore_errors=True)
             continue
-        _log("stopping stale instance %s (owner pid %s is gone)" % (d.name, pid))
+        _log(f"stopping stale instance {d.name} (owner pid {pid} is gone)")
         subprocess.run([str(LAB_SRC / "stop-l1.sh"), "--force"], timeout=60,
                        env=_script_env({"L1_NAME": d.name}))
         reaped.append(d.name)
@@ -175,7 +173,7 @@ def reap_stale_instances() -> list[str]:
 
 
 _instances = itertools.count(1)
-BOOTED: "weakref.WeakSet[LabVM]" = weakref.WeakSet()   # every instance booted in this process
+BOOTED: weakref.WeakSet[LabVM] = weakref.WeakSet()   # every instance booted in this process
 
 
 def _default_name() -> str:
@@ -225,7 +223,7 @@ class LabVM:
         if shutil.which(os.environ.get("QEMU", "qemu-system-x86_64")) is None:
             raise LabError("qemu-system-x86_64 not found (apt-get install qemu-system-x86 qemu-utils)")
         if not image_ready():
-            raise LabError("no lab image in %s; run tests/lab/build-image.sh" % lab_dir())
+            raise LabError(f"no lab image in {lab_dir()}; run tests/lab/build-image.sh")
         self._take_host_lock()
         reap_stale_instances()
         env = self._env()
@@ -237,22 +235,20 @@ class LabVM:
         atexit.register(self.stop)
         try:
             p = subprocess.run([str(LAB_SRC / "run-l1.sh"), str(share_dir)], env=env,
-                               timeout=timeout + 60, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               timeout=timeout + 60, capture_output=True,
+                               text=True)
         except subprocess.TimeoutExpired:
             self.stop(force=True)
-            raise LabError("run-l1.sh hung for %ss; serial log tail:\n%s"
-                           % (timeout + 60, self._serial_tail())) from None
+            raise LabError(f"run-l1.sh hung for {timeout + 60}s; serial log tail:\n{self._serial_tail()}") from None
         if p.returncode != 0:
             self.stop(force=True)
             # run-l1.sh's stderr already ends with the serial log tail
-            raise LabError("run-l1.sh failed (rc=%s), logs in %s:\n%s%s"
-                           % (p.returncode, self.run_dir, p.stdout, p.stderr[-5000:]))
+            raise LabError(f"run-l1.sh failed (rc={p.returncode}), logs in {self.run_dir}:\n{p.stdout}{p.stderr[-5000:]}")
         self.boot_seconds = time.monotonic() - t0
         self.stalled = []
         BOOTED.add(self)
         threading.Thread(target=self._watch_stalls, name="l1-stall-watch", daemon=True).start()
-        _log("L1 '%s' up after %.1fs (run dir %s)" % (self.name, self.boot_seconds, self.run_dir))
+        _log(f"L1 '{self.name}' up after {self.boot_seconds:.1f}s (run dir {self.run_dir})")
         return self.boot_seconds
 
     def _take_host_lock(self) -> None:
@@ -309,7 +305,7 @@ class LabVM:
             st = self.stalls()
             if st and self.running:
                 self.stalled = st
-                _log("L1 '%s' KERNEL STALLED: %s" % (self.name, st[0]))
+                _log(f"L1 '{self.name}' KERNEL STALLED: {st[0]}")
                 conn = self._conn
                 if conn is not None:
                     try:
@@ -328,7 +324,7 @@ class LabVM:
 
     def _stall_note(self) -> str:
         st = self.stalls()
-        return "\n*** L1 KERNEL STALLED (TCG stopped its timers): %s" % st[0] if st else ""
+        return f"\n*** L1 KERNEL STALLED (TCG stopped its timers): {st[0]}" if st else ""
 
     def _serial_tail(self, n: int = 40) -> str:
         try:
@@ -344,9 +340,9 @@ class LabVM:
 
     def _agent(self) -> qga.QGA:
         if not self.running:
-            raise LabError("L1 '%s' is not running" % self.name)
+            raise LabError(f"L1 '{self.name}' is not running")
         if self.stalled:
-            raise LabError("L1 '%s' is unusable: its kernel stalled (%s)" % (self.name, self.stalled[0]))
+            raise LabError(f"L1 '{self.name}' is unusable: its kernel stalled ({self.stalled[0]})")
         if self._conn is None:
             self._conn = qga.QGA(self.qga_sock, timeout=30)
         return self._conn
@@ -374,11 +370,9 @@ class LabVM:
         try:
             rc, out, err = self._call(lambda g: g.exec_argv(argv, timeout, input, env))
         except qga.GuestTimeout as e:
-            raise LabError("guest command timed out after %ss: %r (%s)%s"
-                           % (timeout, cmd, e, self._stall_note())) from None
+            raise LabError(f"guest command timed out after {timeout}s: {cmd!r} ({e}){self._stall_note()}") from None
         except (OSError, qga.AgentError) as e:
-            raise LabError("guest agent failure running %r: %s%s; serial log tail:\n%s"
-                           % (cmd, e, self._stall_note(), self._serial_tail(15))) from None
+            raise LabError(f"guest agent failure running {cmd!r}: {e}{self._stall_note()}; serial log tail:\n{self._serial_tail(15)}") from None
         res = Result(cmd, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
                      time.monotonic() - t0, timeout)
         if check and rc != 0:
@@ -432,7 +426,7 @@ class LabVM:
             topo = json.loads(r.stdout)
             missing = sorted(k for k, v in topo.items() if not v)
             if missing:
-                raise LabError("lab topology incomplete, missing %s: %s" % (missing, topo))
+                raise LabError(f"lab topology incomplete, missing {missing}: {topo}")
             self._topology = topo
         return dict(self._topology)
 
@@ -443,8 +437,7 @@ class LabVM:
         return json.loads(r.stdout)
 
     def driver(self, bdf: str) -> str | None:
-        r = self.run('d=/sys/bus/pci/devices/%s/driver; [ -e "$d" ] && basename "$(readlink "$d")" || true'
-                     % bdf, timeout=30)
+        r = self.run(f'd=/sys/bus/pci/devices/{bdf}/driver; [ -e "$d" ] && basename "$(readlink "$d")" || true', timeout=30)
         return r.stdout.strip() or None
 
     # ------------------------------------------------------------------ hostdevd
@@ -458,22 +451,22 @@ class LabVM:
         self.run(["rm", "-rf", GUEST_WHEELS], timeout=30)
         self.run(["mkdir", "-p", GUEST_WHEELS], timeout=30)
         for w in wheels:
-            self.put(w, "%s/%s" % (GUEST_WHEELS, w.name))
+            self.put(w, f"{GUEST_WHEELS}/{w.name}")
         t_upload = time.monotonic() - t0 - t_build
-        target = "hostdevd[%s]" % extras if extras else "hostdevd"
+        target = f"hostdevd[{extras}]" if extras else "hostdevd"
         # Debian's own pip (python3-pip) is used through --system-site-packages;
         # a venv without its own pip saves ~30 s of ensurepip under TCG.
-        script = """
+        script = f"""
 set -e
-rm -rf {venv}
-python3 -m venv --without-pip --system-site-packages {venv}
-{venv}/bin/python -m pip install --no-index --find-links {wh} --no-cache-dir \\
+rm -rf {GUEST_VENV}
+python3 -m venv --without-pip --system-site-packages {GUEST_VENV}
+{GUEST_VENV}/bin/python -m pip install --no-index --find-links {GUEST_WHEELS} --no-cache-dir \\
     --disable-pip-version-check --no-warn-script-location '{target}'
-{venv}/bin/python -c 'import hostdevd, pydantic, pyudev, pyroute2, libvirt, lxml, systemd.journal'
-""".format(venv=GUEST_VENV, wh=GUEST_WHEELS, target=target)
+{GUEST_VENV}/bin/python -c 'import hostdevd, pydantic, pyudev, pyroute2, libvirt, lxml, systemd.journal'
+"""
         r = self.run(script, timeout=timeout, check=False)
         if r.rc != 0:
-            raise LabError("installing hostdevd in L1 failed:\n%s" % r)
+            raise LabError(f"installing hostdevd in L1 failed:\n{r}")
         info = {
             "wheels": [w.name for w in wheels],
             "build_s": round(t_build, 1),
@@ -482,7 +475,7 @@ python3 -m venv --without-pip --system-site-packages {venv}
             "hostdevctl": self.run(["test", "-x", GUEST_VENV + "/bin/hostdevctl"], timeout=10,
                                    check=False).ok,
         }
-        _log("hostdevd installed in L1 %s: %s" % (GUEST_VENV, info))
+        _log(f"hostdevd installed in L1 {GUEST_VENV}: {info}")
         self.install_info = info
         return info
 
@@ -559,7 +552,7 @@ def _pip(*args: str, timeout: float = 600) -> None:
     cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if p.returncode != 0:
-        raise LabError("%s failed (rc=%s):\n%s" % (" ".join(cmd), p.returncode, p.stdout[-4000:]))
+        raise LabError("{} failed (rc={}):\n{}".format(" ".join(cmd), p.returncode, p.stdout[-4000:]))
 
 
 def dep_wheels(refresh: bool = False) -> list[Path]:
@@ -596,19 +589,19 @@ def build_wheels(src: str | os.PathLike = REPO_ROOT) -> list[Path]:
         _pip("wheel", "--no-deps", "--wheel-dir", str(out), str(copy))
     own = sorted(out.glob("hostdevd-*.whl"))
     if not own:
-        raise LabError("pip wheel produced no hostdevd wheel in %s" % out)
+        raise LabError(f"pip wheel produced no hostdevd wheel in {out}")
     return deps + own
 
 
 def _main() -> int:
     """Manual use: boot L1, install hostdevd, print the topology, then wait for Enter."""
-    print("image build: %.1fs" % ensure_image())
+    print(f"image build: {ensure_image():.1f}s")
     with LabVM() as vm:
-        print("boot: %.1fs" % vm.boot(REPO_ROOT))
+        print(f"boot: {vm.boot(REPO_ROOT):.1f}s")
         print(vm.install_hostdevd())
         print(json.dumps(vm.topology(), indent=1))
         if sys.stdin.isatty():
-            print("L1 running: QGA socket %s. Press Enter to stop." % vm.qga_sock)
+            print(f"L1 running: QGA socket {vm.qga_sock}. Press Enter to stop.")
             input()
     return 0
 

@@ -80,7 +80,7 @@ class QGA:
         self.sock.settimeout(left)
         try:
             data = self.sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             raise GuestTimeout("no reply from the guest agent in time") from None
         if not data:
             raise AgentError("connection closed by QEMU")
@@ -126,7 +126,7 @@ class QGA:
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
         obj = self._read_json(deadline)
         if "error" in obj:
-            raise AgentError("%s: %s" % (execute, obj["error"].get("desc", obj["error"])))
+            raise AgentError("{}: {}".format(execute, obj["error"].get("desc", obj["error"])))
         return obj.get("return")
 
     def exec_argv(self, argv, timeout=600.0, input_data=None, env=None):
@@ -140,8 +140,8 @@ class QGA:
         full_env.update(env or {})
         args = {
             "path": "/usr/bin/timeout",
-            "arg": ["-k", "5", "%g" % max(timeout, 1)] + list(argv),
-            "env": ["%s=%s" % kv for kv in full_env.items()],
+            "arg": ["-k", "5", f"{max(timeout, 1):g}"] + list(argv),
+            "env": ["{}={}".format(*kv) for kv in full_env.items()],
             "capture-output": True,
         }
         if input_data is not None:
@@ -159,8 +159,7 @@ class QGA:
                 code = st["exitcode"] if "exitcode" in st else 128 + st.get("signal", 0)
                 return code, out, err
             if time.monotonic() > deadline:
-                raise GuestTimeout("guest command still running after %ss (guest pid %s): %r"
-                                   % (timeout, pid, argv))
+                raise GuestTimeout(f"guest command still running after {timeout}s (guest pid {pid}): {argv!r}")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
 
@@ -290,13 +289,13 @@ def main(argv):
                 else:
                     sys.stdout.buffer.write(data)
                 return 0
-            sys.stderr.write("unknown operation %r\n" % op)
+            sys.stderr.write(f"unknown operation {op!r}\n")
             return 2
-    except socket.timeout as e:
-        sys.stderr.write("qga.py: timeout: %s\n" % e)
+    except TimeoutError as e:
+        sys.stderr.write(f"qga.py: timeout: {e}\n")
         return 124
     except (OSError, AgentError, ValueError) as e:
-        sys.stderr.write("qga.py: %s\n" % e)
+        sys.stderr.write(f"qga.py: {e}\n")
         return 125
 
 

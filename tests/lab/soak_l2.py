@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labvm  # noqa: E402
-from test_lab_hotplug import L2_XML, SERIAL, hostdev_xml  # noqa: E402
+import labvm
+from test_lab_hotplug import L2_XML, SERIAL, hostdev_xml
 
 STALL = re.compile(r"rcu: INFO|soft lockup|hung_task|timer wakeup didn't happen|BUG:")
 
@@ -82,7 +82,7 @@ def main() -> int:
         lat.sort()
         out.update(cycles=cycles, errors=errors, agent_ms_p50=round(lat[len(lat) // 2] * 1000),
                    agent_ms_max=round(lat[-1] * 1000))
-    except Exception as e:  # noqa: BLE001 - a dead agent is the result we are looking for
+    except Exception as e:
         out["exception"] = f"{type(e).__name__}: {str(e)[:300]}"
     finally:
         for b in burners:

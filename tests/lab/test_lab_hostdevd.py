@@ -21,9 +21,9 @@ def hctl(lab, *args, check=True, timeout=180):
 
 def drivers(lab, *bdfs):
     """driver and driver_override of each device, read from sysfs in one guest call."""
-    script = ("for b in %s; do d=%s/$b; printf '%%s %%s %%s\\n' $b "
+    script = ("for b in {}; do d={}/$b; printf '%s %s %s\\n' $b "
               "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\" "
-              "\"$(cat $d/driver_override)\"; done") % (" ".join(bdfs), SYS)
+              "\"$(cat $d/driver_override)\"; done").format(" ".join(bdfs), SYS)
     out = lab.run(script, timeout=60).stdout.split("\n")
     return {p[0]: (p[1], p[2]) for p in (line.split() for line in out) if len(p) == 3}
 

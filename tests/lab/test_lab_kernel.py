@@ -74,18 +74,18 @@ def test_raw_sysfs_moves_nic1_to_vfio_and_back(lab):
     group = lab.pci_info(nic1)["iommu_group"]
     assert _wait_driver(lab, nic1, "e1000e", timeout=1) == "e1000e"
     try:
-        lab.run("echo vfio-pci > {s}/{b}/driver_override && "
-                "echo {b} > {s}/{b}/driver/unbind && "
-                "echo {b} > /sys/bus/pci/drivers_probe".format(s=SYS, b=nic1), timeout=30)
+        lab.run(f"echo vfio-pci > {SYS}/{nic1}/driver_override && "
+                f"echo {nic1} > {SYS}/{nic1}/driver/unbind && "
+                f"echo {nic1} > /sys/bus/pci/drivers_probe", timeout=30)
         assert _wait_driver(lab, nic1, "vfio-pci") == "vfio-pci"
         info = lab.pci_info(nic1)
         assert info["driver"] == "vfio-pci"
         assert info["driver_override"] == "vfio-pci"
         lab.run("test -c /dev/vfio/%d" % group, timeout=10)
     finally:
-        lab.run("if [ -e {s}/{b}/driver ]; then echo {b} > {s}/{b}/driver/unbind; fi; "
-                "echo > {s}/{b}/driver_override; "
-                "echo {b} > /sys/bus/pci/drivers_probe".format(s=SYS, b=nic1), timeout=30, check=False)
+        lab.run(f"if [ -e {SYS}/{nic1}/driver ]; then echo {nic1} > {SYS}/{nic1}/driver/unbind; fi; "
+                f"echo > {SYS}/{nic1}/driver_override; "
+                f"echo {nic1} > /sys/bus/pci/drivers_probe", timeout=30, check=False)
     assert _wait_driver(lab, nic1, "e1000e") == "e1000e"
     info = lab.pci_info(nic1)
     assert info["driver"] == "e1000e"

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labvm  # noqa: E402
+import labvm
 
 pytestmark = pytest.mark.lab
 
@@ -55,8 +55,8 @@ def hctl(vm, *args, check=True, timeout=240):
 
 
 def drivers(vm, *bdfs) -> dict:
-    script = ("for b in %s; do d=%s/$b; printf '%%s %%s\\n' $b "
-              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done") % (" ".join(bdfs), SYS)
+    script = ("for b in {}; do d={}/$b; printf '%s %s\\n' $b "
+              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done").format(" ".join(bdfs), SYS)
     return dict(line.split() for line in vm.run(script, timeout=60).stdout.splitlines() if line.strip())
 
 
@@ -249,7 +249,7 @@ def igb_lab(request, lab):
     except labvm.LabError as e:
         vm.stop(force=True)
         session_lab_back()
-        pytest.fail("booting the igb L1 variant failed:\n%s" % e, pytrace=False)
+        pytest.fail(f"booting the igb L1 variant failed:\n{e}", pytrace=False)
     finally:
         if old is None:
             os.environ.pop("QEMU", None)
@@ -317,7 +317,7 @@ def test_igb_interface_hostdev_managed_no_saved_set_restored(igb_lab, igb):
         line = vf_line(vm, net, 1)
         assert mac in line and "vlan 42" in line, line
         assert drivers(vm, vf) == {vf: "vfio-pci"}
-        claim = [c for c in json.loads(hctl(vm, "status", "--json").stdout)["claims"].values()][0]
+        claim = list(json.loads(hctl(vm, "status", "--json").stdout)["claims"].values())[0]
         cfg = claim["devices"][0]["vf_netconfig"]
         assert (cfg["state"], cfg["mac"], cfg["vlan"], cfg["spoofchk"], cfg["trust"]) == (
             "set", "02:00:00:00:01:01", 0, False, True), cfg
@@ -349,7 +349,7 @@ def test_igb_interface_hostdev_managed_yes_is_libvirts(igb_lab, igb):
     try:
         line = vf_line(vm, net, 2)
         assert mac in line and "vlan 7" in line, line                    # set by libvirt
-        claim = [c for c in json.loads(hctl(vm, "status", "--json").stdout)["claims"].values()][0]
+        claim = list(json.loads(hctl(vm, "status", "--json").stdout)["claims"].values())[0]
         cfg = claim["devices"][0]["vf_netconfig"]
         assert cfg["state"] == "libvirt" and cfg["requested_mac"] == mac and cfg["requested_vlan"] == 7
         time.sleep(3)   # the STARTED event's verification ran: no "started but VF" warning
@@ -397,7 +397,7 @@ def test_igb_hostdev_network(igb_lab, igb, managed):
         assert claim["owner"]["name"] == "l2net" and dev["address"] in igb["vfs"]
         m = re.search(r"<address type='pci' domain='0x([0-9a-f]+)' bus='0x([0-9a-f]+)' slot='0x([0-9a-f]+)' "
                       r"function='0x([0-9a-f])'", iface)
-        assert m and "%04x:%02x:%02x.%x" % tuple(int(x, 16) for x in m.groups()) == dev["address"], iface
+        assert m and "{:04x}:{:02x}:{:02x}.{:x}".format(*tuple(int(x, 16) for x in m.groups())) == dev["address"], iface
         assert drivers(vm, dev["address"]) == {dev["address"]: "vfio-pci"}
         assert dev["bound_by_us"] is (managed == "no")          # managed='yes': libvirt bound it
         cfg = dev["vf_netconfig"]

@@ -8,8 +8,8 @@ import pytest
 from hostdevd.core.config import Config, parse_config
 from hostdevd.core.engine import Engine
 from hostdevd.core.ledger import LedgerStore
-from hostdevd.sim.simkernel import SimKernel
 from hostdevd.core.sysfs import Sysfs
+from hostdevd.sim.simkernel import SimKernel
 
 TOPOLOGIES = Path(__file__).resolve().parents[1] / "topologies"
 

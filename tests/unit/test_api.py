@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hostdevd.core.errors import HostdevError
 from hostdevd.doors import api
 from hostdevd.doors.api import Peer, call
-from hostdevd.core.errors import HostdevError
-from hostdevd.sim.simkernel import SimKernel
 from hostdevd.doors.wire import MAX_MESSAGE, DaemonNotRunning, LineReader
+from hostdevd.sim.simkernel import SimKernel
 
 from .daemon_support import domain_xml, running_daemon, short_dir, singleton_groups_spec, uuid_for
 
@@ -47,7 +47,7 @@ def raw(sock_path: str, data: bytes, timeout: float = 5.0, shut: bool = True) ->
         while True:
             try:
                 line = reader.read(timeout)
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 break
             if line is None:
                 break

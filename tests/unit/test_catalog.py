@@ -13,7 +13,7 @@ SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 def catalog_entries() -> dict[str, str]:
     text = (SYSTEMD / "hostdevd.catalog").read_text()
     parts = re.split(r"^-- ([0-9a-f]{32})\n", text, flags=re.M)
-    return dict(zip(parts[1::2], parts[2::2]))
+    return dict(zip(parts[1::2], parts[2::2], strict=False))
 
 
 def test_every_message_id_has_a_catalog_entry():

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hostdevd.doors.cli import main
 from hostdevd.core.sysfs import Sysfs
+from hostdevd.doors.cli import main
 
 from .conftest import load_sim
 
@@ -109,8 +109,9 @@ def test_snapshot_roundtrip(state, tmp_path):
     snap = tmp_path / "snap.json"
     rc, live = run(state + ["groups", "--json", "--save", str(snap)], sim)
     rc2, again = run(["groups", "--snapshot", str(snap), "--json"])
-    strip = lambda d: [(g["group"], [(x["address"], x["class"], x["bridge"]) for x in g["devices"]])
-                       for g in json.loads(d)["groups"]]
+    def strip(d):
+        return [(g["group"], [(x["address"], x["class"], x["bridge"]) for x in g["devices"]])
+                           for g in json.loads(d)["groups"]]
     assert rc == rc2 == 0 and strip(live) == strip(again)
 
 

@@ -9,14 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
+from hostdevd.core.config import parse_config
 from hostdevd.doors import daemon_main
 from hostdevd.doors.api import call
-from hostdevd.core.config import parse_config
 
 from .daemon_support import short_dir
 
@@ -41,7 +41,7 @@ class Notify:
                     return m
             try:
                 self.messages.append(self.sock.recv(4096).decode())
-            except socket.timeout:
+            except TimeoutError:
                 pass
         raise AssertionError(f"no {needle!r} in {self.messages}")
 

@@ -16,8 +16,15 @@ from hypothesis import strategies as st
 from hostdevd.core import domxml
 from hostdevd.core.address import PciAddress
 from hostdevd.core.domxml import (
-    DEFAULT_MAX_BYTES, DeviceRequest, NetworkRef, parse_device, parse_domain, parse_network,
-    parse_networkport, parse_nodedev, parse_nodedevs,
+    DEFAULT_MAX_BYTES,
+    DeviceRequest,
+    NetworkRef,
+    parse_device,
+    parse_domain,
+    parse_network,
+    parse_networkport,
+    parse_nodedev,
+    parse_nodedevs,
 )
 from hostdevd.core.errors import InvalidXML, UsageError
 

@@ -9,16 +9,25 @@ with ``negative=`` and say what hostdevd does with them and why.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from hostdevd.core.address import PciAddress
 from hostdevd.core.domxml import (
-    DeviceRequest, HostdevNetwork, NetworkPort, NetworkRef, NodeDevice,
-    parse_device, parse_domain, parse_network, parse_networkport, parse_nodedev, parse_nodedevs,
+    DeviceRequest,
+    HostdevNetwork,
+    NetworkPort,
+    NetworkRef,
+    NodeDevice,
+    parse_device,
+    parse_domain,
+    parse_network,
+    parse_networkport,
+    parse_nodedev,
+    parse_nodedevs,
 )
 from hostdevd.core.errors import InvalidXML
 
@@ -141,7 +150,7 @@ def mdev_node(uuid: str, suffix: str, parent: str, mdev_type: str) -> NodeDevice
                       iommu_group=0, mdev_type=mdev_type, mdev_uuid=uuid)
 
 
-VF_02_10_7 = dict(vendor="0x8086", product="0x10ca", parent="pci_0000_00_04_0")
+VF_02_10_7 = {"vendor": "0x8086", "product": "0x10ca", "parent": "pci_0000_00_04_0"}
 VFS_02_00 = [A(f"0000:02:00.{f}") for f in (2, 3, 4, 5)]
 F_06_12 = "0000:06:12"
 MULTIFUNCTION = [
@@ -149,7 +158,7 @@ MULTIFUNCTION = [
     H("0005:90:01.2", driver="vfio"), H("0005:90:01.3", driver="vfio"), H("0000:06:12.1", driver="vfio"),
     H("0000:06:12.2", driver="vfio"),
 ]
-NET_HOSTDEV_QBG = dict(vlan_tags=(42,), virtualport=QBG)
+NET_HOSTDEV_QBG = {"vlan_tags": (42,), "virtualport": QBG}
 
 # --------------------------------------------------------------------------- the table
 

@@ -91,7 +91,7 @@ def test_prepare_refusal_and_release(daemon):
     d, sim, path = daemon
     hook = install_hook(path)
     xml1 = domain_xml("vm1", uuid_for(1), PAIR)
-    for i in range(5):
+    for _i in range(5):
         rc, out, err, _ = run_hook(hook, "vm1", "prepare", "begin", "-", xml=xml1, label="prepare begin (bind)")
         assert (rc, err) == (0, ""), err
         assert sim.driver(PAIR) == sim.driver("0000:04:00.1") == "vfio-pci"

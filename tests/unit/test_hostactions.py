@@ -28,7 +28,7 @@ GPU, AUDIO = "0000:01:00.0", "0000:01:00.1"     # desktop_gpu: GTX 1070 + HDMI a
 IGPU = "0000:00:02.0"                           # desktop_gpu: the boot VGA (i915)
 DM = "display-manager.service"
 
-GPU_ACTIONS = f"""
+GPU_ACTIONS = """
 [[host_actions]]
 match = "10de:1b80"
 stop_units = ["display-manager", "nvidia-persistenced.service"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))
-import labvm  # noqa: E402
+import labvm
 
 # lines copied from L1 serial logs of the kernel failures seen in the lab
 REAL_STALLS = [

@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 
 from hostdevd.core.address import PciAddress as A
-from hostdevd.doors.api import call
-from hostdevd.doors.cli import main as cli_main
 from hostdevd.core.domxml import guest_placements
 from hostdevd.core.errors import InvalidXML
 from hostdevd.core.ledger import Owner
 from hostdevd.core.migrate import assess
 from hostdevd.core.sysfs import Sysfs
+from hostdevd.doors.api import call
+from hostdevd.doors.cli import main as cli_main
 
 from .conftest import load_sim, make_engine
-from .daemon_support import running_daemon, short_dir, uuid_for
+from .daemon_support import running_daemon, short_dir
 from .test_hook import install_hook, run_hook
 from .test_hotplug import UUID, FakeLibvirt
 
@@ -152,6 +151,7 @@ def daemon():
 
 def test_daemon_judges_the_live_xml_and_logs_it(daemon, caplog):
     import logging
+
     from hostdevd.core.logfields import MSG
     d, sim, path, lv = daemon
     assert call(path, {"op": "attach", "domain": {"name": "vm1"}, "addresses": [PAIR]})["ok"]

@@ -7,7 +7,7 @@ same simulated kernel and state directory reconciles.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -138,7 +138,7 @@ def test_libvirt_unreachable_releases_nothing(eng, sim):
 
 
 def test_claims_newer_than_the_listing_are_left(eng, sim):
-    listed_at = datetime.now(timezone.utc) - timedelta(seconds=5)
+    listed_at = datetime.now(UTC) - timedelta(seconds=5)
     eng.prepare([A.parse(PAIR)], VM1)          # prepared after libvirt was asked
     report = reconcile(eng, [], listed_at=listed_at)
     assert report.released == [] and sim.driver(PAIR) == "vfio-pci"
@@ -187,8 +187,8 @@ def test_release_missing_is_refcounted(eng, sim):
 
 def test_release_owner_respects_before(eng, sim):
     eng.prepare([A.parse(PAIR)], VM1)
-    assert release_owner(eng, VM1, before=datetime.now(timezone.utc) - timedelta(seconds=5)) == []
-    assert release_owner(eng, VM1, before=datetime.now(timezone.utc) + timedelta(seconds=1)) == [15]
+    assert release_owner(eng, VM1, before=datetime.now(UTC) - timedelta(seconds=5)) == []
+    assert release_owner(eng, VM1, before=datetime.now(UTC) + timedelta(seconds=1)) == [15]
     assert sim.driver(PAIR) == "e1000e"
 
 

@@ -90,8 +90,8 @@ def test_reservation_by_vendor_device_and_host_critical_refused(tmp_path):
 
 
 def test_daemon_start_binds_reservations_and_groups_shows_them(tmp_path):
-    from hostdevd.doors.cli import main
     from hostdevd.core.sysfs import Sysfs
+    from hostdevd.doors.cli import main
 
     from .daemon_support import running_daemon
 

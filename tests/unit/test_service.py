@@ -7,11 +7,10 @@ import time
 import pytest
 
 from hostdevd.core.address import PciAddress as A
-from hostdevd.doors.api import call
 from hostdevd.core.errors import LedgerError
 from hostdevd.core.ledger import Owner
+from hostdevd.doors.api import call
 from hostdevd.doors.service import DomainGate, LibvirtFailure, LibvirtUnavailable, hostdev_xml
-
 from hostdevd.doors.wire import DaemonNotRunning
 
 from .daemon_support import domain_xml, running_daemon, uuid_for

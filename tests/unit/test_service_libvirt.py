@@ -15,10 +15,10 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt")
 
-from hostdevd.core.address import PciAddress as A  # noqa: E402
-from hostdevd.doors.api import call  # noqa: E402
-from hostdevd.core.ledger import Owner  # noqa: E402
 from hostdevd.adapters.libvirt_events import LibvirtEvents, ensure_event_loop  # noqa: E402
+from hostdevd.core.address import PciAddress as A  # noqa: E402
+from hostdevd.core.ledger import Owner  # noqa: E402
+from hostdevd.doors.api import call  # noqa: E402
 
 from .daemon_support import domain_xml, running_daemon, vfio_bind_by_hand  # noqa: E402
 

@@ -621,7 +621,7 @@ def test_concurrent_writers_are_serialised():
                 k.write(dev(bdf, "driver_override"), "\n")
                 k.write("bus/pci/drivers/vfio-pci/unbind", bdf)
                 k.write("bus/pci/drivers_probe", bdf)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=flip, args=(b,)) for b in nics]

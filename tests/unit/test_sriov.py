@@ -10,15 +10,22 @@ import json
 
 import pytest
 
-from hostdevd.doors import cli, wire
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.config import parse_config
 from hostdevd.core.errors import ConfigError, Refused, SysfsTimeout
 from hostdevd.core.ledger import LedgerStore, Owner
-from hostdevd.sim.simkernel import SimKernel
-from hostdevd.core.sriov import (SriovTimeout, SysfsPollWaiter, UdevWaiter, _UdevWatch, apply_config, default_waiter,
-                            set_vfs_by_hand)
+from hostdevd.core.sriov import (
+    SriovTimeout,
+    SysfsPollWaiter,
+    UdevWaiter,
+    _UdevWatch,
+    apply_config,
+    default_waiter,
+    set_vfs_by_hand,
+)
 from hostdevd.core.vfnet import FakeNetlink
+from hostdevd.doors import cli, wire
+from hostdevd.sim.simkernel import SimKernel
 
 from .conftest import TOPOLOGIES, load_sim, make_engine
 from .daemon_support import domain_xml, running_daemon, vfio_bind_by_hand
@@ -432,7 +439,7 @@ def test_vf_on_its_driver_returns_there_even_if_autoprobe_went_off_meanwhile(tmp
     eng.sysfs.set_sriov_drivers_autoprobe(A.parse(PF), False)
     eng.release(WEB1)
     assert sim.state()[vfs[0]] == ("igbvf", None)                    # named explicitly, override restored
-    assert [w for w in sim.writes_to(f"{vfs[0]}/driver_override")][-2:] == [
+    assert list(sim.writes_to(f"{vfs[0]}/driver_override"))[-2:] == [
         (f"bus/pci/devices/{vfs[0]}/driver_override", "igbvf"), (f"bus/pci/devices/{vfs[0]}/driver_override", "\n")]
 
 

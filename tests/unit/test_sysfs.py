@@ -12,9 +12,9 @@ import pytest
 
 from hostdevd.core.address import PciAddress
 from hostdevd.core.errors import SysfsError, SysfsTimeout
-from hostdevd.sim.simkernel import SimKernel
 from hostdevd.core.sysfs import RealHost, Sysfs
 from hostdevd.core.topology import from_sysfs
+from hostdevd.sim.simkernel import SimKernel
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 A = PciAddress.parse

@@ -65,7 +65,7 @@ def test_sysfs_writes_do_not_start_a_thread_each(tmp_path):
     """The daemon's RSS crept with one thread per write; 300 writes now use one helper."""
     sysfs = Sysfs(load_sim("lab"), write_timeout=2.0)
     addr = PciAddress.parse("0000:01:00.0")          # the lab's nic1
-    for i in range(150):
+    for _i in range(150):
         sysfs.set_driver_override(addr, "vfio-pci")
         sysfs.set_driver_override(addr, None)
     assert sysfs._writers.started == 1

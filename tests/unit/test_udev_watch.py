@@ -16,13 +16,13 @@ import time
 
 import pytest
 
+from hostdevd.adapters.udev import UdevWatch
 from hostdevd.core.address import PciAddress as A
-from hostdevd.doors.api import call
 from hostdevd.core.ledger import Owner
 from hostdevd.core.logfields import MSG
-from hostdevd.core.sysfs import Sysfs
-from hostdevd.adapters.udev import UdevWatch
 from hostdevd.core.pci_events import PciEvent, PciEventHandler
+from hostdevd.core.sysfs import Sysfs
+from hostdevd.doors.api import call
 
 from .conftest import load_sim, make_engine
 from .daemon_support import running_daemon

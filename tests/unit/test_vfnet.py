@@ -13,14 +13,21 @@ import types
 
 import pytest
 
-from hostdevd.doors import hook, wire
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.domxml import parse_domain
 from hostdevd.core.errors import ExecutionFailed, HostdevError, Refused
 from hostdevd.core.ledger import Owner, VfNetConfig
+from hostdevd.core.vfnet import (
+    ZERO_MAC,
+    FakeNetlink,
+    NetlinkError,
+    NetRequest,
+    Pyroute2Backend,
+    VfNetManager,
+    net_requests,
+)
+from hostdevd.doors import hook, wire
 from hostdevd.doors.service import Daemon
-from hostdevd.core.vfnet import (ZERO_MAC, FakeNetlink, NetlinkError, NetRequest, Pyroute2Backend, VfNetManager,
-                            net_requests)
 
 from .conftest import load_sim, make_engine
 from .daemon_support import short_dir
@@ -50,7 +57,7 @@ def iface(vf: str, mac=MAC, vlan=None, managed="no", trunk=False) -> str:
     v = ""
     if vlan is not None:
         tags = vlan if isinstance(vlan, list) else [vlan]
-        v = "<vlan%s>%s</vlan>" % (" trunk='yes'" if trunk else "", "".join(f"<tag id='{t}'/>" for t in tags))
+        v = "<vlan{}>{}</vlan>".format(" trunk='yes'" if trunk else "", "".join(f"<tag id='{t}'/>" for t in tags))
     return (f"<interface type='hostdev' managed='{managed}'><mac address='{mac}'/><source>"
             f"<address type='pci' domain='0x{dom}' bus='0x{bus}' slot='0x{slot}' function='0x{fn}'/></source>"
             f"{v}</interface>")
@@ -219,7 +226,7 @@ def test_hostdev_network_vf_is_libvirts(tmp_path):
     assert nl.calls == [] and result.notes == []
     parsed = parse_domain("<domain><name>n</name><devices><interface type='network'><mac address='52:54:00:00:00:09'/>"
                           "<source network='pool'/><actual type='hostdev' managed='no'><source><address "
-                          f"type='pci' domain='0' bus='3' slot='0x10' function='6'/></source></actual></interface>"
+                          "type='pci' domain='0' bus='3' slot='0x10' function='6'/></source></actual></interface>"
                           "</devices></domain>")
     assert net_requests(parsed)[A.parse("0000:03:10.6")].managed is True
 
@@ -463,8 +470,8 @@ def test_pyroute2_errors_carry_the_errno(monkeypatch):
 
 
 def test_hostdevctl_plan_and_prepare_carry_the_interface_mac(tmp_path, monkeypatch):
-    from hostdevd.doors import cli
     from hostdevd.core.sysfs import Sysfs
+    from hostdevd.doors import cli
     sim, nl, eng, vfs = setup(tmp_path)
     xml = dom("web1", iface(vfs[1], vlan=12))
     monkeypatch.setattr("sys.stdin", io.StringIO(xml))

@@ -35,7 +35,7 @@ class PciAddress:
                 raise InvalidAddress(f"PCI {field} {value!r} out of range 0..{limit:#x}")
 
     @classmethod
-    def parse(cls, text: str) -> "PciAddress":
+    def parse(cls, text: str) -> PciAddress:
         """Parse ``DDDD:BB:SS.F`` or ``BB:SS.F``; raise InvalidAddress otherwise."""
         if not isinstance(text, str) or len(text) > 16:
             raise InvalidAddress(f"not a PCI address: {str(text)[:40]!r} (expected DDDD:BB:SS.F)")
@@ -48,7 +48,7 @@ class PciAddress:
 
     @classmethod
     def from_parts(cls, domain: str | None, bus: str | None, slot: str | None,
-                   function: str | None) -> "PciAddress":
+                   function: str | None) -> PciAddress:
         """Build from libvirt XML attributes (``0x``-hex or decimal; domain/function default 0)."""
         values = []
         for name, raw in (("domain", domain), ("bus", bus), ("slot", slot), ("function", function)):

@@ -9,8 +9,8 @@ import importlib.util
 import logging
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Iterable, Iterator
 
 from .address import PciAddress
 from .config import Config

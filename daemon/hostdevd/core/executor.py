@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .address import PciAddress
 from .errors import ExecutionFailed, HostdevError, Refused

@@ -19,9 +19,10 @@ import fcntl
 import json
 import os
 import threading
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -39,7 +40,7 @@ RESERVATION = {"name": "reserved", "kind": "reservation"}
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class _Model(BaseModel):
@@ -51,7 +52,7 @@ class Owner(_Model):
     uuid: str | None = Field(default=None, max_length=64)
     kind: Literal["domain", "manual", "reservation"] = "domain"
 
-    def same(self, other: "Owner") -> bool:
+    def same(self, other: Owner) -> bool:
         if self.uuid and other.uuid:
             return self.uuid == other.uuid
         return self.name == other.name and self.kind == other.kind

@@ -97,8 +97,7 @@ _COMMAND_RE = re.compile(
 )
 _FENCE_RE = re.compile(r"^\s*(?:```|~~~)")
 # Unicode spaces forums turn tabs and indentation into.
-_SPACES = str.maketrans({c: " " for c in "\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
-                         "\u2008\u2009\u200a\u202f\u205f\u3000"})
+_SPACES = str.maketrans(dict.fromkeys("\xa0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007" "\u2008\u2009\u200a\u202f\u205f\u3000", " "))
 
 
 @dataclass

@@ -30,9 +30,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from .address import PciAddress
 from .errors import HostdevError, InvalidAddress
@@ -47,7 +48,7 @@ _VIABLE = (VFIO, "pci-stub")
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class PciEvent:
         return f"{self.action} {self.address}" + (f" ({self.driver})" if self.driver else "")
 
     @classmethod
-    def from_udev(cls, device: Any) -> "PciEvent | None":
+    def from_udev(cls, device: Any) -> PciEvent | None:
         """From a pyudev Device received on a monitor; None for what hostdevd does not follow."""
         action = getattr(device, "action", None)
         if action not in ACTIONS:

@@ -8,8 +8,9 @@ devices, R6 refcounted release), so most tests aim here.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 from .address import PciAddress
 from .config import Config, DeviceMatcher
@@ -28,7 +29,7 @@ class Policy:
     config: Config = field(default_factory=Config)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "Policy":
+    def from_config(cls, cfg: Config) -> Policy:
         return cls(DeviceMatcher(cfg.policy.allow), DeviceMatcher(cfg.policy.deny),
                    DeviceMatcher(cfg.policy.allow_host_critical), cfg)
 
@@ -281,7 +282,7 @@ def _vf_netdev(topo: Topology, address: str) -> tuple[str, int] | None:
 
 def _refuse_net(topo: Topology, plan: Plan) -> None:
     """MAC/VLAN can only be set on a VF, through its PF's network interface, one VLAN tag."""
-    for a, req in plan.net.items():
+    for a, _req in plan.net.items():
         dev = topo.get(PciAddress.parse(a))
         if dev is None:
             continue

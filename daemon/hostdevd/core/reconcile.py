@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Callable, ContextManager, Iterable
+from datetime import UTC, datetime
+from typing import ContextManager
 
 from .address import PciAddress
 from .domxml import parse_domain
@@ -58,7 +59,7 @@ class RunningDomain:
     error: str | None = None      # the XML could not be parsed: its devices are unknown
 
     @classmethod
-    def from_xml(cls, name: str, uuid: str | None, xml: str) -> "RunningDomain":
+    def from_xml(cls, name: str, uuid: str | None, xml: str) -> RunningDomain:
         try:
             req = parse_domain(xml)
         except HostdevError as e:
@@ -106,7 +107,7 @@ def _parse_time(text: str) -> datetime:
     try:
         return datetime.fromisoformat(text)
     except ValueError:
-        return datetime.min.replace(tzinfo=timezone.utc)
+        return datetime.min.replace(tzinfo=UTC)
 
 
 def _find_running(running: Iterable[RunningDomain], owner: Owner) -> RunningDomain | None:
@@ -130,7 +131,7 @@ def _release_claim(engine, claim: Claim, topo: Topology) -> None:
 
 def recover_interrupted(engine, running: list[RunningDomain] | None, report: ReconcileReport,
                         guard: Guard = _no_guard) -> None:
-    for key, claim in sorted(engine.ledger().claims.items(), key=lambda kv: int(kv[0])):
+    for _key, claim in sorted(engine.ledger().claims.items(), key=lambda kv: int(kv[0])):
         states = {d.state for d in claim.devices}
         if claim.state == "failed":
             report.failed_claims.append(claim.group)

@@ -27,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from .address import PciAddress
 from .config import SriovConfig
@@ -209,7 +210,7 @@ class SysfsPollWaiter:
         self.interval = interval
 
     @contextlib.contextmanager
-    def watch(self, pf: PciAddress) -> Iterator["SysfsPollWaiter"]:
+    def watch(self, pf: PciAddress) -> Iterator[SysfsPollWaiter]:
         yield self
 
     def wait(self, pf: PciAddress, count: int, timeout: float) -> list[str]:
@@ -241,7 +242,7 @@ class UdevWaiter:
         self.context = pyudev.Context()
 
     @contextlib.contextmanager
-    def watch(self, pf: PciAddress) -> Iterator["_UdevWatch"]:
+    def watch(self, pf: PciAddress) -> Iterator[_UdevWatch]:
         monitor = self._pyudev.Monitor.from_netlink(self.context)
         monitor.filter_by(subsystem="pci")
         monitor.start()
@@ -352,7 +353,7 @@ def apply_config(engine, entries: list[SriovConfig]) -> SriovReport:
     for entry in entries:
         try:
             report.results.append(engine.set_vfs(entry.pf, entry.numvfs, entry.autoprobe, entry.wait_timeout))
-        except Exception as e:  # noqa: BLE001 - one PF (or udev) failing must not stop the daemon
+        except Exception as e:
             report.errors.append(f"{entry.pf}: {e}")
             log_action(log, logging.ERROR, "refused" if isinstance(e, Refused) else "sriov",
                        "cannot give %s %s VFs: %s", entry.pf, entry.numvfs, e, action="sriov",

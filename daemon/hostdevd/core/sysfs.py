@@ -59,7 +59,7 @@ class RealHost:
         return os.path.join(self.sys_root, rel)
 
     def read(self, rel: str) -> str:
-        with open(self._p(rel), "r", encoding="ascii", errors="replace") as f:
+        with open(self._p(rel), encoding="ascii", errors="replace") as f:
             return f.read()
 
     def read_bytes(self, rel: str, size: int) -> bytes:
@@ -87,7 +87,7 @@ class RealHost:
         return os.path.realpath(self._p(rel))
 
     def proc_read(self, rel: str) -> str:
-        with open(os.path.join(self.proc_root, rel), "r", encoding="utf-8", errors="replace") as f:
+        with open(os.path.join(self.proc_root, rel), encoding="utf-8", errors="replace") as f:
             return f.read()
 
     def dev_exists(self, rel: str) -> bool:
@@ -460,7 +460,7 @@ class Sysfs:
         def run() -> None:
             try:
                 self.backend.write(rel, value)
-            except BaseException as e:  # noqa: BLE001 - handed back to the caller
+            except BaseException as e:
                 result["error"] = e
 
         limit = self.write_timeout if timeout is None else timeout

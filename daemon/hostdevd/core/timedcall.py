@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 
 class _Helper:
-    def __init__(self, pool: "TimedCaller", name: str):
+    def __init__(self, pool: TimedCaller, name: str):
         self._pool = pool
-        self._jobs: "queue.SimpleQueue[tuple[Callable[[], None], threading.Event]]" = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
@@ -34,7 +34,7 @@ class _Helper:
             fn, done = self._jobs.get()
             try:
                 fn()
-            except BaseException:  # noqa: BLE001 - fn owns its errors; this thread must live on
+            except BaseException:
                 log.exception("%s: unhandled error in a timed call", self.thread.name)
             finally:
                 # back in the pool before the caller wakes, so its next call reuses this thread

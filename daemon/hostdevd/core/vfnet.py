@@ -31,8 +31,9 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .address import PciAddress
 from .errors import ExecutionFailed, HostdevError
@@ -87,7 +88,7 @@ class Pyroute2Backend:
     are not shared between threads."""
 
     def __init__(self) -> None:
-        from pyroute2 import IPRoute                       # the daemon's extra
+        from pyroute2 import IPRoute  # the daemon's extra
         from pyroute2.netlink.exceptions import NetlinkError as _PyNetlinkError
         self._IPRoute = IPRoute
         self._error = _PyNetlinkError
@@ -172,7 +173,7 @@ class FakeNetlink:
         self.calls: list[tuple[str, int, dict]] = []
         self._lock = threading.Lock()
 
-    def add_pf(self, name: str, nvfs: int, mac: Callable[[int], str] | None = None) -> "FakeNetlink":
+    def add_pf(self, name: str, nvfs: int, mac: Callable[[int], str] | None = None) -> FakeNetlink:
         with self._lock:
             self.pfs[name] = {i: VfNet(mac=mac(i) if mac else ZERO_MAC, vlan=0, qos=0, spoofchk=True,
                                        trust=False) for i in range(nvfs)}

@@ -12,17 +12,17 @@ became unhealthy, 2 usage or configuration error.
 """
 from __future__ import annotations
 
-import collections
 import argparse
+import collections
 import logging
 import os
-import time
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .. import __version__
@@ -86,7 +86,7 @@ def build_daemon(config: Config, args: argparse.Namespace):
     from .service import Daemon
 
     if getattr(args, "sim", None):
-        from ..sim.simkernel import SimKernel     # simulated kernel: demos and tests only
+        from ..sim.simkernel import SimKernel  # simulated kernel: demos and tests only
         sim = SimKernel.from_file(args.sim)
         # the sim records every write for tests to inspect; a long-running demo keeps the last few
         sim.write_log = collections.deque(sim.write_log, maxlen=10_000)  # type: ignore[assignment]

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None, socket_path: str | None = None,
             return 0
         _drain_nonblocking(stdin)
         return 0
-    except Exception as e:  # noqa: BLE001 - a hook crash must be one readable line
+    except Exception as e:
         if op in ("prepare", "start"):
             print(f"hostdevd: hook failed for {domain}: {_one_line(e)}", file=stderr)
             return 1

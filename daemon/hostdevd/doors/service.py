@@ -39,12 +39,12 @@ import queue
 import threading
 import time
 import uuid as uuidlib
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from .. import __version__
 from ..core.address import PciAddress
-from .api import ApiServer, BadRequest, Dispatcher, Peer
 from ..core.config import Config
 from ..core.domxml import DomainRequest, guest_placements, parse_device, parse_domain
 from ..core.engine import Engine
@@ -52,13 +52,13 @@ from ..core.errors import HostdevError, NotFound, Refused
 from ..core.ledger import Ledger, Owner
 from ..core.logfields import log_action
 from ..core.migrate import assess
-from ..core.planner import groups_of, plan_prepare
 from ..core.pci_events import PciEvent, PciEventHandler
+from ..core.planner import groups_of, plan_prepare
+from ..core.reconcile import ReconcileReport, RunningDomain, adopt_domain, reconcile, release_missing, release_owner
 from ..core.reservations import apply_reservations
 from ..core.sriov import apply_config as apply_sriov
 from ..core.vfnet import net_requests
-from ..core.reconcile import (ReconcileReport, RunningDomain, adopt_domain, reconcile, release_missing,
-                        release_owner)
+from .api import ApiServer, BadRequest, Dispatcher, Peer
 from .wire import socket_path
 
 log = logging.getLogger("hostdevd.service")
@@ -96,7 +96,7 @@ class LibvirtAdapter(Protocol):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def norm_uuid(text: str | None) -> str | None:

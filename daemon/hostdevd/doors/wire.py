@@ -88,7 +88,7 @@ class LineReader:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise socket.timeout("timed out")
+                    raise TimeoutError("timed out")
                 self.sock.settimeout(remaining)
             chunk = self.sock.recv(min(65536, self.limit + 1 - len(self.buf)))
             if not chunk:
@@ -126,7 +126,7 @@ def call(sock_path: str, request: dict, timeout: float = 30.0) -> dict:
             except (BrokenPipeError, ConnectionResetError):
                 pass    # the daemon answered early (refused peer, oversize) and closed: read why
             line = LineReader(s).read(max(0.001, deadline - time.monotonic()))
-        except socket.timeout:
+        except TimeoutError:
             raise DaemonTimeout(f"hostdevd did not answer within {timeout:g} s",
                                 "see `journalctl -u hostdevd`") from None
         except OverflowError:

@@ -84,13 +84,26 @@ import re
 import threading
 import tomllib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..core.address import PciAddress
 from ..core.errors import ConfigError
-from .simspec import (PCI_STUB, PCIEPORT, VFIO_DEPS, VFIO_PCI, VIRTIO_PCI, SimBlock, SimDevice,
-                      SimDriver, SpecLoader, errno_value, lowest_free, vf_address)
+from .simspec import (
+    PCI_STUB,
+    PCIEPORT,
+    VFIO_DEPS,
+    VFIO_PCI,
+    VIRTIO_PCI,
+    SimBlock,
+    SimDevice,
+    SimDriver,
+    SpecLoader,
+    errno_value,
+    lowest_free,
+    vf_address,
+)
 
 __all__ = ["SimKernel", "VFIO_PCI", "PCI_STUB", "PCIEPORT", "VIRTIO_PCI"]
 
@@ -212,12 +225,12 @@ class SimKernel:
 
     # ----- construction ----------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: dict) -> "SimKernel":
+    def from_spec(cls, spec: dict) -> SimKernel:
         """Build from a declarative spec (see the module docstring); ConfigError if invalid."""
         return cls(spec)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "SimKernel":
+    def from_file(cls, path: str | os.PathLike) -> SimKernel:
         """Load a ``.json`` or ``.toml`` spec file."""
         path = os.fspath(path)
         try:

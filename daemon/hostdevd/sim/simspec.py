@@ -196,7 +196,7 @@ class SpecLoader:
     SRIOV = {"totalvfs", "numvfs", "vf_vendor", "vf_device", "vf_driver", "offset", "stride", "autoprobe",
              "vfs_share_group", "vf_ifname", "vf_refuse_drivers", "vf_reset_method"}
 
-    def __init__(self, k: "SimKernel", spec: Any):
+    def __init__(self, k: SimKernel, spec: Any):
         self.k = k
         self.spec = spec
         self.pending_vfs: list[tuple[SimDevice, int]] = []
