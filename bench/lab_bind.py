@@ -128,7 +128,7 @@ def analyse(raw: dict) -> dict:
 
 
 def ms(x: dict | None) -> str:
-    return "-" if x is None else "%.0f" % (x["median_s"] * 1e3)
+    return "-" if x is None else f"{x['median_s'] * 1e3:.0f}"
 
 
 def rng(x: dict | None) -> str:
@@ -145,25 +145,27 @@ def report(result: dict) -> str:
             ("4 groups", "hostdevd Engine, 4 threads", "groups4.engine", "_par"),
             ("4 groups", "raw sysfs, sequential", "groups4.raw", "_seq"),
             ("4 groups", "raw sysfs, 4 threads", "groups4.raw", "_par")]
-    out = ["", "medians in ms over %d rounds (cycle min-max in brackets); guest: %s, %s CPUs, TCG"
-           % (result["meta"].get("rounds", 0), result["meta"].get("kernel", "?"), result["meta"].get("cpus", "?")),
-           "%-12s %-31s %8s %8s %8s  %s" % ("devices", "method", "prepare", "release", "cycle", "(cycle range)")]
+    meta = result["meta"]
+    out = ["", f"medians in ms over {meta.get('rounds', 0):d} rounds (cycle min-max in brackets); guest: "
+               f"{meta.get('kernel', '?')}, {meta.get('cpus', '?')} CPUs, TCG",
+           f"{'devices':<12} {'method':<31} {'prepare':>8} {'release':>8} {'cycle':>8}  (cycle range)"]
     for dev, name, key, suf in rows:
         if key not in st:
             continue
-        g = lambda k: st[key].get(k + suf)  # noqa: E731
-        out.append("%-12s %-31s %8s %8s %8s  (%s)" % (dev, name, ms(g("prepare")), ms(g("release")),
-                                                     ms(g("cycle")), rng(g("cycle"))))
+        prepare, release, cycle = (st[key].get(phase + suf) for phase in ("prepare", "release", "cycle"))
+        out.append(f"{dev:<12} {name:<31} {ms(prepare):>8} {ms(release):>8} {ms(cycle):>8}  ({rng(cycle)})")
     extra = result.get("extra", {})
     notes = []
     if "cli.startup" in st:
         notes.append("hostdevctl --version (Python start-up + imports): {} ms".format(ms(st["cli.startup"]["once"])))
     if "engine.topology_scan" in st:
-        notes.append("Engine.topology() scan: {} ms; vfio_group_users scan of /proc ({} processes): {} ms".format(ms(st["engine.topology_scan"]["once"]), extra.get("proc_count", "?"),
-                        ms(st["engine.vfio_group_users_scan"]["once"])))
+        notes.append("Engine.topology() scan: {} ms; vfio_group_users scan of /proc ({} processes): {} ms".format(
+            ms(st["engine.topology_scan"]["once"]), extra.get("proc_count", "?"),
+            ms(st["engine.vfio_group_users_scan"]["once"])))
     if "nic1.engine" in st and "ledger_save" in st["nic1.engine"]:
-        notes.append("Engine ledger saves per nic1 cycle: {}, {} ms in total (state dir on {})".format(extra.get("engine_ledger_saves_per_cycle", "?"), ms(st["nic1.engine"]["ledger_save"]),
-                        result["meta"].get("state_dir_fs", "?")))
+        notes.append("Engine ledger saves per nic1 cycle: {}, {} ms in total (state dir on {})".format(
+            extra.get("engine_ledger_saves_per_cycle", "?"), ms(st["nic1.engine"]["ledger_save"]),
+            result["meta"].get("state_dir_fs", "?")))
     for label, key, suf in (("nic1 raw", "nic1.raw", ""), ("nic1 Engine", "nic1.engine", ""),
                             ("4 groups Engine sequential", "groups4.engine", "_seq"),
                             ("4 groups Engine 4 threads", "groups4.engine", "_par"),
@@ -171,15 +173,18 @@ def report(result: dict) -> str:
                             ("4 groups raw 4 threads", "groups4.raw", "_par")):
         k = st.get(key, {})
         if "cpu_user" + suf in k:
-            notes.append("CPU per cycle, {}: user {} ms, system {} ms (wall {} ms)".format(label, ms(k["cpu_user" + suf]), ms(k["cpu_sys" + suf]), ms(k.get("cycle" + suf))))
+            notes.append("CPU per cycle, {}: user {} ms, system {} ms (wall {} ms)".format(
+                label, ms(k["cpu_user" + suf]), ms(k["cpu_sys" + suf]), ms(k.get("cycle" + suf))))
     if "virsh_first_call_s" in extra:
-        notes.append("first virsh call after boot: {:.1f} s (libvirtd {} before it); the same call later: {:.2f} s".format(extra["virsh_first_call_s"], extra.get("libvirtd_before_first_call", "?"),
-                        extra.get("virsh_noop_call_s", float("nan"))))
+        notes.append("first virsh call after boot: {:.1f} s (libvirtd {} before it); "
+                     "the same call later: {:.2f} s".format(
+            extra["virsh_first_call_s"], extra.get("libvirtd_before_first_call", "?"),
+            extra.get("virsh_noop_call_s", float("nan"))))
     out += [""] + notes
-    out += ["", "%-40s %8s %8s %8s" % ("ratios of medians", "prepare", "release", "cycle")]
+    out += ["", f"{'ratios of medians':<40} {'prepare':>8} {'release':>8} {'cycle':>8}"]
     for k, row in ra.items():
-        out.append("%-40s %8s %8s %8s" % (k, *(f"{row[c]:.2f}" if c in row else "-"
-                                                 for c in ("prepare", "release", "cycle"))))
+        prepare, release, cycle = (f"{row[c]:.2f}" if c in row else "-" for c in ("prepare", "release", "cycle"))
+        out.append(f"{k:<40} {prepare:>8} {release:>8} {cycle:>8}")
     return "\n".join(out)
 
 
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--only", args.only]
         # TCG: a round of everything takes about half a minute; be generous.
         timeout = 600 + 180 * (args.rounds + 1)
-        log("running guest_bind.py (%d rounds, guest timeout %d s)" % (args.rounds, timeout))
+        log(f"running guest_bind.py ({args.rounds:d} rounds, guest timeout {timeout:d} s)")
         r = vm.run(cmd, timeout=timeout, check=False)
         guest_rc = r.rc
         sys.stderr.write(r.stderr)

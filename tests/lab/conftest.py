@@ -60,7 +60,8 @@ def _stalled_vms() -> list:
 def _l1_health(request):
     for vm in _stalled_vms():
         if vm.running:
-            pytest.fail(f"L1 '{vm.name}' stalled earlier in this session ({vm.stalled[0]}); not running {request.node.name} on it", pytrace=False)
+            pytest.fail(f"L1 '{vm.name}' stalled earlier in this session ({vm.stalled[0]}); "
+                        f"not running {request.node.name} on it", pytrace=False)
     yield
     for vm in _stalled_vms():
         _STALLS.setdefault(vm.name, vm.stalled)
@@ -74,8 +75,8 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("L1 KERNEL STALLED (emulator, not hostdevd)", sep="!", red=True, bold=True)
     for name, lines in _STALLS.items():
-        tr.line("L1 '%s': %d stall lines, first: %s" % (name, len(lines), lines[0]), red=True)
-        tr.line("  serial log: %s" % (labvm.lab_dir() / "run" / name / "serial.log"))
+        tr.line(f"L1 '{name}': {len(lines):d} stall lines, first: {lines[0]}", red=True)
+        tr.line(f"  serial log: {labvm.lab_dir() / 'run' / name / 'serial.log'}")
     marker = os.environ.get("HOSTDEVD_LAB_STALL_FILE")
     if marker:
         Path(marker).write_text("".join(f"{n}: {ls[0]}\n" for n, ls in _STALLS.items()))

@@ -93,7 +93,8 @@ class Result:
 
     def __str__(self) -> str:
         what = f" (TIMED OUT: killed after {self.timeout}s)" if self.timed_out else ""
-        return (f"guest command {self.cmd!r}: rc={self.rc} after {self.seconds:.1f}s{what}\n--- stdout\n{self.stdout}--- stderr\n{self.stderr}")
+        return (f"guest command {self.cmd!r}: rc={self.rc} after {self.seconds:.1f}s{what}\n"
+                f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}")
 
 
 class GuestCommandError(LabError):
@@ -128,7 +129,8 @@ def ensure_image(force: bool = False, timeout: float = 1200) -> float:
         p = subprocess.run([str(LAB_SRC / "build-image.sh")], env=env, timeout=timeout,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     except subprocess.TimeoutExpired as e:
-        raise LabError("build-image.sh did not finish within {}s:\n{}".format(timeout, (e.output or "")[-4000:])) from None
+        raise LabError("build-image.sh did not finish within {}s:\n{}".format(
+            timeout, (e.output or "")[-4000:])) from None
     if p.returncode != 0 or not image_ready():
         raise LabError(f"build-image.sh failed (rc={p.returncode}):\n{p.stdout[-6000:]}")
     return time.monotonic() - t0
@@ -178,7 +180,7 @@ BOOTED: weakref.WeakSet[LabVM] = weakref.WeakSet()   # every instance booted in 
 
 def _default_name() -> str:
     n = next(_instances)
-    return "hd%d" % os.getpid() if n == 1 else "hd%d-%d" % (os.getpid(), n)
+    return f"hd{os.getpid():d}" if n == 1 else f"hd{os.getpid():d}-{n:d}"
 
 
 @dataclass(eq=False)
@@ -243,7 +245,8 @@ class LabVM:
         if p.returncode != 0:
             self.stop(force=True)
             # run-l1.sh's stderr already ends with the serial log tail
-            raise LabError(f"run-l1.sh failed (rc={p.returncode}), logs in {self.run_dir}:\n{p.stdout}{p.stderr[-5000:]}")
+            raise LabError(f"run-l1.sh failed (rc={p.returncode}), logs in {self.run_dir}:\n"
+                           f"{p.stdout}{p.stderr[-5000:]}")
         self.boot_seconds = time.monotonic() - t0
         self.stalled = []
         BOOTED.add(self)
@@ -372,7 +375,8 @@ class LabVM:
         except qga.GuestTimeout as e:
             raise LabError(f"guest command timed out after {timeout}s: {cmd!r} ({e}){self._stall_note()}") from None
         except (OSError, qga.AgentError) as e:
-            raise LabError(f"guest agent failure running {cmd!r}: {e}{self._stall_note()}; serial log tail:\n{self._serial_tail(15)}") from None
+            raise LabError(f"guest agent failure running {cmd!r}: {e}{self._stall_note()}; "
+                           f"serial log tail:\n{self._serial_tail(15)}") from None
         res = Result(cmd, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
                      time.monotonic() - t0, timeout)
         if check and rc != 0:
@@ -437,7 +441,8 @@ class LabVM:
         return json.loads(r.stdout)
 
     def driver(self, bdf: str) -> str | None:
-        r = self.run(f'd=/sys/bus/pci/devices/{bdf}/driver; [ -e "$d" ] && basename "$(readlink "$d")" || true', timeout=30)
+        r = self.run(f'd=/sys/bus/pci/devices/{bdf}/driver; [ -e "$d" ] && basename "$(readlink "$d")" || true',
+                     timeout=30)
         return r.stdout.strip() or None
 
     # ------------------------------------------------------------------ hostdevd

@@ -72,7 +72,8 @@ def main() -> int:
             lat.append(time.monotonic() - t)
             r = vm.run("virsh -q attach-device l2hot /root/hd.xml --live && sleep 3 && "
                        "virsh -q detach-device l2hot /root/hd.xml --live && "
-                       "for i in $(seq 30); do virsh dumpxml l2hot | grep -q \"<hostdev\" || exit 0; sleep 1; done; exit 1",
+                       "for i in $(seq 30); do virsh dumpxml l2hot | grep -q \"<hostdev\" || exit 0; sleep 1; done; "
+                       "exit 1",
                        timeout=300, check=False)
             if r.rc != 0:
                 errors.append(str(r)[-300:])

@@ -21,7 +21,8 @@ START_PAUSED = "virsh start --paused %s"
 
 def drivers(lab, *bdfs):
     script = ("for b in {}; do d={}/$b; printf '%s %s\\n' $b "
-              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done").format(" ".join(bdfs), SYS)
+              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done"
+              ).format(" ".join(bdfs), SYS)
     return dict(line.split() for line in lab.run(script, timeout=60).stdout.splitlines() if line.strip())
 
 

@@ -64,7 +64,8 @@ def hostdev_xml(bdf: str, managed: str = "yes") -> str:
 
 def drivers(lab, *bdfs):
     script = ("for b in {}; do d={}/$b; printf '%s %s\\n' $b "
-              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done").format(" ".join(bdfs), SYS)
+              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done"
+              ).format(" ".join(bdfs), SYS)
     return dict(line.split() for line in lab.run(script, timeout=60).stdout.splitlines() if line.strip())
 
 

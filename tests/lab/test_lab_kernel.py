@@ -13,10 +13,10 @@ SYS = "/sys/bus/pci/devices"
 def _wait_driver(lab, bdf, want, timeout=20):
     """Poll (inside L1) until bdf is bound to `want` ('none' = unbound); return the driver seen."""
     r = lab.run(
-        'd=%s/%s; end=$((SECONDS + %d)); '
+        f'd={SYS}/{bdf}; end=$((SECONDS + {timeout:d})); '
         'drv() { [ -e "$d/driver" ] && basename "$(readlink "$d/driver")" || echo none; }; '
-        'while [ "$(drv)" != "%s" ] && [ $SECONDS -lt $end ]; do sleep 0.1; done; drv'
-        % (SYS, bdf, timeout, want), timeout=timeout + 10)
+        f'while [ "$(drv)" != "{want}" ] && [ $SECONDS -lt $end ]; do sleep 0.1; done; drv',
+        timeout=timeout + 10)
     return r.stdout.strip()
 
 
@@ -81,7 +81,7 @@ def test_raw_sysfs_moves_nic1_to_vfio_and_back(lab):
         info = lab.pci_info(nic1)
         assert info["driver"] == "vfio-pci"
         assert info["driver_override"] == "vfio-pci"
-        lab.run("test -c /dev/vfio/%d" % group, timeout=10)
+        lab.run(f"test -c /dev/vfio/{group:d}", timeout=10)
     finally:
         lab.run(f"if [ -e {SYS}/{nic1}/driver ]; then echo {nic1} > {SYS}/{nic1}/driver/unbind; fi; "
                 f"echo > {SYS}/{nic1}/driver_override; "

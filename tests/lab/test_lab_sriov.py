@@ -56,7 +56,8 @@ def hctl(vm, *args, check=True, timeout=240):
 
 def drivers(vm, *bdfs) -> dict:
     script = ("for b in {}; do d={}/$b; printf '%s %s\\n' $b "
-              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done").format(" ".join(bdfs), SYS)
+              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done"
+              ).format(" ".join(bdfs), SYS)
     return dict(line.split() for line in vm.run(script, timeout=60).stdout.splitlines() if line.strip())
 
 

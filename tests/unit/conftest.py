@@ -20,7 +20,7 @@ def load_sim(name: str) -> SimKernel:
 
 def make_engine(sim: SimKernel, state_dir, config_text: str = "", write_timeout: float = 2.0,
                 netlink=None) -> Engine:
-    """``netlink``: a hostdevd.vfnet.FakeNetlink for VF MAC/VLAN (none: VFs move without them)."""
+    """``netlink``: a hostdevd.sim.fakenetlink.FakeNetlink for VF MAC/VLAN (none: VFs move without them)."""
     cfg: Config = parse_config(config_text)
     cfg.state_dir = str(state_dir)
     cfg.release_wait_timeout = 0.3

@@ -13,20 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostdevd.core import domxml
+from hostdevd.core import xmlsafe as domxml
 from hostdevd.core.address import PciAddress
-from hostdevd.core.domxml import (
-    DEFAULT_MAX_BYTES,
-    DeviceRequest,
-    NetworkRef,
-    parse_device,
-    parse_domain,
-    parse_network,
-    parse_networkport,
-    parse_nodedev,
-    parse_nodedevs,
-)
+from hostdevd.core.domxml import DeviceRequest, NetworkRef, parse_device, parse_domain
 from hostdevd.core.errors import InvalidXML, UsageError
+from hostdevd.core.netxml import parse_network, parse_networkport, parse_nodedev, parse_nodedevs
+from hostdevd.core.xmlsafe import DEFAULT_MAX_BYTES
 
 A = PciAddress.parse
 

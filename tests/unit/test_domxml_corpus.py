@@ -16,20 +16,17 @@ from pathlib import Path
 import pytest
 
 from hostdevd.core.address import PciAddress
-from hostdevd.core.domxml import (
-    DeviceRequest,
+from hostdevd.core.domxml import DeviceRequest, NetworkRef, parse_device, parse_domain
+from hostdevd.core.errors import InvalidXML
+from hostdevd.core.netxml import (
     HostdevNetwork,
     NetworkPort,
-    NetworkRef,
     NodeDevice,
-    parse_device,
-    parse_domain,
     parse_network,
     parse_networkport,
     parse_nodedev,
     parse_nodedevs,
 )
-from hostdevd.core.errors import InvalidXML
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "libvirt"
 FILES = sorted(p.relative_to(CORPUS).as_posix() for p in CORPUS.rglob("*.xml"))

@@ -81,7 +81,7 @@ def test_failure_at_every_ledger_save_rolls_back(tmp_path):
             real_save(ledger)
 
         eng.store.save = flaky
-        with pytest.raises(Exception):
+        with pytest.raises(ExecutionFailed):
             eng.prepare([PAIR], VM1)
         assert sim.state() == before, f"save {n}"
         eng.store.save = real_save

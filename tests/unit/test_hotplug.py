@@ -16,11 +16,11 @@ import pytest
 
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.domxml import parse_device
+from hostdevd.core.errors import LibvirtFailure, LibvirtUnavailable
 from hostdevd.core.logfields import MSG
 from hostdevd.core.sysfs import Sysfs
 from hostdevd.doors.api import call
 from hostdevd.doors.cli import main as cli_main
-from hostdevd.doors.service import LibvirtFailure, LibvirtUnavailable
 
 from .daemon_support import hostdev, running_daemon, uuid_for, vfio_bind_by_hand
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from hostdevd.core.errors import LedgerError
+from hostdevd.core.errors import InvalidAddress, LedgerError
 from hostdevd.core.ledger import Claim, DeviceRecord, Ledger, LedgerStore, Owner
 
 
@@ -59,7 +59,7 @@ def test_corrupt_ledger_is_a_clear_error(tmp_path, content, needle):
 
 
 def test_bad_address_in_record_rejected():
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidAddress):
         DeviceRecord(address="../../etc", role="requested", original_driver=None, original_override=None)
 
 

@@ -427,14 +427,14 @@ def test_reddit_post_noise_breaks_and_merges():
 def test_unsorted_and_domain_variants_are_equivalent():
     text = read("gtx1080_z270_inline_unsorted")
     base = parse_listing(text)
-    lines = [l for l in text.splitlines() if l.startswith("IOMMU")]
+    lines = [line for line in text.splitlines() if line.startswith("IOMMU")]
     rnd = random.Random(7)
     for _ in range(5):
         rnd.shuffle(lines)
         assert parse_listing("\n".join(lines)).devices == base.devices
     # "iommu group N 0000:BB:SS.F ..."
-    with_domain = "\n".join(re.sub(r"^IOMMU Group (\d+) ", r"iommu group \1 0000:", l) for l in lines)
-    assert all(re.match(r"iommu group \d+ 0000:[0-9a-f]{2}:", l) for l in with_domain.splitlines())
+    with_domain = "\n".join(re.sub(r"^IOMMU Group (\d+) ", r"iommu group \1 0000:", line) for line in lines)
+    assert all(re.match(r"iommu group \d+ 0000:[0-9a-f]{2}:", line) for line in with_domain.splitlines())
     assert parse_listing(with_domain).devices == base.devices
 
 
@@ -694,8 +694,9 @@ def topologies(draw):
         cls = draw(_classes)
         devices[a] = Device(address=a, vendor=draw(_hex4), device=draw(_hex4), pci_class=cls + "00",
                             bridge=cls in ("0604", "0609"), group=draw(st.integers(0, 40)),
-                            name=draw(st.sampled_from(["Intel Corporation Device", "NVIDIA Corporation GP104 [GeForce GTX 1080]",
-                                                       "Advanced Micro Devices, Inc. [AMD/ATI] Ellesmere [Radeon RX 470/480]"])),
+                            name=draw(st.sampled_from([
+                                "Intel Corporation Device", "NVIDIA Corporation GP104 [GeForce GTX 1080]",
+                                "Advanced Micro Devices, Inc. [AMD/ATI] Ellesmere [Radeon RX 470/480]"])),
                             driver=draw(st.sampled_from([None, "vfio-pci", "nvme", "snd_hda_intel"])))
     return Topology(devices=dict(sorted(devices.items())), iommu_active=True, source="listing")
 
@@ -726,12 +727,12 @@ def test_rendered_listings_parse_back_exactly(topo, style, domain, upper, eol, r
             out += rest
     else:
         for g, ms in topo.groups.items():
-            lines = [l for d in ms for l in line(d)]
+            lines = [text for d in ms for text in line(d)]
             if style == "header":
                 out.append(f"IOMMU Group {g}:")
-                out += ["\t" + l.lstrip("\t") for l in lines]
+                out += ["\t" + text.lstrip("\t") for text in lines]
             else:
                 out.append(f"IOMMU Group {g}:\t{lines[0]}")
-                out += ["\t\t" + l.lstrip("\t") for l in lines[1:]]
+                out += ["\t\t" + text.lstrip("\t") for text in lines[1:]]
     back = parse_listing(eol.join(out) + eol)
     assert back.devices == topo.devices

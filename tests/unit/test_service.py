@@ -7,10 +7,12 @@ import time
 import pytest
 
 from hostdevd.core.address import PciAddress as A
-from hostdevd.core.errors import LedgerError
+from hostdevd.core.errors import LedgerError, LibvirtFailure, LibvirtUnavailable
 from hostdevd.core.ledger import Owner
 from hostdevd.doors.api import call
-from hostdevd.doors.service import DomainGate, LibvirtFailure, LibvirtUnavailable, hostdev_xml
+from hostdevd.doors.api import PrepareRequest
+from hostdevd.doors.gate import DomainGate
+from hostdevd.doors.hotplug import hostdev_xml
 from hostdevd.doors.wire import DaemonNotRunning
 
 from .daemon_support import domain_xml, running_daemon, uuid_for
@@ -124,8 +126,7 @@ def test_stop_event_retries_when_a_hook_request_slips_in(fake):
     d.on_domain_event("vm1", VM1.uuid, "stopped", "destroyed")
 
     def restarted():
-        d.op_prepare(type("R", (), {"xml": xml, "addresses": None, "origin": "hook",
-                                    "domain": type("D", (), {"name": "vm1", "uuid": None})()})(), None)
+        d.op_prepare(PrepareRequest(v=1, op="prepare", xml=xml, origin="hook", domain={"name": "vm1"}), None)
         adapter.active["vm1"] = True
 
     adapter.on_is_active = restarted

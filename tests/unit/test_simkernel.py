@@ -533,7 +533,7 @@ def test_remove_attribute_and_hot_unplug():
 def test_proc_files():
     k = SimKernel.from_file(TOPOLOGIES / "desktop_gpu.json")
     mi = k.proc_read("self/mountinfo").splitlines()
-    root = [l.split() for l in mi if l.split()[4] == "/"][0]
+    root = [row.split() for row in mi if row.split()[4] == "/"][0]
     assert root[2] == k.read("class/block/nvme0n1p2/dev").strip()
     assert "/dev/nvme0n1p3" in k.proc_read("swaps")
     assert k.proc_read("net/route").splitlines()[1].split()[:2] == ["enp3s0", "00000000"]

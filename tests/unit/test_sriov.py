@@ -10,21 +10,15 @@ import json
 
 import pytest
 
+from hostdevd.adapters.udev import UdevWaiter, _UdevWatch, default_waiter
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.config import parse_config
-from hostdevd.core.errors import ConfigError, Refused, SysfsTimeout
+from hostdevd.core.errors import ConfigError, Refused, SriovTimeout, SysfsTimeout
 from hostdevd.core.ledger import LedgerStore, Owner
-from hostdevd.core.sriov import (
-    SriovTimeout,
-    SysfsPollWaiter,
-    UdevWaiter,
-    _UdevWatch,
-    apply_config,
-    default_waiter,
-    set_vfs_by_hand,
-)
-from hostdevd.core.vfnet import FakeNetlink
+from hostdevd.core.sriov import apply_config, set_vfs_by_hand
+from hostdevd.core.vf_wait import SysfsPollWaiter
 from hostdevd.doors import cli, wire
+from hostdevd.sim.fakenetlink import FakeNetlink
 from hostdevd.sim.simkernel import SimKernel
 
 from .conftest import TOPOLOGIES, load_sim, make_engine
@@ -501,7 +495,7 @@ class NetAdapter:
 
 
 def test_hostdev_network_pool_is_resolved_from_the_network_xml():
-    from hostdevd.core.domxml import parse_network
+    from hostdevd.core.netxml import parse_network
     from hostdevd.core.sriov import network_pool
     sim = load_sim("sriov_pf")
     with running_daemon(sim, config_text='[[sriov]]\npf = "enp3s0f0"\nnumvfs = 2\n') as (d, _, _):

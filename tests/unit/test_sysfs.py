@@ -13,7 +13,7 @@ import pytest
 from hostdevd.core.address import PciAddress
 from hostdevd.core.errors import SysfsError, SysfsTimeout
 from hostdevd.core.sysfs import RealHost, Sysfs
-from hostdevd.core.topology import from_sysfs
+from hostdevd.core.topology import from_sysfs, refresh_groups
 from hostdevd.sim.simkernel import SimKernel
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
@@ -31,7 +31,7 @@ def test_read_device_fields_lab():
     k, s = load("lab.json")
     nic = s.read_device(A("0000:01:00.0"))
     assert (nic.vendor, nic.device, nic.pci_class, nic.header_type) == ("8086", "10d3", "020000", 0)
-    assert (nic.driver, nic.driver_override, nic.iommu_group) == ("e1000e", None, 12)
+    assert (nic.driver, nic.driver_override, nic.group) == ("e1000e", None, 12)
     assert nic.net == ["enp1s0"] and nic.reset_method == ["flr"] and nic.has_reset
     assert not nic.has_vfio_dev and nic.physfn is None and nic.sriov_totalvfs is None
     rp = s.read_device(A("0000:00:02.0"))
@@ -54,7 +54,7 @@ def test_read_device_vfs_and_vfio():
     assert raw.sriov_numvfs == 3
     assert raw.virtfns == [A("0000:03:00.1"), A("0000:03:00.2"), A("0000:03:00.3")]
     vf = s.read_device(A("0000:03:00.2"))
-    assert vf.physfn == pf and vf.iommu_group == 21 and vf.driver is None
+    assert vf.physfn == pf and vf.group == 21 and vf.driver is None
     a = A("0000:03:00.2")
     s.set_driver_override(a, "vfio-pci")
     s.drivers_probe(a)
@@ -155,6 +155,45 @@ def test_topology_from_simulated_sysfs():
     assert [d.address for d in g7 if d.bridge] == [A("0000:00:1c.0")]
     assert not any(d.viable_for_vfio for d in g7 if not d.bridge)
     assert topo.critical[A("0000:00:17.0")].startswith("controller of a mounted filesystem")
+
+
+class _ConfigUnreadable:
+    """The simulated kernel with every config space unreadable."""
+
+    def __init__(self, k: SimKernel):
+        self.k = k
+
+    def __getattr__(self, name: str):
+        return getattr(self.k, name)
+
+    def read_bytes(self, rel: str, size: int) -> bytes:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_read_device_decides_bridge_by_header_type_then_class():
+    k, s = load("lab.json")
+    rp, nic = s.read_device(A("0000:00:02.0")), s.read_device(A("0000:01:00.0"))
+    assert (rp.header_type, rp.bridge, nic.header_type, nic.bridge) == (1, True, 0, False)
+    blind = Sysfs(_ConfigUnreadable(k))
+    rp, nic = blind.read_device(A("0000:00:02.0")), blind.read_device(A("0000:01:00.0"))
+    assert rp.pci_class.startswith("0604") and (rp.header_type, rp.bridge) == (None, True)
+    assert (nic.header_type, nic.bridge) == (None, False)
+
+
+def test_refresh_groups_rereads_members_and_keeps_the_scan_facts():
+    _, s = load("lab.json")
+    topo = from_sysfs(s)
+    a = A("0000:01:00.0")                                      # e1000e, group 12
+    topo.devices[a].name = "from the scan"
+    s.set_driver_override(a, "vfio-pci")
+    s.unbind(a)
+    s.drivers_probe(a)
+    fresh = refresh_groups(topo, s, {12})
+    d = fresh.devices[a]
+    assert (d.driver, d.driver_override, d.has_vfio_dev) == ("vfio-pci", "vfio-pci", True)
+    assert (d.bridge, d.group, d.name, d.header_type) == (False, 12, "from the scan", 0)
+    assert topo.devices[a].driver == "e1000e"                  # the scan itself is not changed
+    assert all(fresh.devices[b] is topo.devices[b] for b in topo.devices if topo.devices[b].group != 12)
 
 
 # ----- writes ------------------------------------------------------------------------------------

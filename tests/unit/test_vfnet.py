@@ -13,21 +13,16 @@ import types
 
 import pytest
 
+from hostdevd.adapters.netlink import Pyroute2Backend
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.domxml import parse_domain
-from hostdevd.core.errors import ExecutionFailed, HostdevError, Refused
+from hostdevd.core.errors import ExecutionFailed, HostdevError, NetlinkError, Refused
 from hostdevd.core.ledger import Owner, VfNetConfig
-from hostdevd.core.vfnet import (
-    ZERO_MAC,
-    FakeNetlink,
-    NetlinkError,
-    NetRequest,
-    Pyroute2Backend,
-    VfNetManager,
-    net_requests,
-)
+from hostdevd.core.netreq import NetRequest, net_requests
+from hostdevd.core.vfnet import ZERO_MAC, VfNetManager
 from hostdevd.doors import hook, wire
 from hostdevd.doors.service import Daemon
+from hostdevd.sim.fakenetlink import FakeNetlink
 
 from .conftest import load_sim, make_engine
 from .daemon_support import short_dir
@@ -479,7 +474,8 @@ def test_hostdevctl_plan_and_prepare_carry_the_interface_mac(tmp_path, monkeypat
     rc = cli.main(["--state-dir", str(tmp_path), "--no-daemon", "plan", "-"], sysfs=Sysfs(sim, 2.0),
                   out=out.append, netlink=nl)
     text = "\n".join(out)
-    assert rc == 0 and f"save_net {vfs[1]}  VF 1 of enp3s0f0" in text and f"set_net  {vfs[1]}  mac {MAC}, vlan 12" in text
+    assert (rc == 0 and f"save_net {vfs[1]}  VF 1 of enp3s0f0" in text
+            and f"set_net  {vfs[1]}  mac {MAC}, vlan 12" in text)
     monkeypatch.setattr("sys.stdin", io.StringIO(xml))
     out.clear()
     rc = cli.main(["--state-dir", str(tmp_path), "--no-daemon", "prepare", "-"], sysfs=Sysfs(sim, 2.0),

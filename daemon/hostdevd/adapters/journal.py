@@ -45,7 +45,7 @@ def _quote(value: str) -> str:
 
 
 def _journal_handler_class():
-    from systemd import journal
+    import systemd.journal as journal
 
     class HostdevdJournalHandler(journal.JournalHandler):
         """JournalHandler that sends ``record.journal`` as fields, and only well-formed fields.

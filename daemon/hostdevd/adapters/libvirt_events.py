@@ -26,7 +26,7 @@ from typing import Any
 
 import libvirt
 
-from ..doors.service import LibvirtFailure, LibvirtUnavailable
+from ..core.errors import LibvirtFailure, LibvirtUnavailable
 
 log = logging.getLogger("hostdevd.libvirt")
 

@@ -3,17 +3,28 @@
 Each uevent becomes a :class:`~hostdevd.core.pci_events.PciEvent` handed to a sink; the
 handler in :mod:`hostdevd.core.pci_events` decides. It reads nothing from /sys (pyudev builds
 the device from the uevent; only ``DRIVER``, ``PCI_SLOT_NAME`` and the device path are used).
+
+:class:`UdevWaiter` waits for the ``add`` events of a PF's new VFs (R11), and
+:func:`default_waiter` picks it on a real host (sysfs polling,
+:class:`hostdevd.core.vf_wait.SysfsPollWaiter`, otherwise).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..core.address import PciAddress
+from ..core.errors import SriovTimeout
 from ..core.pci_events import PciEvent
+from ..core.sysfs import RealHost, Sysfs
+from ..core.vf_wait import SysfsPollWaiter, VfWaiter, vfs_present
 
 log = logging.getLogger("hostdevd.udev")
+_sriov_log = logging.getLogger("hostdevd.sriov")   # default_waiter's warning kept its logger
 
 
 class UdevWatch:
@@ -85,3 +96,70 @@ class UdevWatch:
     def healthy(self) -> bool:
         """False only when the reader thread died after a successful start."""
         return self._thread is None or self._thread.is_alive() or self._stopping.is_set()
+
+
+# --------------------------------------------------------------------------- waiting for new VFs
+
+
+class UdevWaiter:
+    """Waits for udev's ``add`` events of the new VFs (pyudev, subsystem pci): what
+    ``udevadm settle`` would wait for, but only for these devices and with a deadline.
+
+    Events come from udev after its rules ran (source ``udev``, not the raw kernel
+    uevents), so a VF counts once udev is done with it. Without a running udevd no
+    event ever comes: when the deadline passes and sysfs already shows every VF, the
+    wait succeeds with a note instead of failing.
+    """
+    name = "udev"
+
+    def __init__(self, sysfs: Sysfs):
+        import pyudev  # the daemon's extra; imported only when this waiter is used
+        self._pyudev = pyudev
+        self.sysfs = sysfs
+        self.context = pyudev.Context()
+
+    @contextlib.contextmanager
+    def watch(self, pf: PciAddress) -> Iterator[_UdevWatch]:
+        monitor = self._pyudev.Monitor.from_netlink(self.context)
+        monitor.filter_by(subsystem="pci")
+        monitor.start()
+        try:
+            yield _UdevWatch(self.sysfs, monitor)
+        finally:
+            with contextlib.suppress(Exception):
+                monitor.stop() if hasattr(monitor, "stop") else None
+
+
+class _UdevWatch:
+    def __init__(self, sysfs: Sysfs, monitor):
+        self.sysfs = sysfs
+        self.monitor = monitor
+        self.seen: set[str] = set()
+
+    def wait(self, pf: PciAddress, count: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            present = {str(v) for v in vfs_present(self.sysfs, pf)}
+            if len(present) >= count and present <= self.seen:
+                return []
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if len(present) >= count:
+                    missing = sorted(present - self.seen)
+                    return [f"udev announced {len(present) - len(missing)} of {count} VFs within {timeout:g} s "
+                            f"(is systemd-udevd running?); sysfs shows all of them"]
+                raise SriovTimeout(f"{pf}: {len(present)} of {count} VFs appeared within {timeout:g} s",
+                                   "raise wait_timeout for this PF; check `dmesg`")
+            dev = self.monitor.poll(timeout=min(left, 1.0))
+            if dev is not None and dev.action == "add":
+                self.seen.add(dev.sys_name)
+
+
+def default_waiter(sysfs: Sysfs) -> VfWaiter:
+    """udev on a real host under /sys; sysfs polling for the simulated kernel or a moved root."""
+    if isinstance(sysfs.backend, RealHost) and sysfs.backend.sys_root == "/sys":
+        try:
+            return UdevWaiter(sysfs)
+        except Exception as e:  # pyudev missing or no udev netlink socket: still work, say so
+            _sriov_log.warning("udev unavailable (%s): waiting for VFs by polling sysfs", e)
+    return SysfsPollWaiter(sysfs)

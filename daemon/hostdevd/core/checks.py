@@ -7,7 +7,7 @@ from typing import Literal
 
 from .ledger import Ledger
 from .sysfs import Sysfs
-from .topology import from_sysfs
+from .topology import VFIO, from_sysfs
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -57,7 +57,7 @@ def run_checks(sysfs: Sysfs, ledger: Ledger) -> list[Check]:
                          "remove vfio_iommu_type1.allow_unsafe_interrupts=1"))
 
     missing = [m for m in ("vfio", "vfio_iommu_type1", "vfio_pci")
-               if not sysfs.module_loaded(m) and not (m == "vfio_pci" and sysfs.driver_loaded("vfio-pci"))]
+               if not sysfs.module_loaded(m) and not (m == "vfio_pci" and sysfs.driver_loaded(VFIO))]
     if missing:
         out.append(Check("vfio-modules", "warn", f"not loaded: {', '.join(missing)} (hostdevd loads vfio-pci "
                                                  "on demand)", "modprobe vfio-pci, or list it in "
@@ -85,7 +85,7 @@ def run_checks(sysfs: Sysfs, ledger: Ledger) -> list[Check]:
     for claim in ledger.claims.values():
         for rec in claim.devices:
             drv = sysfs.driver(rec.pci) if sysfs.exists(rec.pci) else "gone"
-            if claim.state == "active" and drv != "vfio-pci" and not (drv is None and rec.original_driver is None
+            if claim.state == "active" and drv != VFIO and not (drv is None and rec.original_driver is None
                                                                         and not rec.bound_by_us):
                 drift.append(f"{rec.address} claimed by {claim.owner.name} but on {drv or 'no driver'}")
     unclaimed = [str(d.address) for d in topo.devices.values()

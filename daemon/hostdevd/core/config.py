@@ -26,7 +26,7 @@ def _check_matcher(value: str) -> str:
     try:
         return str(PciAddress.parse(value))
     except InvalidAddress:
-        raise ValueError(f"{value!r} is neither a PCI address (0000:01:00.0) nor vendor:device (10de:1b80)")
+        raise ValueError(f"{value!r} is neither a PCI address (0000:01:00.0) nor vendor:device (10de:1b80)") from None
 
 
 Matcher = Annotated[str, AfterValidator(_check_matcher)]
@@ -220,7 +220,7 @@ def load_config(path: str | None = None) -> Config:
     except FileNotFoundError:
         if path is None:
             return Config()
-        raise ConfigError(f"{p}: no such config file", "create it or leave out --config")
+        raise ConfigError(f"{p}: no such config file", "create it or leave out --config") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: cannot read: {e}") from e
     return parse_config(text, str(p))

@@ -7,45 +7,36 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
 
 from .address import PciAddress
 from .config import Config
-from .errors import Refused
+from .domxml import DomainPlacement, DomainRequest
+from .errors import HostdevError, Refused
 from .executor import Executor, Result, Runner, default_modprobe, default_runner
-from .ledger import Ledger, LedgerStore, Owner
+from .ledger import Claim, Ledger, LedgerStore, Owner
+from .locks import GroupLocks
+from .logfields import log_action
+from .migrate import MigrationReport, assess
+from .netreq import NetRequest, net_requests
 from .planner import Plan, Policy, groups_of, plan_prepare, plan_release
+from .pools import NetworkLookup, pick_pool_vfs
+from .reconcile import Guard, ReconcileReport, RunningDomain, adopt_domain, reconcile, release_missing, release_owner
+from .reservations import ReservationReport, apply_reservations
+from .sriov import SriovReport, VfResult, set_vfs_by_hand
+from .sriov import apply_config as apply_sriov_config
 from .sysfs import RealHost, Sysfs
 from .topology import Topology, from_sysfs, refresh_groups
-from .vfnet import NetlinkBackend, NetRequest, VfNetManager
+from .vfnet import NetlinkBackend, VfNetManager
 
 log = logging.getLogger("hostdevd.engine")
 
 CRITICAL_TTL = 10.0  # seconds
-
-
-class GroupLocks:
-    """Serialise work per IOMMU group; different groups proceed in parallel.
-
-    Locks are always taken in ascending group order, so two requests that
-    touch overlapping sets of groups cannot deadlock.
-    """
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[int, threading.Lock] = {}
-
-    @contextmanager
-    def hold(self, groups: Iterable[int]) -> Iterator[None]:
-        with ExitStack() as stack:
-            for g in sorted(set(groups)):
-                with self._guard:
-                    lock = self._locks.setdefault(g, threading.Lock())
-                stack.enter_context(lock)
-            yield
 
 
 class Engine:
@@ -109,7 +100,7 @@ class Engine:
             topo = refresh_groups(scan, self.sysfs, groups)
             plan = plan_prepare(topo, addresses, owner, self.ledger(), self.policy, net_requests=net)
             if not plan.ok:
-                raise Refused(plan.refusal_message(), refusals=[r.to_json() for r in plan.refusals])
+                raise plan.refused()
             return plan, self.executor.prepare(plan)
 
     def release(self, owner: Owner, addresses: Iterable[PciAddress] | None = None) -> tuple[Plan, Result]:
@@ -125,7 +116,7 @@ class Engine:
     def vf_waiter(self):
         """How set_vfs waits for new VFs: udev on a real host, sysfs polling otherwise."""
         if self._vf_waiter is None:
-            from .sriov import default_waiter
+            from ..adapters.udev import default_waiter
             self._vf_waiter = default_waiter(self.sysfs)
         return self._vf_waiter
 
@@ -167,12 +158,214 @@ class Engine:
             if what == "device" and fresh is not None and not fresh.requested:
                 # Only companions left: nothing of the group is in use any more, so it goes back
                 # (a claim without requested devices would otherwise never be released).
-                plan = plan_release(self.topology(with_critical=False), fresh.owner, self.ledger())
-                plan.groups = [g for g in plan.groups if g.group == fresh.group]
-                plan.steps = [st for st in plan.steps if st.group == fresh.group]
-                self.executor.release(plan)
+                self.release_group(fresh)
                 what = "released"
             return what
+
+    def release_group(self, claim: Claim) -> Result:
+        """Release one claim's group whoever owns it; the caller holds the group lock."""
+        plan = plan_release(self.topology(with_critical=False), claim.owner, self.ledger(),
+                            [PciAddress.parse(a) for a in claim.requested] or None, group=claim.group)
+        return self.executor.release(plan)
+
+    # ---- use-cases the doors call (typed in, typed out) ----
+    def prepare_domain(self, req: DomainPrepare) -> Prepared:
+        """A domain's start (libvirt's hook, hostdevctl prepare): its PCI host devices and the
+        VFs of its hostdev networks, whole groups, all-or-nothing."""
+        extras = request_extras(req.parsed)
+        addrs = list(req.addresses)
+        picks: dict[PciAddress, NetRequest] = {}
+        if req.parsed is not None and req.parsed.networks and req.networks is not None:
+            found = pick_pool_vfs(req.parsed, req.owner, req.networks, self.topology, self.ledger(), self.policy)
+            extras["networks"] = found.networks
+            extras["warnings"] = extras.get("warnings", []) + found.warnings
+            picks = found.vfs
+            addrs += [a for a in picks if a not in addrs]
+        if not addrs:
+            return Prepared(req.owner, extras=extras, note="no PCI host device to prepare")
+        # phase "start" (libvirt's 'start begin' hook): a VF from a hostdev network is known only
+        # now, and libvirt already set its MAC/VLAN: recorded and verified, not written.
+        net = net_requests(req.parsed, resolved_by_libvirt=req.phase == "start")
+        net.update(picks)
+        t0 = time.monotonic()
+        with req.serialize() if req.serialize is not None else nullcontext():
+            plan, result = self._prepare_logged(addrs, req.owner, net)
+        log.info("prepared %s for %s (%s) in %.0f ms", ", ".join(map(str, addrs)), req.owner.label(), req.origin,
+                 (time.monotonic() - t0) * 1000)
+        return Prepared(req.owner, plan, result, extras)
+
+    def release_domain(self, owner: Owner, addresses: list[PciAddress] | None = None) -> Prepared:
+        """A domain stopped (hook, event) or hostdevctl release: refcounted, best effort."""
+        plan, result = self.release(owner, addresses)
+        return Prepared(owner, plan, result, {"warnings": plan.warnings})
+
+    def plan_for(self, action: str, owner: Owner, addresses: list[PciAddress], *, everything: bool) -> Plan:
+        """Dry run: the prepare plan, or the release plan (``everything``: all of ``owner``'s)."""
+        if action == "prepare":
+            return self.plan_prepare(addresses, owner)
+        return self.plan_release(owner, None if everything else addresses)
+
+    def check_attachable(self, owner: Owner, addresses: list[PciAddress]) -> Plan:
+        """Hot-plug into the persistent definition only: nothing is bound now (the start's prepare
+        does it), but refuse now what that start would refuse anyway (no IOMMU, a bridge, policy,
+        host-critical). Ownership is not judged: whoever holds the group then decides."""
+        plan = plan_prepare(self.topology(), addresses, owner, Ledger(), self.policy)
+        if not plan.ok:
+            raise plan.refused()
+        return plan
+
+    def attach_prepare(self, owner: Owner, addresses: list[PciAddress],
+                       net: dict[PciAddress, NetRequest]) -> Attached:
+        """Hot-plug, before libvirt's attach: whole groups prepared; ``new`` is what only this
+        attach claimed (given back by :meth:`attach_rollback` if libvirt refuses)."""
+        held = {a for c in self.ledger().claims_of(owner) for a in c.requested}
+        new = [a for a in addresses if str(a) not in held]
+        plan, result = self._prepare_logged(addresses, owner, net)
+        return Attached(owner, plan, result, new)
+
+    def _prepare_logged(self, addresses: list[PciAddress], owner: Owner,
+                        net: dict[PciAddress, NetRequest]) -> tuple[Plan, Result]:
+        try:
+            return self.prepare(addresses, owner, net)
+        except Refused as e:
+            log_action(log, logging.WARNING, "refused", "refused %s for %s: %s", ", ".join(map(str, addresses)),
+                       owner.label(), e.message, owner=owner, action="prepare", result="refused")
+            raise
+
+    def attach_rollback(self, attached: Attached) -> list[str]:
+        """libvirt refused the attach: give back what this attach claimed; the problems, if any."""
+        if not attached.new:
+            return []
+        try:
+            self.release(attached.owner, attached.new)
+        except HostdevError as e:
+            return [f"release failed: {e}"]
+        return []
+
+    def detach_release(self, owner: Owner, addresses: list[PciAddress], *, guest_had: list[PciAddress],
+                       still_attached: list[PciAddress], guest_changed: bool
+                       ) -> tuple[list[PciAddress], Prepared | None]:
+        """Hot-unplug, after libvirt's detach: release what the guest let go of, and what hostdevd
+        held for a device the domain no longer has. ``guest_changed`` is False when only the
+        persistent definition changed on a running domain: the live guest, and so its claims,
+        stay. Returns (released addresses, the release)."""
+        if not guest_changed:
+            return [], None
+        claimed = {a for c in self.ledger().claims_of(owner) for a in c.requested}
+        release = [a for a in addresses if a not in still_attached and (a in guest_had or str(a) in claimed)]
+        if not release:
+            return [], None
+        return release, self.release_domain(owner, release)
+
+    def vfs_set(self, pf: str, numvfs: int, autoprobe: bool | None = None,
+                wait_timeout: float | None = None) -> VfResult:
+        """``hostdevctl vfs set``: unset options come from the PF's ``[[sriov]]`` entry."""
+        return set_vfs_by_hand(self, pf, numvfs, autoprobe, wait_timeout)
+
+    def apply_sriov_config(self) -> SriovReport:
+        """Daemon start: every configured PF gets its VFs (before reservations: a reserved
+        device may be a VF)."""
+        return apply_sriov_config(self, self.config.sriov)
+
+    def apply_reservations(self) -> ReservationReport:
+        """Bind every configured reservation's group; give back groups no longer configured."""
+        return apply_reservations(self, self.config.reserve)
+
+    def reconcile(self, running: list[RunningDomain] | None, *, listed_at: datetime | None = None,
+                  guard: Guard | None = None) -> ReconcileReport:
+        """Ledger vs sysfs vs libvirt's running domains (None: libvirt unreachable)."""
+        return reconcile(self, running, listed_at=listed_at, guard=guard)
+
+    def adopt_domain(self, dom: RunningDomain, report: ReconcileReport | None = None) -> list[int]:
+        """Claims for the devices a running domain uses that no claim covers."""
+        return adopt_domain(self, dom, report)
+
+    def release_missing(self, dom: RunningDomain, *, before: datetime | None = None) -> list[str]:
+        """Release what ``dom``'s live XML no longer has (libvirt hot-unplug behind hostdevd's back)."""
+        return release_missing(self, dom, before=before)
+
+    def release_owner(self, owner: Owner, *, before: datetime | None = None) -> list[int]:
+        """A stop event the hook did not handle: release ``owner``'s claims older than the event."""
+        return release_owner(self, owner, before=before)
+
+    def migration_report(self, owner: Owner, placement: DomainPlacement | None, source: str, *,
+                         running: bool | None = None, ledger_only: bool = False) -> MigrationReport:
+        """Which assigned devices block a live migration of ``owner``, which can be unplugged first.
+        ``placement``: the guest's view (live or given XML), None when only the ledger is known."""
+        claims = [c for c in self.ledger().claims_of(owner) if c.owner.kind == "domain"]
+        report = assess(owner.name, placement, claims, self.topology(with_critical=False), source)
+        report.running = running
+        if running is False:
+            report.notes.append(f"{owner.name} is not running: there is nothing to migrate live")
+        if ledger_only:
+            report.notes.append("libvirt is not connected: the verdict comes from the ledger alone")
+        level = logging.WARNING if report.blocked else logging.INFO
+        log_action(log, level, "migrate", "%s%s", report.summary(),
+                   (": unplug " + ", ".join(report.unplug_first) + " first") if report.unplug_first
+                   and not report.cannot_unplug else "", owner=owner, action="migrate-check",
+                   result="blocked" if report.blocked else "ok")
+        return report
+
+
+@dataclass
+class DomainPrepare:
+    """What a door asks of :meth:`Engine.prepare_domain`."""
+    owner: Owner
+    addresses: list[PciAddress]
+    parsed: DomainRequest | None = None
+    phase: Literal["prepare", "start"] = "prepare"
+    origin: str = "cli"
+    # libvirt's network XML by name: hostdev-network pools are checked only with it.
+    networks: NetworkLookup | None = None
+    # Held around the claim and binds (the daemon's per-domain gate), not around lookups.
+    serialize: Callable[[], AbstractContextManager[object]] | None = None
+
+
+@dataclass
+class Prepared:
+    """A prepare or release: the plan run, the executor's result and what the reply adds."""
+    owner: Owner
+    plan: Plan | None = None
+    result: Result | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None
+
+    @property
+    def groups(self) -> list[int]:
+        return self.result.groups if self.result is not None else []
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"owner": self.owner.model_dump(), "groups": self.groups}
+        if self.plan is not None:
+            out["plan"] = self.plan.to_json()
+        if self.result is not None:
+            out["result"] = self.result.to_json()
+        if self.note is not None:
+            out["note"] = self.note
+        return {**out, **self.extras}
+
+
+@dataclass
+class Attached:
+    owner: Owner
+    plan: Plan
+    result: Result
+    new: list[PciAddress]
+
+
+def request_extras(parsed: DomainRequest | None) -> dict[str, Any]:
+    """What a reply says about a domain's devices hostdevd does not handle, and its networks."""
+    if parsed is None:
+        return {}
+    out: dict[str, Any] = {}
+    if parsed.out_of_scope:
+        out["out_of_scope"] = [o.to_dict() for o in parsed.out_of_scope]
+    if parsed.networks:
+        out["networks"] = [n.to_dict() for n in parsed.networks]
+        out["warnings"] = [f"interface on network {n.network!r} has no <actual> device in this XML (libvirt "
+                           "picks a hostdev network's VF after the prepare hook); if it is a hostdev network, "
+                           "hostdevd prepares its VF at libvirt's 'start begin' hook" for n in parsed.networks]
+    return out
 
 
 def default_netlink(sysfs: Sysfs) -> NetlinkBackend | None:
@@ -182,7 +375,7 @@ def default_netlink(sysfs: Sysfs) -> NetlinkBackend | None:
     if importlib.util.find_spec("pyroute2") is None:
         log.warning("pyroute2 is not installed: VF MAC/VLAN are neither saved nor restored")
         return None
-    return _Lazy(lambda: __import__("hostdevd.core.vfnet", fromlist=["Pyroute2Backend"]).Pyroute2Backend())
+    return _Lazy(lambda: __import__("hostdevd.adapters.netlink", fromlist=["Pyroute2Backend"]).Pyroute2Backend())
 
 
 class _Lazy:

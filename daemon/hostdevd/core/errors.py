@@ -3,6 +3,12 @@
 Every error hostdevd shows a person is one line naming what is wrong and,
 where there is one, what to do. ``code`` is stable and travels over the
 socket API; ``exit_status`` is the hostdevctl exit code.
+
+Every exception class of the daemon lives here, with one exception: the
+socket client's errors (``WireError``, ``DaemonNotRunning``, ``DaemonTimeout``,
+``BadReply``) stay in :mod:`hostdevd.doors.wire`, because the libvirt hook
+(:mod:`hostdevd.doors.hook`) may import only the standard library and
+``wire`` (``tests/unit/test_hook.py`` checks the exact module list).
 """
 from __future__ import annotations
 
@@ -65,9 +71,12 @@ class Refused(HostdevError):
     """The planner refused; ``refusals`` carries the per-device reasons."""
     code = "REFUSED"
 
-    def __init__(self, message: str, hint: str | None = None, refusals: list | None = None):
+    def __init__(self, message: str, hint: str | None = None, refusals: list | None = None,
+                 holders: list[dict] | None = None):
         super().__init__(message, hint)
         self.refusals = refusals or []
+        # Who holds the groups refused for ownership: [{"group": N, "owner": {...}}] (R3).
+        self.holders = holders or []
 
 
 class ExecutionFailed(HostdevError):
@@ -80,3 +89,75 @@ class LedgerError(HostdevError):
 
 class NotFound(HostdevError):
     code = "NOT_FOUND"
+
+
+class SriovTimeout(ExecutionFailed):
+    code = "SRIOV_TIMEOUT"
+
+
+class NetlinkError(HostdevError):
+    """A netlink request failed; ``errno`` is the kernel's answer."""
+    code = "NETLINK"
+
+    def __init__(self, message: str, hint: str | None = None, err: int = 0):
+        super().__init__(message, hint)
+        self.errno = err
+
+
+# --------------------------------------------------------------------------- libvirt
+
+
+class LibvirtFailure(HostdevError):
+    """libvirt refused or failed a call (attach, detach, lookup)."""
+    code = "LIBVIRT"
+
+
+class LibvirtUnavailable(LibvirtFailure):
+    """No connection to libvirt right now."""
+    code = "LIBVIRT_UNAVAILABLE"
+
+
+# --------------------------------------------------------------------------- socket API
+
+
+class BadRequest(UsageError):
+    code = "BAD_REQUEST"
+
+
+class UnknownOp(UsageError):
+    code = "UNKNOWN_OP"
+
+
+class UnsupportedVersion(UsageError):
+    code = "UNSUPPORTED_VERSION"
+
+
+class TooLarge(UsageError):
+    code = "TOO_LARGE"
+
+
+class RequestTimeout(UsageError):
+    code = "TIMEOUT"
+
+
+class PermissionDenied(HostdevError):
+    code = "PERMISSION_DENIED"
+
+
+class Busy(HostdevError):
+    code = "BUSY"
+
+
+class InternalError(HostdevError):
+    code = "INTERNAL"
+
+
+class IllegalTransition(HostdevError):
+    """A claim or device was asked to move to a state its current one does not lead to
+    (core/states.py has the tables): a hostdevd bug, never an operator's mistake."""
+    code = "ILLEGAL_TRANSITION"
+
+    def __init__(self, what: str, old: str, new: str, allowed: list[str] | None = None):
+        super().__init__(f"{what}: illegal state change from {old} to {new}",
+                         f"from {old} it may go to {', '.join(allowed)}" if allowed else f"{old} is final")
+        self.what, self.old, self.new = what, old, new

@@ -30,9 +30,11 @@ from .address import PciAddress
 from .errors import ExecutionFailed, HostdevError, Refused
 from .ledger import RESERVATION, Claim, DeviceRecord, HostActionRecord, LedgerStore, Owner, SriovRecord, now
 from .logfields import log_action
-from .planner import VFIO, Plan, Step
-from .sriov import VfPlan, VfResult, VfWaiter
+from .planner import Plan, Step, held_refusal, refused
+from .sriov import VfPlan, VfResult
 from .sysfs import Sysfs
+from .topology import VFIO
+from .vf_wait import VfWaiter
 from .vfnet import VfNetManager, VfNetSteps
 
 log = logging.getLogger("hostdevd.executor")
@@ -174,14 +176,14 @@ class Executor:
     def prepare(self, plan: Plan) -> Result:
         """Apply a prepare plan; raise Refused/ExecutionFailed after rolling back."""
         if not plan.ok:
-            raise Refused(plan.refusal_message(), refusals=[r.to_json() for r in plan.refusals])
+            raise plan.refused()
         undo: list[tuple[str, Callable[[], None]]] = []
         result = Result(ok=True)
         try:
             for gp in plan.groups:
                 steps = [s for s in plan.steps if s.group == gp.group]
                 if gp.already_held:
-                    self._update_requested(plan, gp.group, gp.requested)
+                    self.promote(gp.group, gp.requested)
                     result.groups.append(gp.group)
                     continue
                 self._claim(plan, gp, undo)
@@ -219,9 +221,12 @@ class Executor:
             raise ExecutionFailed(msg, getattr(e, "hint", None)) from e
         return result
 
-    def _update_requested(self, plan: Plan, group: int, requested: list[str]) -> None:
+    def promote(self, group: int, requested: list[str]) -> None:
+        """Companions of a held group the owner now uses itself become requested (refcount, R6)."""
         with self.store.transaction() as ledger:
             claim = ledger.claim_for_group(group)
+            if claim is None:
+                return
             for rec in claim.devices:
                 if rec.address in requested:
                     rec.role = "requested"
@@ -247,8 +252,8 @@ class Executor:
                            gp.group, group=gp.group, owner=plan.owner, action="claim", result="borrowed")
                 return
             if holder is not None and not holder.owner.same(plan.owner):
-                raise Refused(f"IOMMU group {gp.group} is held by {holder.owner.kind} {holder.owner.label()}",
-                              f"stop {holder.owner.name} or release its devices first")
+                # Lost a race with another owner since the plan was made: the planner's refusal.
+                raise refused([held_refusal(gp.requested[0] if gp.requested else "-", gp.group, holder.owner)])
             if holder is not None:
                 raise Refused(f"IOMMU group {gp.group} is already being prepared for {plan.owner.label()}",
                               "wait for the first request to finish")
@@ -262,7 +267,9 @@ class Executor:
                     original_driver=self.sysfs.driver(addr),
                     original_override=self.sysfs.driver_override(addr),
                     bound_by_us=False))
-            ledger.put(Claim(group=gp.group, owner=plan.owner, state="claimed", devices=records))
+            # A reservation's claim says so in the same transaction (never a second write).
+            ledger.put(Claim(group=gp.group, owner=plan.owner, state="claimed", devices=records,
+                             reserved=plan.owner.kind == "reservation"))
         log_action(log, logging.INFO, "claim", "claimed group %s for %s", gp.group, plan.owner.label(),
                    group=gp.group, owner=plan.owner, action="claim", result="ok")
         undo.append((f"claim:{gp.group}", lambda g=gp.group: self._drop_claim(g)))
@@ -308,6 +315,42 @@ class Executor:
         self.sysfs.reset(addr)
         log_action(log, logging.INFO, "reset", "reset %s", addr, address=addr, group=group,
                    owner=plan.owner, action="reset", result="ok")
+
+    # ------------------------------------------------------------------ records others decide
+    # Reconciliation and reservations decide; these write what they decided (one writer).
+    def record_reservations(self, addresses: list[str]) -> None:
+        with self.store.transaction() as ledger:
+            ledger.reservations = list(addresses)
+
+    def unreserve(self, group: int) -> None:
+        """A reservation no longer configured: its claim becomes an ordinary one (released next)."""
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if claim is not None:
+                claim.reserved = False
+                ledger.put(claim)
+
+    def adopt(self, claim: Claim) -> bool:
+        """Record a claim for a group a running domain already uses; False when one exists."""
+        with self.store.transaction() as ledger:
+            if ledger.claim_for_group(claim.group) is not None:
+                return False
+            ledger.put(claim)
+            return True
+
+    def complete_prepare(self, group: int, on_vfio: set[str], note: str) -> None:
+        """Reconciliation found an interrupted prepare whose binds all finished and whose domain
+        runs with the devices: mark what is on vfio-pci and activate the claim."""
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if claim is None:
+                return
+            for rec in claim.devices:
+                if rec.address in on_vfio:
+                    rec.state = "vfio"
+            claim.state = "active"
+            claim.notes.append(f"{now()}: {note}")
+            ledger.put(claim)
 
     def _to_reservation(self, group: int, reservation: Owner | None = None) -> None:
         with self.store.transaction() as ledger:
@@ -545,24 +588,25 @@ class Executor:
 
     # ------------------------------------------------------------------ release
     def release(self, plan: Plan) -> Result:
-        """Give groups back to the host, best effort; raise ExecutionFailed naming what stayed."""
+        """Give groups back to the host by running the planner's release steps, best effort;
+        raise ExecutionFailed naming what stayed."""
         result = Result(ok=True)
         for gp in plan.groups:
+            steps = [s for s in plan.steps if s.group == gp.group]
+            if gp.group in plan.keep_claims:
+                self._shrink_claim(gp.group, plan.keep_claims[gp.group])
+                result.notes.append(f"group {gp.group} stays held for {', '.join(plan.keep_claims[gp.group])}")
+                continue
             if gp.group in plan.to_reservation:
                 self._boundary(f"release:{gp.group}")
-                claim = self.store.read().claim_for_group(gp.group)
-                errs = self.vf_net.restore_all(plan, gp.group, claim.devices if claim else [])
+                errs = self._run_release_steps(plan, gp.group, steps)
                 result.notes += self.vf_net.take_notes(gp.group) + errs
                 self._to_reservation(gp.group)
                 log_action(log, logging.INFO, "release", "group %s back to its reservation (stays on vfio-pci)",
                            gp.group, group=gp.group, owner=plan.owner, action="release", result="reserved")
                 result.groups.append(gp.group)
                 continue
-            if gp.group in plan.keep_claims:
-                self._shrink_claim(gp.group, plan.keep_claims[gp.group])
-                result.notes.append(f"group {gp.group} stays held for {', '.join(plan.keep_claims[gp.group])}")
-                continue
-            err = self._release_group(plan, gp.group)
+            err = self._release_group(plan, gp.group, steps)
             result.notes += self.vf_net.take_notes(gp.group)
             if err:
                 result.ok = False
@@ -581,7 +625,7 @@ class Executor:
                     rec.role = "companion"
             ledger.put(claim)
 
-    def _release_group(self, plan: Plan, group: int) -> str | None:
+    def _release_group(self, plan: Plan, group: int, steps: list[Step]) -> str | None:
         self._boundary(f"release:{group}")
         with self.store.transaction() as ledger:
             claim = ledger.claim_for_group(group)
@@ -589,8 +633,6 @@ class Executor:
                 return None
             claim.state = "releasing"
             ledger.put(claim)
-            records = [r.model_copy() for r in claim.devices]
-            actions = [a.model_copy() for a in claim.host_actions]
         # R6: rebind only after QEMU has closed the group, or the host driver's probe hits EBUSY.
         if not wait_until(lambda: self.sysfs.vfio_group_users(group) == 0, self.release_wait, 0.1):
             msg = f"group {group}: /dev/vfio/{group} is still open; devices left on vfio-pci"
@@ -602,21 +644,7 @@ class Executor:
             log_action(log, logging.ERROR, "release", msg, group=group, owner=plan.owner,
                        action="release", result="busy")
             return msg
-        # Modules unloaded for this group come back before the devices (they need their driver),
-        # units stopped for it start after them (a display manager needs its GPU).
-        # R6: VF MAC/VLAN back while the VFs are still on vfio-pci (the PF keeps the admin MAC).
-        failures = self.vf_net.restore_all(plan, group, records)
-        failures += self._undo_host_actions(plan.owner, group, "module", actions)
-        for rec in reversed(records):
-            if not rec.bound_by_us:
-                continue
-            try:
-                self._restore(group, rec)
-            except Exception as e:  # best effort: continue with the others
-                failures.append(f"{rec.address}: {e}")
-                log_action(log, logging.ERROR, "step_failed", "could not restore %s: %s", rec.address, e,
-                           address=rec.address, group=group, owner=plan.owner, action="restore", result="failed")
-        failures += self._undo_host_actions(plan.owner, group, "unit", actions)
+        failures = self._run_release_steps(plan, group, steps)
         self._boundary(f"drop:{group}")
         with self.store.transaction() as ledger:
             claim = ledger.claim_for_group(group)
@@ -632,3 +660,35 @@ class Executor:
                    group=group, owner=plan.owner, action="release", result="ok")
         return None
 
+    def _run_release_steps(self, plan: Plan, group: int, steps: list[Step]) -> list[str]:
+        """The planner's order (modules back, VF settings back while on vfio-pci, devices back
+        newest first, units started); each step best effort. Returns the failures."""
+        failures: list[str] = []
+        for step in steps:
+            claim = self.store.read().claim_for_group(group)
+            rec = claim.device(step.address) if claim is not None and step.address else None
+            try:
+                if step.action in ("load_module", "start_unit"):
+                    kind = "module" if step.action == "load_module" else "unit"
+                    act = next((a for a in claim.host_actions if a.kind == kind and a.name == step.name), None) \
+                        if claim is not None else None
+                    if act is not None:
+                        failures += self._undo_host_actions(plan.owner, group, kind, [act])
+                elif step.action == "restore_net" and rec is not None:
+                    try:
+                        self.vf_net.restore(plan, group, rec.pci)
+                    except Exception as e:  # the others still get theirs back
+                        log_action(log, logging.ERROR, "step_failed", "could not restore the settings of VF %s: %s",
+                                   rec.address, e, address=rec.address, group=group, owner=plan.owner,
+                                   action="restore_net", result="failed")
+                        raise ExecutionFailed(f"{rec.address} MAC/VLAN: {e}") from e
+                elif step.action in ("restore", "drop") and rec is not None and rec.bound_by_us:
+                    self._restore(group, rec)        # a vanished device is dropped from the record
+            except Exception as e:  # best effort: continue with the others
+                failures.append(e.message if isinstance(e, ExecutionFailed) and step.action == "restore_net"
+                                else f"{step.address or step.name}: {e}")
+                if step.action in ("restore", "drop"):
+                    log_action(log, logging.ERROR, "step_failed", "could not restore %s: %s", step.address, e,
+                               address=step.address, group=group, owner=plan.owner, action="restore",
+                               result="failed")
+        return failures

@@ -11,6 +11,9 @@ Device states: ``host`` (not touched yet) -> ``binding`` (intent recorded,
 sysfs writes under way) -> ``vfio`` (on vfio-pci) -> ``restoring`` -> gone.
 Claim states: ``claimed`` -> ``active`` -> ``releasing`` -> gone; ``failed``
 keeps a claim whose undo did not complete so an operator can see it.
+Both are enums (core/states.py) whose tables say which moves are legal: assigning
+``state`` on an existing Claim or DeviceRecord (or ``move_to``) raises
+IllegalTransition for any other; building a record or loading the file never does.
 """
 from __future__ import annotations
 
@@ -22,18 +25,16 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .address import PciAddress
 from .errors import LedgerError
+from .states import ClaimState, DeviceState, HostActionState, SriovState, VfNetState, check_transition
 
-LEDGER_VERSION = 1
+LEDGER_VERSION: Literal[1] = 1
 LEDGER_FILE = "ledger.json"
-
-DeviceState = Literal["host", "binding", "vfio", "restoring"]
-ClaimState = Literal["claimed", "active", "releasing", "failed"]
 
 
 RESERVATION = {"name": "reserved", "kind": "reservation"}
@@ -45,6 +46,29 @@ def now() -> str:
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class _Guarded(_Model):
+    """A model whose ``state`` may only move along core/states.py's table once it exists.
+
+    Checked in ``__setattr__``, before pydantic's assignment validation: construction and
+    ``model_validate`` (loading the file) set fields without it, so any stored state loads.
+    A value that is no state at all is left to pydantic, which refuses it as before.
+    """
+    _state_kind: ClassVar[type[ClaimState] | type[DeviceState]]
+
+    def _what(self) -> str:
+        raise NotImplementedError
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "state":
+            try:
+                new = self._state_kind(value)
+            except (ValueError, TypeError):
+                pass
+            else:
+                check_transition(self._state_kind, self.__dict__["state"], new, self._what())
+        super().__setattr__(name, value)
 
 
 class Owner(_Model):
@@ -76,7 +100,7 @@ class VfNetConfig(_Model):
     qos: int | None = None
     spoofchk: bool | None = None
     trust: bool | None = None
-    state: Literal["saved", "set", "libvirt"] = "saved"
+    state: VfNetState = VfNetState.SAVED
     requested_mac: str | None = None
     requested_vlan: int | None = None
     notes: list[str] = Field(default_factory=list)
@@ -91,7 +115,7 @@ class SriovRecord(_Model):
     pf: str
     numvfs: int = Field(ge=0)
     autoprobe: bool
-    state: Literal["changing", "ready", "failed"] = "changing"
+    state: SriovState = SriovState.CHANGING
     previous_numvfs: int | None = None
     vfs: list[str] = Field(default_factory=list)
     seconds: float | None = Field(default=None, description="Time to create the VFs and see them in udev.")
@@ -99,10 +123,11 @@ class SriovRecord(_Model):
     note: str | None = None
 
 
-class DeviceRecord(_Model):
+class DeviceRecord(_Guarded):
+    _state_kind = DeviceState
     address: str
     role: Literal["requested", "companion"]
-    state: DeviceState = "host"
+    state: DeviceState = DeviceState.HOST
     original_driver: str | None
     original_override: str | None
     # False when the device was already on vfio-pci before we came: we leave it there.
@@ -118,6 +143,14 @@ class DeviceRecord(_Model):
     def pci(self) -> PciAddress:
         return PciAddress.parse(self.address)
 
+    def _what(self) -> str:
+        return f"device {self.address}"
+
+    def move_to(self, new: DeviceState | str) -> None:
+        """Set ``state``, raising IllegalTransition unless the table allows the move
+        (ValueError for a value that is no DeviceState)."""
+        self.state = DeviceState(new)
+
 
 class HostActionRecord(_Model):
     """A host action done for a claim (config ``host_actions``), undone at release.
@@ -128,14 +161,15 @@ class HostActionRecord(_Model):
     """
     kind: Literal["unit", "module"]
     name: str = Field(min_length=1, max_length=256)
-    state: Literal["pending", "done"] = "pending"
+    state: HostActionState = HostActionState.PENDING
     timeout: float = Field(default=30.0, gt=0, le=600)
 
 
-class Claim(_Model):
+class Claim(_Guarded):
+    _state_kind = ClaimState
     group: int = Field(ge=0)
     owner: Owner
-    state: ClaimState = "claimed"
+    state: ClaimState = ClaimState.CLAIMED
     devices: list[DeviceRecord]
     created: str = Field(default_factory=now)
     updated: str = Field(default_factory=now)
@@ -153,6 +187,14 @@ class Claim(_Model):
     @property
     def requested(self) -> list[str]:
         return [d.address for d in self.devices if d.role == "requested"]
+
+    def _what(self) -> str:
+        return f"claim of group {self.group}"
+
+    def move_to(self, new: ClaimState | str) -> None:
+        """Set ``state``, raising IllegalTransition unless the table allows the move
+        (ValueError for a value that is no ClaimState)."""
+        self.state = ClaimState(new)
 
 
 class Ledger(_Model):

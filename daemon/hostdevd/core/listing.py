@@ -5,7 +5,7 @@
 
 * one line per device, the Arch wiki script (``printf 'IOMMU Group %s '; lspci -nns``)::
 
-      IOMMU Group 1 01:00.0 VGA compatible controller [0300]: NVIDIA Corporation GP104 [GeForce GTX 1080] [10de:1b80] (rev a1)
+      IOMMU Group 1 01:00.0 VGA compatible controller [0300]: NVIDIA Corporation GP104 [10de:1b80] (rev a1)
 
   in any case, ``:`` after the number or not, tabs or spaces, any order,
   with or without the ``0000:`` domain; also ``Group:  1   0000:01:00.0 ...``;
@@ -45,8 +45,9 @@ import re
 from dataclasses import dataclass
 
 from .address import PciAddress
+from .device import BRIDGE_CLASSES, STUB_DRIVERS, Device
 from .errors import HostdevError, ListingError
-from .topology import BRIDGE_CLASSES, STUB_DRIVERS, Device, Topology
+from .topology import Topology
 
 __all__ = ["parse_listing", "class_warnings", "LISTING_HINT", "MAX_LISTING_CHARS"]
 
@@ -83,7 +84,8 @@ _CLASS_RE = re.compile(r"\[(?P<cls>[0-9a-f]{4})\]\s*:", _F)
 _IDS_RE = re.compile(r"\[(?P<vendor>[0-9a-f]{4}):(?P<device>[0-9a-f]{4})\]", _F)
 # lspci -n: "0300: 10de:1b80 (rev a1)"
 _NUMERIC_RE = re.compile(
-    r"^(?:class\s+)?(?P<cls>[0-9a-f]{4}):\s+(?P<vendor>[0-9a-f]{4}):(?P<device>[0-9a-f]{4})(?![0-9a-z])(?P<tail>.*)$", _F
+    r"^(?:class\s+)?(?P<cls>[0-9a-f]{4}):\s+"
+    r"(?P<vendor>[0-9a-f]{4}):(?P<device>[0-9a-f]{4})(?![0-9a-z])(?P<tail>.*)$", _F
 )
 _PROGIF_RE = re.compile(r"\(prog-if\s+(?P<progif>[0-9a-f]{2})\b", _F)
 _TRAIL_DRIVER_RE = re.compile(r"(?:^|\s)driver:\s*(?P<driver>[A-Za-z0-9_.+-]{1,64})", _F)
@@ -97,7 +99,8 @@ _COMMAND_RE = re.compile(
 )
 _FENCE_RE = re.compile(r"^\s*(?:```|~~~)")
 # Unicode spaces forums turn tabs and indentation into.
-_SPACES = str.maketrans(dict.fromkeys("\xa0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007" "\u2008\u2009\u200a\u202f\u205f\u3000", " "))
+_SPACES = str.maketrans(dict.fromkeys("\xa0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+                                      "\u2008\u2009\u200a\u202f\u205f\u3000", " "))
 
 
 @dataclass

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from .address import PciAddress
 from .domxml import DomainPlacement, GuestPlacement
 from .ledger import Claim
-from .topology import Topology
+from .topology import VFIO, Topology
 
 # Guest buses whose devices cannot be hot-plugged or unplugged.
 NO_HOTPLUG = {
@@ -171,7 +171,7 @@ def assess(name: str, placement: DomainPlacement | None, claims: list[Claim], to
             v.group = v.group if v.group is not None else dev.group
             if v.role == "requested" and dev.class_code.startswith("03"):
                 v.notes.append("a display controller: the guest loses that display while it is unplugged")
-            if v.role == "requested" and dev.has_vfio_dev and dev.driver not in ("vfio-pci", None):
+            if v.role == "requested" and dev.has_vfio_dev and dev.driver not in (VFIO, None):
                 v.notes.append(f"bound to the VFIO variant driver {dev.driver}, which may implement VFIO device "
                                "migration; libvirt and QEMU decide whether it migrates, hostdevd counts it as "
                                "blocking")

@@ -33,12 +33,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .address import PciAddress
 from .errors import HostdevError, InvalidAddress
 from .logfields import log_action
-from .planner import VFIO
+from .topology import VFIO
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("hostdevd.udev")
 
@@ -82,7 +85,7 @@ class PciEvent:
 class PciEventHandler:
     """What a PCI uevent means for the ledger; see the module docstring."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: Engine):
         self.engine = engine
         self._lock = threading.Lock()
         self._drift: dict[str, dict] = {}

@@ -14,11 +14,10 @@ from typing import Literal
 
 from .address import PciAddress
 from .config import Config, DeviceMatcher
+from .errors import Refused
 from .ledger import Claim, Ledger, Owner
-from .topology import Device, Topology
-from .vfnet import NetRequest
-
-VFIO = "vfio-pci"
+from .netreq import NetRequest
+from .topology import VFIO, Device, Topology
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,9 @@ class Refusal:
     device: str
     reason: str
     hint: str
+    # Set when another owner holds the device's IOMMU group (R3): who, for the reply's "holders".
+    group: int | None = None
+    holder: Owner | None = None
 
     def to_json(self) -> dict:
         return {"device": self.device, "reason": self.reason, "hint": self.hint}
@@ -119,6 +121,11 @@ class Plan:
     def refusal_message(self) -> str:
         return "; ".join(str(r) for r in self.refusals)
 
+    def refused(self) -> Refused:
+        """The exception for a refused plan: the per-device reasons and, where another owner
+        holds a group, the holders (decided here, once)."""
+        return refused(self.refusals)
+
     def to_json(self) -> dict:
         d = {"ok": self.ok, "action": self.action, "owner": self.owner.model_dump(),
              "groups": [g.to_json() for g in self.groups],
@@ -127,6 +134,20 @@ class Plan:
         if self.refusals:
             d["refusals"] = [r.to_json() for r in self.refusals]
         return d
+
+
+def held_refusal(device: str, group: int, holder: Owner) -> Refusal:
+    """R3: the group belongs to someone else. The planner says so, and the executor says the
+    same when it loses a race for the claim."""
+    return Refusal(device, f"IOMMU group {group} is held by {holder.kind} {holder.label()}",
+                   f"stop {holder.name} or release its devices first (`hostdevctl release --owner {holder.name}`)",
+                   group=group, holder=holder)
+
+
+def refused(refusals: list[Refusal]) -> Refused:
+    holders = {r.group: r.holder for r in refusals if r.holder is not None and r.group is not None}
+    return Refused("; ".join(str(r) for r in refusals), refusals=[r.to_json() for r in refusals],
+                   holders=[{"group": g, "owner": h.model_dump()} for g, h in sorted(holders.items())])
 
 
 NO_IOMMU_HINT = ("enable VT-d / AMD-Vi in the firmware and boot with intel_iommu=on (Intel) or "
@@ -191,10 +212,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
         gp.takeover = bool(holder and holder.owner.kind == "reservation" and owner.kind != "reservation"
                            and holder.state == "active")
         if holder and not holder.owner.same(owner) and not gp.takeover:
-            plan.refusals.append(Refusal(
-                str(addrs[0]), f"IOMMU group {group} is held by {holder.owner.kind} {holder.owner.label()}",
-                f"stop {holder.owner.name} or release its devices first (`hostdevctl release --owner "
-                f"{holder.owner.name}`)"))
+            plan.refusals.append(held_refusal(str(addrs[0]), group, holder.owner))
         gp.already_held = bool(holder and holder.owner.same(owner))
         for dev in topo.group_members(group):
             a = str(dev.address)
@@ -325,15 +343,16 @@ def _host_action_steps(topo: Topology, gp: GroupPlan, policy: Policy,
 
 
 def plan_release(topo: Topology, owner: Owner, ledger: Ledger,
-                 addresses: Iterable[PciAddress] | None = None) -> Plan:
+                 addresses: Iterable[PciAddress] | None = None, group: int | None = None) -> Plan:
     """Plan giving ``owner``'s groups back to the host (best effort, refcounted).
 
     With ``addresses``, only those requested devices are let go; a group goes back
     to the host only when no requested device of it remains held (refcount).
+    With ``group``, only that group's claim is considered (reconciliation, vanished devices).
     """
     plan = Plan("release", owner)
     only = {str(a) for a in addresses} if addresses is not None else None
-    claims = ledger.claims_of(owner)
+    claims = [c for c in ledger.claims_of(owner) if group is None or c.group == group]
     if only is not None:
         known = {d.address for c in claims for d in c.devices}
         for a in sorted(only - known):
@@ -355,6 +374,7 @@ def plan_release(topo: Topology, owner: Owner, ledger: Ledger,
         if claim.reserved and owner.kind != "reservation":
             plan.to_reservation.append(claim.group)
             gp.keep = [d.address for d in claim.devices]
+            _restore_net_steps(plan, claim, topo)
             plan.steps.append(Step("update", claim.group, None,
                                    "back to the reservation; the group stays on vfio-pci"))
             continue
@@ -362,18 +382,24 @@ def plan_release(topo: Topology, owner: Owner, ledger: Ledger,
     return plan
 
 
-def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> None:
-    # Modules first: a device can only go back to a driver that is loaded.
-    for act in reversed(claim.host_actions):
-        if act.kind == "module":
-            plan.steps.append(Step("load_module", claim.group, None, "unloaded for this group: back before the devices",
-                                   name=act.name, timeout=act.timeout))
+def _restore_net_steps(plan: Plan, claim: Claim, topo: Topology) -> None:
     for rec in reversed(claim.devices):        # R6: while the VFs are still on vfio-pci
         cfg = rec.vf_netconfig
         if cfg is not None and cfg.state != "saved" and topo.get(rec.pci) is not None:
             plan.steps.append(Step("restore_net", claim.group, rec.address, (
                 f"VF {cfg.vf_index} of {cfg.pf_netdev}: mac {cfg.mac} vlan {cfg.vlan}" if cfg.state == "set" else
                 f"VF {cfg.vf_index} of {cfg.pf_netdev}: libvirt restores it; verify mac {cfg.mac} vlan {cfg.vlan}")))
+
+
+def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> None:
+    """R6 order: modules back first, VF settings back while still on vfio-pci, devices newest
+    first, units started last, then the claim dropped. The executor runs exactly these steps."""
+    # Modules first: a device can only go back to a driver that is loaded.
+    for act in reversed(claim.host_actions):
+        if act.kind == "module":
+            plan.steps.append(Step("load_module", claim.group, None, "unloaded for this group: back before the devices",
+                                   name=act.name, timeout=act.timeout))
+    _restore_net_steps(plan, claim, topo)
     for rec in reversed(claim.devices):
         dev = topo.get(rec.pci)
         gp.bind.append(rec.address)

@@ -27,26 +27,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import ContextManager
+from typing import TYPE_CHECKING
 
 from .address import PciAddress
 from .domxml import parse_domain
 from .errors import HostdevError
 from .ledger import Claim, DeviceRecord, Owner, now
 from .logfields import log_action
-from .planner import VFIO, plan_release
-from .topology import Topology
+from .topology import VFIO, Topology
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("hostdevd.reconcile")
 
-Guard = Callable[[str], ContextManager[bool]]
+Guard = Callable[[str], AbstractContextManager[bool]]
 
 
 @contextlib.contextmanager
-def _no_guard(_name: str):
+def _no_guard(_name: str) -> Iterator[bool]:
     yield True
 
 
@@ -117,19 +120,10 @@ def _find_running(running: Iterable[RunningDomain], owner: Owner) -> RunningDoma
     return None
 
 
-def _release_claim(engine, claim: Claim, topo: Topology) -> None:
-    """Release one claim's group through the executor; caller holds the group lock."""
-    plan = plan_release(topo, claim.owner, engine.ledger(), [PciAddress.parse(a) for a in claim.requested]
-                        or None)
-    plan.groups = [g for g in plan.groups if g.group == claim.group]
-    plan.steps = [s for s in plan.steps if s.group == claim.group]
-    engine.executor.release(plan)
-
-
 # --------------------------------------------------------------------------- 1. interrupted work
 
 
-def recover_interrupted(engine, running: list[RunningDomain] | None, report: ReconcileReport,
+def recover_interrupted(engine: Engine, running: list[RunningDomain] | None, report: ReconcileReport,
                         guard: Guard = _no_guard) -> None:
     for _key, claim in sorted(engine.ledger().claims.items(), key=lambda kv: int(kv[0])):
         states = {d.state for d in claim.devices}
@@ -146,7 +140,7 @@ def recover_interrupted(engine, running: list[RunningDomain] | None, report: Rec
                 _recover_one(engine, claim.group, running, report)
 
 
-def _recover_one(engine, group: int, running: list[RunningDomain] | None, report: ReconcileReport) -> None:
+def _recover_one(engine: Engine, group: int, running: list[RunningDomain] | None, report: ReconcileReport) -> None:
     claim = engine.ledger().claim_for_group(group)   # fresh, under the group lock
     if claim is None or claim.state in ("failed",):
         return
@@ -167,16 +161,10 @@ def _recover_one(engine, group: int, running: list[RunningDomain] | None, report
         # Every endpoint of the group on vfio-pci (or gone): the bind finished, only
         # the "active" mark is missing, and the domain runs with it. Complete it.
         if all((dev := topo.get(r.pci)) is None or dev.on_vfio for r in claim.devices):
-            with engine.store.transaction() as ledger:
-                c = ledger.claim_for_group(group)
-                for r in c.devices:
-                    dev = topo.get(r.pci)
-                    if dev is not None and dev.on_vfio:
-                        r.state = "vfio"
-                c.state = "active"
-                c.notes.append(f"{now()}: prepare was interrupted after binding; {claim.owner.name} is running "
-                               "with the devices, so the claim was completed")
-                ledger.put(c)
+            on_vfio = {r.address for r in claim.devices if (dev := topo.get(r.pci)) is not None and dev.on_vfio}
+            engine.executor.complete_prepare(group, on_vfio, f"prepare was interrupted after binding; "
+                                             f"{claim.owner.name} is running with the devices, so the claim was "
+                                             "completed")
             report.finished.append({"group": group, "owner": claim.owner.name, "action": "completed " + what})
             log_action(log, logging.WARNING, "reconcile", "completed interrupted prepare of group %s for %s",
                        group, claim.owner.label(), group=group, owner=claim.owner, action="reconcile",
@@ -190,7 +178,7 @@ def _recover_one(engine, group: int, running: list[RunningDomain] | None, report
                    action="reconcile", result="busy")
         return
     try:
-        _release_claim(engine, claim, topo)
+        engine.release_group(claim)
     except HostdevError as e:
         report.errors.append(f"group {group}: finishing the {what} failed: {e}")
         return
@@ -203,7 +191,7 @@ def _recover_one(engine, group: int, running: list[RunningDomain] | None, report
 # --------------------------------------------------------------------------- 2. gone and new domains
 
 
-def release_gone(engine, running: list[RunningDomain], report: ReconcileReport, *,
+def release_gone(engine: Engine, running: list[RunningDomain], report: ReconcileReport, *,
                  listed_at: datetime | None = None, guard: Guard = _no_guard) -> None:
     """Release active claims whose domain is not running (a stop event was missed).
 
@@ -231,7 +219,7 @@ def release_gone(engine, running: list[RunningDomain], report: ReconcileReport, 
                                           f"/dev/vfio/{claim.group} is open ({users} users); left claimed")
                     continue
                 try:
-                    _release_claim(engine, fresh, engine.topology(with_critical=False))
+                    engine.release_group(fresh)
                 except HostdevError as e:
                     report.errors.append(f"group {claim.group}: release for gone domain {claim.owner.label()} "
                                          f"failed: {e}")
@@ -243,7 +231,7 @@ def release_gone(engine, running: list[RunningDomain], report: ReconcileReport, 
                        result="released")
 
 
-def adopt_domain(engine, dom: RunningDomain, report: ReconcileReport | None = None) -> list[int]:
+def adopt_domain(engine: Engine, dom: RunningDomain, report: ReconcileReport | None = None) -> list[int]:
     """Record claims for the devices a running domain uses that no claim covers.
 
     Returns the groups adopted. A group already held by another owner is a
@@ -290,11 +278,9 @@ def adopt_domain(engine, dom: RunningDomain, report: ReconcileReport | None = No
                 records.append(DeviceRecord(address=a, role="requested" if dev.address in addrs else "companion",
                                             state="vfio" if dev.on_vfio else "host", original_driver=original,
                                             original_override=override, bound_by_us=False))
-            with engine.store.transaction() as ledger:
-                if ledger.claim_for_group(group) is not None:
-                    continue
-                ledger.put(Claim(group=group, owner=owner, state="active", devices=records,
-                                 notes=[f"{now()}: adopted from running domain {dom.name}"] + notes))
+            if not engine.executor.adopt(Claim(group=group, owner=owner, state="active", devices=records,
+                                               notes=[f"{now()}: adopted from running domain {dom.name}"] + notes)):
+                continue
         adopted.append(group)
         report.adopted.append({"group": group, "owner": dom.name, "devices": [r.address for r in records]})
         log_action(log, logging.WARNING, "adopt", "adopted group %s: %s is running with %s", group,
@@ -303,7 +289,7 @@ def adopt_domain(engine, dom: RunningDomain, report: ReconcileReport | None = No
     return adopted
 
 
-def _check_held(engine, claim: Claim, owner: Owner, addrs: list[PciAddress], report: ReconcileReport) -> None:
+def _check_held(engine: Engine, claim: Claim, owner: Owner, addrs: list[PciAddress], report: ReconcileReport) -> None:
     if not claim.owner.same(owner):
         msg = (f"{owner.label()} is running with {', '.join(map(str, addrs))} in IOMMU group {claim.group}, "
                f"which the ledger gives to {claim.owner.kind} {claim.owner.label()}")
@@ -314,18 +300,13 @@ def _check_held(engine, claim: Claim, owner: Owner, addrs: list[PciAddress], rep
     promote = [str(a) for a in addrs if (rec := claim.device(a)) is not None and rec.role == "companion"]
     missing = [str(a) for a in addrs if claim.device(a) is None]
     if promote:
-        with engine.store.transaction() as ledger:
-            c = ledger.claim_for_group(claim.group)
-            for rec in c.devices:
-                if rec.address in promote:
-                    rec.role = "requested"
-            ledger.put(c)
+        engine.executor.promote(claim.group, promote)
     if missing:
         report.errors.append(f"group {claim.group}: {owner.name} uses {', '.join(missing)}, which the claim "
                              "does not list (the topology changed?)")
 
 
-def release_missing(engine, dom: RunningDomain, *, before: datetime | None = None) -> list[str]:
+def release_missing(engine: Engine, dom: RunningDomain, *, before: datetime | None = None) -> list[str]:
     """Release requested devices of ``dom``'s claims that its live XML no longer has (hot-unplug).
 
     Refcounted per group by the planner: a group goes back to the host only
@@ -347,7 +328,7 @@ def release_missing(engine, dom: RunningDomain, *, before: datetime | None = Non
     return [str(a) for a in gone]
 
 
-def release_owner(engine, owner: Owner, *, before: datetime | None = None) -> list[int]:
+def release_owner(engine: Engine, owner: Owner, *, before: datetime | None = None) -> list[int]:
     """Release every active claim of ``owner`` created before ``before`` (stop safety net)."""
     claims = [c for c in engine.ledger().claims_of(owner)
               if c.state in ("active", "releasing") and (before is None or _parse_time(c.created) < before)]
@@ -361,7 +342,7 @@ def release_owner(engine, owner: Owner, *, before: datetime | None = None) -> li
 # --------------------------------------------------------------------------- 3. orphans
 
 
-def find_orphans(engine, report: ReconcileReport, topo: Topology | None = None) -> None:
+def find_orphans(engine: Engine, report: ReconcileReport, topo: Topology | None = None) -> None:
     topo = topo or engine.topology(with_critical=False)
     ledger = engine.ledger()
     for dev in sorted(topo.devices.values(), key=lambda d: d.address):
@@ -375,10 +356,11 @@ def find_orphans(engine, report: ReconcileReport, topo: Topology | None = None) 
 # --------------------------------------------------------------------------- all of it
 
 
-def reconcile(engine, running: list[RunningDomain] | None, *, listed_at: datetime | None = None,
-              guard: Guard = _no_guard) -> ReconcileReport:
+def reconcile(engine: Engine, running: list[RunningDomain] | None, *, listed_at: datetime | None = None,
+              guard: Guard | None = None) -> ReconcileReport:
     """One full pass; ``running=None`` means libvirt is unreachable (steps 2 are skipped)."""
     report = ReconcileReport(libvirt=running is not None)
+    guard = guard or _no_guard
     steps: list[tuple[str, Callable[[], None]]] = [
         ("interrupted operations", lambda: recover_interrupted(engine, running, report, guard))]
     if running is not None:
@@ -398,7 +380,7 @@ def reconcile(engine, running: list[RunningDomain] | None, *, listed_at: datetim
     return report
 
 
-def _adopt_all(engine, running: list[RunningDomain], report: ReconcileReport, listed_at, guard: Guard) -> None:
+def _adopt_all(engine: Engine, running: list[RunningDomain], report: ReconcileReport, listed_at, guard: Guard) -> None:
     for dom in running:
         with guard(dom.name) as ok:
             if not ok:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .address import PciAddress
 from .config import DeviceMatcher
 from .errors import HostdevError
 from .ledger import RESERVATION, Owner
 from .logfields import log_action
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("hostdevd.reservations")
 
@@ -27,7 +31,7 @@ class ReservationReport:
     errors: list[str] = field(default_factory=list)
 
 
-def apply_reservations(engine, patterns: list[str]) -> ReservationReport:
+def apply_reservations(engine: Engine, patterns: list[str]) -> ReservationReport:
     """Bind every configured device's group for the reservation; release stale reservations."""
     report = ReservationReport()
     owner = Owner(**RESERVATION)
@@ -35,33 +39,26 @@ def apply_reservations(engine, patterns: list[str]) -> ReservationReport:
     topo = engine.topology()
     wanted = sorted(d.address for d in topo.devices.values()
                     if not d.bridge and matcher.matches(d.address, d.vendor, d.device))
-    with engine.store.transaction() as ledger:
-        ledger.reservations = [str(a) for a in wanted]
+    engine.executor.record_reservations([str(a) for a in wanted])
     for addr in wanted:
         claim = engine.ledger().claim_for_device(addr)
         if claim is not None and claim.reserved:
             continue  # held by the reservation, or borrowed by a domain
         try:
-            engine.prepare([addr], owner)
+            _, result = engine.prepare([addr], owner)   # the claim is written reserved (one transaction)
         except HostdevError as e:
             report.errors.append(f"{addr}: {e}")
             log_action(log, logging.ERROR, "refused", "cannot reserve %s: %s", addr, e, address=addr,
                        owner=owner, action="reserve", result="refused")
             continue
-        with engine.store.transaction() as ledger:
-            claim = ledger.claim_for_device(addr)
-            claim.reserved = True
-            ledger.put(claim)
-        report.reserved.append(claim.group)
-        log_action(log, logging.INFO, "claim", "reserved %s (group %s) on vfio-pci", addr, claim.group,
-                   address=addr, group=claim.group, owner=owner, action="reserve", result="ok")
+        group = result.groups[0]
+        report.reserved.append(group)
+        log_action(log, logging.INFO, "claim", "reserved %s (group %s) on vfio-pci", addr, group,
+                   address=addr, group=group, owner=owner, action="reserve", result="ok")
     keep = {str(a) for a in wanted}
     for claim in engine.ledger().claims_of(owner):
         if claim.reserved and not any(d.address in keep for d in claim.devices):
-            with engine.store.transaction() as ledger:   # no longer configured: back to the host
-                c = ledger.claim_for_group(claim.group)
-                c.reserved = False
-                ledger.put(c)
+            engine.executor.unreserve(claim.group)   # no longer configured: back to the host
             try:
                 engine.release(owner, [PciAddress.parse(a) for a in claim.requested])
                 report.released.append(claim.group)

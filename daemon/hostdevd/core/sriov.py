@@ -9,12 +9,13 @@ Three layers, like the rest of the core:
 * :meth:`Executor.apply_vf_plan <hostdevd.executor.Executor.apply_vf_plan>` makes the
   writes (the executor stays the only writer): intent in the ledger first (``changing``),
   ``sriov_drivers_autoprobe``, ``sriov_numvfs`` through 0, then it waits for the VFs with a
-  :class:`VfWaiter` and records them (``ready``).
-* Waiting is injectable (:class:`VfWaiter`): :class:`UdevWaiter` listens to udev (pyudev,
-  subsystem ``pci``, action ``add``: the same events ``udevadm settle`` waits for) and is
-  what the daemon uses on a real host; :class:`SysfsPollWaiter` polls sysfs and is what
-  the simulated kernel and tests use. A watch is opened *before* the write so no event
-  is missed.
+  ``VfWaiter`` and records them (``ready``).
+* Waiting is injectable (:class:`hostdevd.core.vf_wait.VfWaiter`):
+  :class:`hostdevd.adapters.udev.UdevWaiter` listens to udev (pyudev, subsystem ``pci``,
+  action ``add``: the same events ``udevadm settle`` waits for) and is what the daemon
+  uses on a real host; :class:`hostdevd.core.vf_wait.SysfsPollWaiter` polls sysfs and is
+  what the simulated kernel and tests use. A watch is opened *before* the write so no
+  event is missed.
 
 Kernel facts (drivers/pci/iov.c): ``sriov_numvfs`` only changes through 0 (N -> M with both
 non-zero is EBUSY); a PF without a driver (or whose driver has no ``sriov_configure``)
@@ -24,20 +25,19 @@ ixgbe over 60 s, hence the per-PF ``wait_timeout`` that also bounds the write it
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from .address import PciAddress
 from .config import SriovConfig
-from .errors import ExecutionFailed, HostdevError, InvalidAddress, Refused
+from .errors import HostdevError, InvalidAddress, Refused
 from .ledger import Ledger
 from .logfields import log_action
-from .sysfs import Sysfs
 from .topology import Device, Topology
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("hostdevd.sriov")
 
@@ -177,118 +177,6 @@ def _refuse_if_assigned(topo: Topology, ledger: Ledger, pf: Device, plan: VfPlan
                      "stop the VM using it") + ", then set the VF count again"
 
 
-# --------------------------------------------------------------------------- waiting
-
-
-class SriovTimeout(ExecutionFailed):
-    code = "SRIOV_TIMEOUT"
-
-
-class VfWatch(Protocol):
-    def wait(self, pf: PciAddress, count: int, timeout: float) -> list[str]:
-        """Block until ``count`` VFs of ``pf`` exist (and udev announced them); return notes."""
-
-
-class VfWaiter(Protocol):
-    name: str
-
-    def watch(self, pf: PciAddress) -> contextlib.AbstractContextManager[VfWatch]:
-        """Start listening *before* sriov_numvfs is written."""
-
-
-def _vfs_present(sysfs: Sysfs, pf: PciAddress) -> list[PciAddress]:
-    raw = sysfs.read_device(pf)
-    return [v for v in raw.virtfns if sysfs.exists(v)]
-
-
-class SysfsPollWaiter:
-    """Polls sysfs for ``virtfnN`` links and the VF devices (the simulated kernel, tests, no udev)."""
-    name = "sysfs"
-
-    def __init__(self, sysfs: Sysfs, interval: float = 0.02):
-        self.sysfs = sysfs
-        self.interval = interval
-
-    @contextlib.contextmanager
-    def watch(self, pf: PciAddress) -> Iterator[SysfsPollWaiter]:
-        yield self
-
-    def wait(self, pf: PciAddress, count: int, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(_vfs_present(self.sysfs, pf)) >= count:
-                return []
-            if time.monotonic() >= deadline:
-                raise SriovTimeout(f"{pf}: {len(_vfs_present(self.sysfs, pf))} of {count} VFs appeared within "
-                                   f"{timeout:g} s", "raise wait_timeout for this PF; check `dmesg`")
-            time.sleep(self.interval)
-
-
-class UdevWaiter:
-    """Waits for udev's ``add`` events of the new VFs (pyudev, subsystem pci): what
-    ``udevadm settle`` would wait for, but only for these devices and with a deadline.
-
-    Events come from udev after its rules ran (source ``udev``, not the raw kernel
-    uevents), so a VF counts once udev is done with it. Without a running udevd no
-    event ever comes: when the deadline passes and sysfs already shows every VF, the
-    wait succeeds with a note instead of failing.
-    """
-    name = "udev"
-
-    def __init__(self, sysfs: Sysfs):
-        import pyudev  # the daemon's extra; imported only when this waiter is used
-        self._pyudev = pyudev
-        self.sysfs = sysfs
-        self.context = pyudev.Context()
-
-    @contextlib.contextmanager
-    def watch(self, pf: PciAddress) -> Iterator[_UdevWatch]:
-        monitor = self._pyudev.Monitor.from_netlink(self.context)
-        monitor.filter_by(subsystem="pci")
-        monitor.start()
-        try:
-            yield _UdevWatch(self.sysfs, monitor)
-        finally:
-            with contextlib.suppress(Exception):
-                monitor.stop() if hasattr(monitor, "stop") else None
-
-
-class _UdevWatch:
-    def __init__(self, sysfs: Sysfs, monitor):
-        self.sysfs = sysfs
-        self.monitor = monitor
-        self.seen: set[str] = set()
-
-    def wait(self, pf: PciAddress, count: int, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            present = {str(v) for v in _vfs_present(self.sysfs, pf)}
-            if len(present) >= count and present <= self.seen:
-                return []
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if len(present) >= count:
-                    missing = sorted(present - self.seen)
-                    return [f"udev announced {len(present) - len(missing)} of {count} VFs within {timeout:g} s "
-                            f"(is systemd-udevd running?); sysfs shows all of them"]
-                raise SriovTimeout(f"{pf}: {len(present)} of {count} VFs appeared within {timeout:g} s",
-                                   "raise wait_timeout for this PF; check `dmesg`")
-            dev = self.monitor.poll(timeout=min(left, 1.0))
-            if dev is not None and dev.action == "add":
-                self.seen.add(dev.sys_name)
-
-
-def default_waiter(sysfs: Sysfs) -> VfWaiter:
-    """udev on a real host under /sys; sysfs polling for the simulated kernel or a moved root."""
-    from .sysfs import RealHost
-    if isinstance(sysfs.backend, RealHost) and sysfs.backend.sys_root == "/sys":
-        try:
-            return UdevWaiter(sysfs)
-        except Exception as e:  # pyudev missing or no udev netlink socket: still work, say so
-            log.warning("udev unavailable (%s): waiting for VFs by polling sysfs", e)
-    return SysfsPollWaiter(sysfs)
-
-
 # --------------------------------------------------------------------------- apply
 
 
@@ -312,7 +200,7 @@ class VfResult:
 # --------------------------------------------------------------------------- config
 
 
-def entry_for(engine, pf_ref: str) -> SriovConfig | None:
+def entry_for(engine: Engine, pf_ref: str) -> SriovConfig | None:
     """The ``[[sriov]]`` entry naming the same PF as ``pf_ref`` (by address or netdev)."""
     topo = engine.topology(with_critical=False)
     dev = resolve_pf(topo, pf_ref)
@@ -322,7 +210,7 @@ def entry_for(engine, pf_ref: str) -> SriovConfig | None:
     return None
 
 
-def set_vfs_by_hand(engine, pf_ref: str, numvfs: int, autoprobe: bool | None = None,
+def set_vfs_by_hand(engine: Engine, pf_ref: str, numvfs: int, autoprobe: bool | None = None,
                     wait_timeout: float | None = None) -> VfResult:
     """``hostdevctl vfs set``: unset options come from the PF's ``[[sriov]]`` entry, else the
     PF keeps its autoprobe setting and the wait is 60 s."""
@@ -346,7 +234,7 @@ class SriovReport:
         return {"results": [r.to_json() for r in self.results], "errors": self.errors}
 
 
-def apply_config(engine, entries: list[SriovConfig]) -> SriovReport:
+def apply_config(engine: Engine, entries: list[SriovConfig]) -> SriovReport:
     """Daemon start: every configured PF gets its VFs. A refusal or failure is logged and
     reported; the daemon carries on (the other PFs, reservations and domains still matter)."""
     report = SriovReport()

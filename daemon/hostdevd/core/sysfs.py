@@ -3,7 +3,7 @@
 Two layers:
 
 * a *host backend* does raw file operations on paths relative to its roots.
-  :class:`RealHost` uses the real filesystem; ``hostdevd.simkernel.SimKernel``
+  :class:`RealHost` uses the real filesystem; ``hostdevd.sim.simkernel.SimKernel``
   implements the same methods in memory with the kernel's semantics.
 * :class:`Sysfs` turns validated :class:`PciAddress` objects into paths, reads
   the attributes the rules need, and performs every write with a timeout.
@@ -18,10 +18,10 @@ import errno
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from .address import PciAddress
+from .device import BRIDGE_CLASSES, Device
 from .errors import InvalidAddress, SysfsError, SysfsTimeout
 from .timedcall import TimedCaller
 
@@ -113,29 +113,6 @@ class RealHost:
             except OSError:
                 continue
         return users
-
-
-@dataclass
-class RawDevice:
-    """Everything the rules need about one PCI function, as sysfs reports it."""
-    address: PciAddress
-    vendor: str                 # 4 lower-case hex digits
-    device: str
-    pci_class: str              # 6 hex digits, e.g. "030000"
-    header_type: int | None     # config[0x0e] & 0x7f; None when config is unreadable
-    driver: str | None
-    driver_override: str | None
-    iommu_group: int | None
-    physfn: PciAddress | None = None
-    virtfns: list[PciAddress] = field(default_factory=list)
-    sriov_totalvfs: int | None = None
-    sriov_numvfs: int | None = None
-    sriov_drivers_autoprobe: bool | None = None
-    boot_vga: bool = False
-    reset_method: list[str] | None = None
-    has_reset: bool = False
-    has_vfio_dev: bool = False  # has vfio-dev/: bound to a vfio driver (6.1+: vfio-pci and every variant)
-    net: list[str] = field(default_factory=list)
 
 
 def _hex4(text: str) -> str:
@@ -276,7 +253,8 @@ class Sysfs:
             return None
         return cfg[0x0E] & 0x7F if len(cfg) > 0x0E else None
 
-    def read_device(self, addr: PciAddress) -> RawDevice:
+    def read_device(self, addr: PciAddress) -> Device:
+        """Everything the rules need about one PCI function, as sysfs reports it."""
         if not self.exists(addr):
             raise SysfsError(f"PCI device {addr} does not exist", "check the address with `hostdevctl groups`")
         d = self._dev(addr)
@@ -299,15 +277,20 @@ class Sysfs:
             net = sorted(self.backend.listdir(f"{d}/net"))
         except OSError:
             net = []
-        return RawDevice(
+        pci_class = f"{int(cls, 16):06x}"
+        header_type = self.header_type(addr)
+        return Device(
             address=addr,
             vendor=_hex4(vendor),
             device=_hex4(device),
-            pci_class=f"{int(cls, 16):06x}",
-            header_type=self.header_type(addr),
+            pci_class=pci_class,
+            header_type=header_type,
+            # Header type is the kernel's own test; fall back to the class when
+            # config space cannot be read.
+            bridge=header_type != 0 if header_type is not None else pci_class[:4] in BRIDGE_CLASSES,
             driver=self.driver(addr),
             driver_override=self.driver_override(addr),
-            iommu_group=self.iommu_group(addr),
+            group=self.iommu_group(addr),
             physfn=PciAddress.parse(physfn) if physfn else None,
             virtfns=[a for _, a in sorted(virtfns)],
             sriov_totalvfs=self._int(f"{d}/sriov_totalvfs"),

@@ -7,84 +7,19 @@ A Topology is a value: the planner reads it and never changes it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .address import PciAddress
+from .device import BRIDGE_CLASSES, STUB_DRIVERS, VFIO, VFIO_DRIVERS, Device
 from .errors import InvalidAddress, ListingError
-from .sysfs import RawDevice, Sysfs
+from .sysfs import Sysfs
+
+# Device and its class/driver constants live in .device; re-exported for existing importers.
+__all__ = ["BRIDGE_CLASSES", "STUB_DRIVERS", "VFIO", "VFIO_DRIVERS", "Device", "Source", "Topology",
+           "from_snapshot", "from_sysfs", "refresh_groups"]
 
 Source = Literal["sysfs", "snapshot", "listing"]
-
-# PCI-to-PCI bridges (0604) and semi-transparent ones (0609): the only classes a
-# listing can call bridges, since it carries no header type.
-BRIDGE_CLASSES = ("0604", "0609")
-VFIO_DRIVERS = ("vfio-pci",)
-STUB_DRIVERS = ("pci-stub",)
-
-
-@dataclass
-class Device:
-    address: PciAddress
-    vendor: str                   # "10de"
-    device: str                   # "1401"
-    pci_class: str                # "030000" (6 digits); class_code gives "0300"
-    bridge: bool                  # header type != 0 (live) or class 0604/0609 (listing)
-    group: int | None
-    driver: str | None = None
-    driver_override: str | None = None
-    name: str | None = None       # human description (listing, lspci)
-    physfn: PciAddress | None = None
-    virtfns: list[PciAddress] = field(default_factory=list)
-    sriov_totalvfs: int | None = None
-    sriov_numvfs: int | None = None
-    sriov_drivers_autoprobe: bool | None = None
-    boot_vga: bool = False
-    reset_method: list[str] | None = None
-    has_reset: bool = False
-    has_vfio_dev: bool = False
-    net: list[str] = field(default_factory=list)
-
-    @property
-    def class_code(self) -> str:
-        return self.pci_class[:4]
-
-    @property
-    def vendor_device(self) -> str:
-        return f"{self.vendor}:{self.device}"
-
-    @property
-    def on_vfio(self) -> bool:
-        return self.driver in VFIO_DRIVERS or self.has_vfio_dev
-
-    @property
-    def viable_for_vfio(self) -> bool:
-        """The kernel's vfio_dev_viable(): may this member sit in an open group?"""
-        return self.bridge or self.driver is None or self.on_vfio or self.driver in STUB_DRIVERS
-
-    def to_json(self) -> dict:
-        d = {
-            "address": str(self.address),
-            "class": self.class_code,
-            "vendor": self.vendor,
-            "device": self.device,
-            "bridge": self.bridge,
-            "pci_class": self.pci_class,
-            "driver": self.driver,
-            "driver_override": self.driver_override,
-            "name": self.name,
-            "physfn": str(self.physfn) if self.physfn else None,
-            "virtfns": [str(v) for v in self.virtfns],
-            "sriov_totalvfs": self.sriov_totalvfs,
-            "sriov_numvfs": self.sriov_numvfs,
-            "sriov_drivers_autoprobe": self.sriov_drivers_autoprobe,
-            "boot_vga": self.boot_vga,
-            "reset_method": self.reset_method,
-            "has_reset": self.has_reset,
-            "has_vfio_dev": self.has_vfio_dev,
-            "net": self.net,
-        }
-        return d
 
 
 @dataclass
@@ -128,22 +63,12 @@ class Topology:
         }
 
 
-# RawDevice (what sysfs says) and Device share these names one to one.
-_SHARED_FIELDS = tuple(sorted({f.name for f in fields(Device)} & {f.name for f in fields(RawDevice)}))
+# What refresh_groups keeps from the scan rather than re-reading: the rest is fresh.
+_KEPT_FROM_SCAN = ("bridge", "group", "name", "header_type")
 
 
 def from_sysfs(sysfs: Sysfs, with_critical: bool = True) -> Topology:
-    devices: dict[PciAddress, Device] = {}
-    for addr in sysfs.device_addresses():
-        raw = sysfs.read_device(addr)
-        devices[addr] = Device(
-            **{k: getattr(raw, k) for k in _SHARED_FIELDS},
-            group=raw.iommu_group,
-            # Header type is the kernel's own test; fall back to the class when
-            # config space cannot be read.
-            bridge=(raw.header_type != 0) if raw.header_type is not None
-            else raw.pci_class[:4] in BRIDGE_CLASSES,
-        )
+    devices: dict[PciAddress, Device] = {addr: sysfs.read_device(addr) for addr in sysfs.device_addresses()}
     active = sysfs.iommu_active() or any(d.group is not None for d in devices.values())
     critical = sysfs.host_critical() if with_critical else {}
     vfio_groups = {d.group for d in devices.values() if d.group is not None and d.on_vfio}
@@ -201,8 +126,7 @@ def refresh_groups(topo: Topology, sysfs: Sysfs, groups: set[int]) -> Topology:
     devices = dict(topo.devices)
     for addr, dev in topo.devices.items():
         if dev.group in groups and sysfs.exists(addr):
-            raw = sysfs.read_device(addr)
-            devices[addr] = replace(dev, **{k: getattr(raw, k) for k in _SHARED_FIELDS})
+            devices[addr] = replace(sysfs.read_device(addr), **{k: getattr(dev, k) for k in _KEPT_FROM_SCAN})
     users = dict(topo.group_users)
     for g in groups:
         users.pop(g, None)

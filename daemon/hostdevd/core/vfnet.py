@@ -1,4 +1,4 @@
-"""VF network settings through the PF (R12): the only module that speaks netlink.
+"""VF network settings through the PF (R12): the rules around a netlink backend.
 
 A VF's MAC, VLAN (and QoS), spoof-check and trust are administrative settings the PF's
 driver keeps (``ip link set <pf> vf N mac … vlan …``; netlink ``RTM_SETLINK`` with
@@ -6,9 +6,10 @@ driver keeps (``ip link set <pf> vf N mac … vlan …``; netlink ``RTM_SETLINK`
 would stay on the VF after the guest is gone unless somebody puts the old values back.
 
 * :class:`NetlinkBackend` is the protocol: read a PF's VF table, set one VF's attributes.
-  :class:`Pyroute2Backend` is the real one (pyroute2, imported lazily: the core runs
-  without it); :class:`FakeNetlink` is an in-memory peer for tests (PF netdevs with VF
-  tables, a driver that refuses the all-zero MAC, a VF that answers EAGAIN N times).
+  :class:`hostdevd.adapters.netlink.Pyroute2Backend` is the real one (pyroute2: the core
+  runs without it); :class:`hostdevd.sim.fakenetlink.FakeNetlink` is an in-memory peer for
+  tests (PF netdevs with VF tables, a driver that refuses the all-zero MAC, a VF that
+  answers EAGAIN N times).
 * :class:`VfNetManager` adds the rules: retry while the driver says the VF is still in
   reset (EAGAIN/EBUSY, bounded by ``retry_timeout``); never write 00:00:00:00:00:00 to a
   driver that refused it once (the restore is skipped and the reason recorded);
@@ -36,24 +37,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .address import PciAddress
-from .errors import ExecutionFailed, HostdevError
+from .errors import ExecutionFailed, HostdevError, NetlinkError
 from .ledger import VfNetConfig
 from .logfields import log_action
+from .netreq import NetRequest
 from .sysfs import Sysfs
 
 log = logging.getLogger("hostdevd.vfnet")
 
 ZERO_MAC = "00:00:00:00:00:00"
 RETRY_ERRNOS = (errno.EAGAIN, errno.EBUSY)
-
-
-class NetlinkError(HostdevError):
-    """A netlink request failed; ``errno`` is the kernel's answer."""
-    code = "NETLINK"
-
-    def __init__(self, message: str, hint: str | None = None, err: int = 0):
-        super().__init__(message, hint)
-        self.errno = err
 
 
 @dataclass
@@ -77,155 +70,6 @@ class NetlinkBackend(Protocol):
     def set_vf(self, pf_netdev: str, vf: int, *, mac: str | None = None, vlan: int | None = None,
                qos: int | None = None, spoofchk: bool | None = None, trust: bool | None = None) -> None:
         """One RTM_SETLINK; raises NetlinkError with the kernel's errno."""
-
-
-# --------------------------------------------------------------------------- pyroute2
-
-
-class Pyroute2Backend:
-    """Real netlink through pyroute2: ``IPRoute().get_links(pf, ext_mask=1)`` and
-    ``IPRoute().link('set', index=pf, vf={...})``. A socket per call: IPRoute objects
-    are not shared between threads."""
-
-    def __init__(self) -> None:
-        from pyroute2 import IPRoute  # the daemon's extra
-        from pyroute2.netlink.exceptions import NetlinkError as _PyNetlinkError
-        self._IPRoute = IPRoute
-        self._error = _PyNetlinkError
-
-    def _index(self, ipr, pf_netdev: str) -> int:
-        found = ipr.link_lookup(ifname=pf_netdev)
-        if not found:
-            raise NetlinkError(f"no network interface {pf_netdev}", "is the PF's driver loaded?", errno.ENODEV)
-        return found[0]
-
-    def vf_table(self, pf_netdev: str) -> dict[int, VfNet]:
-        try:
-            with self._IPRoute() as ipr:
-                msgs = ipr.get_links(self._index(ipr, pf_netdev), ext_mask=1)
-        except self._error as e:
-            raise NetlinkError(f"reading the VFs of {pf_netdev} failed: {e}", err=e.code) from e
-        table: dict[int, VfNet] = {}
-        for msg in msgs:
-            vflist = msg.get_attr("IFLA_VFINFO_LIST")
-            if vflist is None:
-                continue
-            for info in vflist.get_attrs("IFLA_VF_INFO"):
-                mac = info.get_attr("IFLA_VF_MAC")
-                if mac is None:
-                    continue
-                vlan = info.get_attr("IFLA_VF_VLAN")
-                spoof = info.get_attr("IFLA_VF_SPOOFCHK")
-                trust = info.get_attr("IFLA_VF_TRUST")
-                # The kernel reports -1 (0xffffffff) for "not supported by this driver".
-                table[int(mac["vf"])] = VfNet(
-                    mac=str(mac["mac"]).lower(),
-                    vlan=int(vlan["vlan"]) if vlan is not None else None,
-                    qos=int(vlan["qos"]) if vlan is not None else None,
-                    spoofchk=None if spoof is None or spoof["spoofchk"] == 0xFFFFFFFF else bool(spoof["spoofchk"]),
-                    trust=None if trust is None or trust["trust"] == 0xFFFFFFFF else bool(trust["trust"]))
-        return table
-
-    def set_vf(self, pf_netdev: str, vf: int, *, mac: str | None = None, vlan: int | None = None,
-               qos: int | None = None, spoofchk: bool | None = None, trust: bool | None = None) -> None:
-        spec: dict = {"vf": int(vf)}
-        if mac is not None:
-            spec["mac"] = mac
-        if vlan is not None:
-            spec["vlan"] = {"vlan": int(vlan), "qos": int(qos or 0)}
-        if spoofchk is not None:
-            spec["spoofchk"] = int(spoofchk)
-        if trust is not None:
-            spec["trust"] = int(trust)
-        try:
-            with self._IPRoute() as ipr:
-                ipr.link("set", index=self._index(ipr, pf_netdev), vf=spec)
-        except self._error as e:
-            raise NetlinkError(f"setting VF {vf} of {pf_netdev} ({_describe(spec)}) failed: "
-                               f"{errno.errorcode.get(e.code, e.code)} {e}", err=e.code) from e
-
-
-def _describe(spec: dict) -> str:
-    return ", ".join(f"{k} {v['vlan'] if k == 'vlan' else v}" for k, v in spec.items() if k != "vf") or "nothing"
-
-
-# --------------------------------------------------------------------------- the fake peer
-
-
-class FakeNetlink:
-    """An in-memory netlink peer for tests: PF netdevs with VF tables and a few bad habits.
-
-    * ``add_pf(name, nvfs)`` — VFs start with MAC 00:00:00:00:00:00, VLAN 0, spoof-check on,
-      trust off (what igb/ixgbe/i40e report for fresh VFs);
-    * ``reject_zero_mac.add(name)`` — that PF's driver answers EINVAL to the all-zero MAC
-      (igb before Linux 5.x did);
-    * ``busy(name, vf, n, err=EAGAIN)`` — the next ``n`` set requests for that VF fail with
-      ``err`` (a VF still in reset after FLR);
-    * ``no_trust.add(name)`` — the driver does not report trust (older drivers);
-    * ``calls`` — every set request, in order: (pf, vf, {attr: value}).
-    """
-
-    def __init__(self) -> None:
-        self.pfs: dict[str, dict[int, VfNet]] = {}
-        self.reject_zero_mac: set[str] = set()
-        self.no_trust: set[str] = set()
-        self._busy: dict[tuple[str, int], tuple[int, int]] = {}
-        self.calls: list[tuple[str, int, dict]] = []
-        self._lock = threading.Lock()
-
-    def add_pf(self, name: str, nvfs: int, mac: Callable[[int], str] | None = None) -> FakeNetlink:
-        with self._lock:
-            self.pfs[name] = {i: VfNet(mac=mac(i) if mac else ZERO_MAC, vlan=0, qos=0, spoofchk=True,
-                                       trust=False) for i in range(nvfs)}
-        return self
-
-    def busy(self, pf: str, vf: int, count: int, err: int = errno.EAGAIN) -> None:
-        with self._lock:
-            self._busy[(pf, vf)] = (count, err)
-
-    def vf(self, pf: str, vf: int) -> VfNet:
-        with self._lock:
-            v = self.pfs[pf][vf]
-            return VfNet(**v.to_json())
-
-    def vf_table(self, pf_netdev: str) -> dict[int, VfNet]:
-        with self._lock:
-            if pf_netdev not in self.pfs:
-                raise NetlinkError(f"no network interface {pf_netdev}", err=errno.ENODEV)
-            out = {}
-            for i, v in self.pfs[pf_netdev].items():
-                c = VfNet(**v.to_json())
-                if pf_netdev in self.no_trust:
-                    c.trust = None
-                out[i] = c
-            return out
-
-    def set_vf(self, pf_netdev: str, vf: int, *, mac: str | None = None, vlan: int | None = None,
-               qos: int | None = None, spoofchk: bool | None = None, trust: bool | None = None) -> None:
-        attrs = {k: v for k, v in (("mac", mac), ("vlan", vlan), ("qos", qos), ("spoofchk", spoofchk),
-                                   ("trust", trust)) if v is not None}
-        with self._lock:
-            self.calls.append((pf_netdev, vf, attrs))
-            table = self.pfs.get(pf_netdev)
-            if table is None:
-                raise NetlinkError(f"no network interface {pf_netdev}", err=errno.ENODEV)
-            if vf not in table:
-                raise NetlinkError(f"{pf_netdev} has no VF {vf}", err=errno.EINVAL)
-            left, err = self._busy.get((pf_netdev, vf), (0, 0))
-            if left:
-                self._busy[(pf_netdev, vf)] = (left - 1, err)
-                raise NetlinkError(f"VF {vf} of {pf_netdev} is busy", err=err)
-            if mac is not None and mac == ZERO_MAC and pf_netdev in self.reject_zero_mac:
-                raise NetlinkError(f"{pf_netdev} refuses MAC {ZERO_MAC} for VF {vf}", err=errno.EINVAL)
-            v = table[vf]
-            if mac is not None:
-                v.mac = mac.lower()
-            if vlan is not None:
-                v.vlan, v.qos = vlan, qos or 0
-            if spoofchk is not None:
-                v.spoofchk = spoofchk
-            if trust is not None and pf_netdev not in self.no_trust:
-                v.trust = trust
 
 
 # --------------------------------------------------------------------------- rules
@@ -316,24 +160,6 @@ class VfNetManager:
 
 
 # --------------------------------------------------------------------------- executor side
-
-
-@dataclass
-class NetRequest:
-    """What a domain asks of a VF's network settings (from ``<interface type='hostdev'>``)."""
-    mac: str | None = None
-    vlan: int | None = None
-    managed: bool | None = None        # managed='yes': libvirt sets them; hostdevd records and verifies
-    # libvirt chose this VF from a hostdev network and configured it before hostdevd saw it:
-    # what hostdevd reads then is libvirt's setting, not the original (libvirt restores that).
-    libvirt_first: bool = False
-
-    @property
-    def wants_settings(self) -> bool:
-        return self.mac is not None or self.vlan is not None
-
-    def to_json(self) -> dict:
-        return {"mac": self.mac, "vlan": self.vlan, "managed": self.managed, "libvirt_first": self.libvirt_first}
 
 
 def vf_identity(sysfs: Sysfs, addr: PciAddress) -> tuple[str, int] | None:
@@ -487,29 +313,3 @@ class VfNetSteps:
                            rec.address, e, address=rec.address, group=group, owner=getattr(plan, "owner", None),
                            action="restore_net", result="failed")
         return failures
-
-
-def net_requests(parsed, resolved_by_libvirt: bool = False) -> dict[PciAddress, NetRequest]:
-    """MAC/VLAN per VF from a parsed domain (``domxml.DomainRequest``).
-
-    ``<interface type='hostdev'>`` carries them; a ``<hostdev>`` never does. One VLAN tag
-    only: SR-IOV VFs have no trunk mode (IFLA_VF_VLAN is one id), libvirt refuses it too.
-    An interface from a hostdev *network* (``<actual>``, or a VF first seen at libvirt's
-    ``start begin`` hook: ``resolved_by_libvirt``) was configured by libvirt before
-    hostdevd saw it, so libvirt owns its settings: recorded and verified, never written.
-    """
-    from .errors import Refused
-
-    out: dict[PciAddress, NetRequest] = {}
-    if parsed is None:
-        return out
-    for r in parsed.requests:
-        if r.kind != "interface":
-            continue
-        if r.vlan_trunk or len(r.vlan_tags) > 1:
-            raise Refused(f"{r.address}: VLAN trunk {list(r.vlan_tags)} on an SR-IOV VF: a VF takes one VLAN tag",
-                          "give the interface a single <vlan><tag id=…/></vlan>")
-        libvirt_owned = resolved_by_libvirt or r.network is not None
-        out[r.address] = NetRequest(mac=r.mac, vlan=r.vlan_tags[0] if r.vlan_tags else None,
-                                    managed=True if libvirt_owned else r.managed, libvirt_first=libvirt_owned)
-    return out

@@ -46,7 +46,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..core.errors import HostdevError, Refused, UsageError
+from ..core.errors import (
+    BadRequest,
+    Busy,
+    HostdevError,
+    InternalError,
+    PermissionDenied,
+    Refused,
+    RequestTimeout,
+    TooLarge,
+    UnknownOp,
+    UnsupportedVersion,
+)
 from .wire import MAX_MESSAGE, PROTOCOL_VERSION, LineReader, call, encode, socket_path  # noqa: F401 (re-export)
 
 log = logging.getLogger("hostdevd.api")
@@ -54,41 +65,6 @@ log = logging.getLogger("hostdevd.api")
 DEFAULT_READ_TIMEOUT = 30.0
 MAX_CONNECTIONS = 128
 _UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class BadRequest(UsageError):
-    code = "BAD_REQUEST"
-
-
-class UnknownOp(UsageError):
-    code = "UNKNOWN_OP"
-
-
-class UnsupportedVersion(UsageError):
-    code = "UNSUPPORTED_VERSION"
-
-
-class TooLarge(UsageError):
-    code = "TOO_LARGE"
-
-
-class RequestTimeout(UsageError):
-    code = "TIMEOUT"
-
-
-class PermissionDenied(HostdevError):
-    code = "PERMISSION_DENIED"
-
-
-class Busy(HostdevError):
-    code = "BUSY"
-
-
-class InternalError(HostdevError):
-    code = "INTERNAL"
 
 
 def error_reply(err: HostdevError) -> dict:

@@ -18,7 +18,7 @@ from ..core.address import PciAddress
 from ..core.checks import run_checks
 from ..core.config import Config, load_config
 from ..core.domxml import parse_domain
-from ..core.engine import Engine
+from ..core.engine import DomainPrepare, Engine
 from ..core.errors import HostdevError, Refused, UsageError
 from ..core.ledger import Ledger, LedgerStore, Owner
 from ..core.planner import plan_prepare, plan_release
@@ -48,7 +48,7 @@ class Context:
     def __init__(self, args: argparse.Namespace, sysfs: Sysfs | None = None, netlink=None):
         self.args = args
         self._sysfs = sysfs
-        self._netlink = netlink          # tests: a vfnet.FakeNetlink; None: pyroute2 on a real host
+        self._netlink = netlink          # tests: a sim.fakenetlink.FakeNetlink; None: pyroute2 on a real host
         self._config: Config | None = None
         self._engine: Engine | None = None
 
@@ -262,7 +262,7 @@ def _net_requests(ctx: Context) -> dict:
     """VF MAC/VLAN from the domain XML's <interface type='hostdev'> (none with --device only)."""
     if not getattr(ctx.args, "xml", None):
         return {}
-    from ..core.vfnet import net_requests
+    from ..core.netreq import net_requests
     return net_requests(parse_domain(_read_text(ctx.args.xml).encode()))
 
 
@@ -285,8 +285,9 @@ def cmd_prepare(ctx: Context, out: Callable[[str], None]) -> int:
         else:
             req["addresses"] = [str(a) for a in addrs]
         return _via_daemon(ctx, sock, req, out, "prepared")
+    parsed = parse_domain(_read_text(ctx.args.xml).encode()) if ctx.args.xml else None
     try:
-        plan, result = ctx.engine.prepare(addrs, owner, _net_requests(ctx))
+        done = ctx.engine.prepare_domain(DomainPrepare(owner, addrs, parsed, origin="cli"))
     except Refused as e:
         plan = ctx.engine.plan_prepare(addrs, owner)
         data = plan.to_json()
@@ -294,8 +295,9 @@ def cmd_prepare(ctx: Context, out: Callable[[str], None]) -> int:
         data.setdefault("refusals", e.refusals or [{"device": "-", "reason": e.message, "hint": e.hint or ""}])
         _print_plan(ctx, data, out, "prepare")
         return EXIT_PROBLEM
-    data = plan.to_json()
-    data["result"] = result.to_json()
+    assert done.plan is not None and done.result is not None
+    data = done.plan.to_json()
+    data["result"] = done.result.to_json()
     data["notes"] = notes
     _print_plan(ctx, data, out, "prepared")
     return EXIT_OK
@@ -311,10 +313,11 @@ def cmd_release(ctx: Context, out: Callable[[str], None]) -> int:
         if addrs:
             req["addresses"] = [str(a) for a in addrs]
         return _via_daemon(ctx, sock, req, out, "released")
-    plan, result = ctx.engine.release(owner, addrs or None)
-    data = plan.to_json()
-    data["result"] = result.to_json()
-    if not plan.groups:
+    done = ctx.engine.release_domain(owner, addrs or None)
+    assert done.plan is not None and done.result is not None
+    data = done.plan.to_json()
+    data["result"] = done.result.to_json()
+    if not done.plan.groups:
         data["warnings"].append(f"{owner.name} holds no groups")
     _print_plan(ctx, data, out, "released")
     return EXIT_OK
@@ -441,11 +444,9 @@ def cmd_check_migrate(ctx: Context, out: Callable[[str], None]) -> int:
         m = reply["migration"]
     else:
         from ..core.domxml import guest_placements
-        from ..core.migrate import assess
         placement = guest_placements(xml) if xml is not None else None
         owner = Owner(name=a.domain, uuid=placement.uuid if placement is not None else None)
-        report = assess(a.domain, placement, ctx.ledger().claims_of(owner), ctx.engine.topology(),
-                        "given XML")
+        report = ctx.engine.migration_report(owner, placement, "given XML")
         if placement is None:
             report.notes.append("the daemon is not running: the verdict comes from the ledger alone "
                                 "(give the live XML with --xml for guest placement)")
@@ -564,9 +565,8 @@ def cmd_vfs_set(ctx: Context, out: Callable[[str], None]) -> int:
         data = reply["vfs"]
         data["notes"] = data.get("notes", []) + ["done by the hostdevd daemon"]
     else:
-        from ..core.sriov import set_vfs_by_hand
         try:
-            data = set_vfs_by_hand(ctx.engine, a.pf, a.numvfs, a.autoprobe, a.wait_timeout).to_json()
+            data = ctx.engine.vfs_set(a.pf, a.numvfs, a.autoprobe, a.wait_timeout).to_json()
         except Refused as e:
             return _vfs_refused(ctx, out, a.pf, e.message, e.hint, EXIT_PROBLEM)
     if ctx.args.json:

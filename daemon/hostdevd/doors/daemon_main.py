@@ -52,7 +52,7 @@ def notify(state: str) -> bool:
     if not os.environ.get("NOTIFY_SOCKET"):
         return False
     try:
-        from systemd import daemon as sd_daemon
+        import systemd.daemon as sd_daemon
         return bool(sd_daemon.notify(state))
     except ImportError:
         pass

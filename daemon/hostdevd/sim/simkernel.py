@@ -244,7 +244,8 @@ class SimKernel:
             else:
                 spec = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"topology spec {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}") from e
+            kind = "TOML" if path.endswith(".toml") else "JSON"
+            raise ConfigError(f"topology spec {path} is not valid {kind}: {e}") from e
         try:
             return cls(spec)
         except ConfigError as e:
@@ -290,9 +291,10 @@ class SimKernel:
                     self._hanging -= 1
         with self._lock:
             while True:
-                node = self._lookup(rel, write=True)
+                writer = self._lookup(rel, write=True).write
+                assert writer is not None  # _lookup(write=True) refuses read-only attributes
                 try:
-                    node.write(data)
+                    writer(data)
                     return
                 except _WaitForClose as w:
                     # The kernel's vfio remove() waits here for the group's user.
@@ -921,7 +923,8 @@ class SimKernel:
         for i, (dev, mp, fs, src) in enumerate(self._mount_rows()):
             mid = 21 + i
             parent = 1 if mp == "/" else 21
-            out.append(f"{mid} {parent} {dev} / {mp.replace(' ', chr(92) + '040')} rw,relatime shared:{i + 1} - {fs} {src} rw")
+            mount_point = mp.replace(" ", "\\040")
+            out.append(f"{mid} {parent} {dev} / {mount_point} rw,relatime shared:{i + 1} - {fs} {src} rw")
         return "\n".join(out) + "\n"
 
     def _proc_mounts(self) -> str:
@@ -946,7 +949,8 @@ class SimKernel:
         z = "0" * 32
         lines = []
         if self.default_route6 and self.default_route6 in self._present_netdevs():
-            lines.append(f"{z} 00 {z} 00 fe800000000000000000000000000001 00000400 00000001 00000000 00450003 {self.default_route6:>8}")
+            lines.append(f"{z} 00 {z} 00 fe800000000000000000000000000001 00000400 00000001 00000000 00450003 "
+                         f"{self.default_route6:>8}")
         lines.append(f"{z[:-1]}1 80 {z} 00 {z} 00000000 00000002 00000000 80200001       lo")
         lines.append(f"{z} 00 {z} 00 {z} ffffffff 00000001 00000000 00200200       lo")
         return "\n".join(lines) + "\n"
@@ -989,7 +993,7 @@ class _TreeBuilder:
         self.put(path, _Link(rel))
 
     def ro(self, path: str, value: Callable[[], str | bytes] | str) -> None:
-        self.put(path, _Attr(read=value if callable(value) else (lambda v=value: v)))
+        self.put(path, _Attr(read=value if callable(value) else lambda: value))
 
     def rw(self, path: str, read: Callable[[], str] | None, write: Callable[[str], None]) -> None:
         self.put(path, _Attr(read=read, write=write))
@@ -1040,19 +1044,10 @@ class _TreeBuilder:
         for drv in k.drivers.values():
             if not drv.loaded:
                 continue
-            base = f"bus/pci/drivers/{drv.name}"
-            self.mkdir(base)
-            self.rw(f"{base}/bind", None, lambda data, drv=drv: k._w_bind(drv, data))
-            self.rw(f"{base}/unbind", None, lambda data, drv=drv: k._w_unbind(drv, data))
-            self.rw(f"{base}/new_id", None, lambda data, drv=drv: k._w_new_id(drv, data))
-            self.rw(f"{base}/remove_id", None, lambda data, drv=drv: k._w_remove_id(drv, data))
-            self.rw(f"{base}/uevent", None, lambda data: None)
-            if drv.module:
-                self.link(f"{base}/module", f"module/{drv.module}")
-                self.link(f"module/{drv.module}/drivers/pci:{drv.name}", base)
+            self.driver(drv)
         for _, dev in sorted(k.devices.items()):
             self.device(dev)
-        for blk, slaves in k.dm:
+        for blk, _ in k.dm:
             path = f"devices/virtual/block/{blk.name}"
             self.ro(f"{path}/dev", blk.dev + "\n")
             self.mkdir(f"{path}/holders")
@@ -1098,6 +1093,19 @@ class _TreeBuilder:
         if device_dir is not None:
             self.link(f"{path}/device", device_dir)
         self.link(f"class/net/{name}", path)
+
+    def driver(self, drv: SimDriver) -> None:
+        k = self.k
+        base = f"bus/pci/drivers/{drv.name}"
+        self.mkdir(base)
+        self.rw(f"{base}/bind", None, lambda data: k._w_bind(drv, data))
+        self.rw(f"{base}/unbind", None, lambda data: k._w_unbind(drv, data))
+        self.rw(f"{base}/new_id", None, lambda data: k._w_new_id(drv, data))
+        self.rw(f"{base}/remove_id", None, lambda data: k._w_remove_id(drv, data))
+        self.rw(f"{base}/uevent", None, lambda data: None)
+        if drv.module:
+            self.link(f"{base}/module", f"module/{drv.module}")
+            self.link(f"module/{drv.module}/drivers/pci:{drv.name}", base)
 
     def device(self, dev: SimDevice) -> None:
         k = self.k

@@ -49,7 +49,7 @@ from __future__ import annotations
 import errno
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..core.address import PciAddress
 from ..core.errors import ConfigError, InvalidAddress
@@ -202,7 +202,7 @@ class SpecLoader:
         self.pending_vfs: list[tuple[SimDevice, int]] = []
         self.raw_blocks: list[tuple[SimDevice, Any, str]] = []
 
-    def fail(self, where: str, msg: str) -> None:
+    def fail(self, where: str, msg: str) -> NoReturn:
         raise ConfigError(f"topology spec: {where}: {msg}" if where else f"topology spec: {msg}")
 
     def keys(self, obj: Any, allowed: set[str], where: str) -> dict:
@@ -249,8 +249,8 @@ class SpecLoader:
         k.open_group_unbind = self.typed(spec, "open_group_unbind", (str,), "", "ebusy")
         if k.open_group_unbind not in ("ebusy", "block"):
             self.fail("", "open_group_unbind must be \"ebusy\" or \"block\"")
-        k.cmdline = self.typed(spec, "cmdline", (str,), "",
-                               "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro" + (" intel_iommu=on iommu=pt" if k.iommu else ""))
+        default_cmdline = "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro" + (" intel_iommu=on iommu=pt" if k.iommu else "")
+        k.cmdline = self.typed(spec, "cmdline", (str,), "", default_cmdline)
         k.modules = {m.replace("-", "_") for m in self.names(spec, "modules", "")}
         k.blacklisted = {m.replace("-", "_") for m in self.names(spec, "blacklisted_modules", "")}
         self.drivers(spec.get("drivers", {}))
@@ -513,13 +513,13 @@ class SpecLoader:
         for i, raw in enumerate(spec.get("dm", [])):
             where = f"dm[{i}]"
             raw = self.keys(raw, {"name", "slaves", "dev", "dm_name"}, where)
-            name = raw.get("name")
-            if not isinstance(name, str) or not NAME_RE.match(name) or name in names:
-                self.fail(where, f"bad or duplicate name {name!r}")
-            names.add(name)
-            maj, mnr = number(name, None, raw.get("dev", f"253:{i}"), where)
+            dm = raw.get("name")
+            if not isinstance(dm, str) or not NAME_RE.match(dm) or dm in names:
+                self.fail(where, f"bad or duplicate name {dm!r}")
+            names.add(dm)
+            maj, mnr = number(dm, None, raw.get("dev", f"253:{i}"), where)
             slaves = self.names(raw, "slaves", where)
-            k.dm.append((SimBlock(name, maj, mnr), slaves))
+            k.dm.append((SimBlock(dm, maj, mnr), slaves))
         for i, (_, slaves) in enumerate(k.dm):
             for s in slaves:
                 if s not in names:
