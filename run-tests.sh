@@ -1,9 +1,9 @@
 #!/bin/bash
-# run-tests.sh - the whole test suite: unit tests (simulated kernel, libvirt corpus,
+# run-tests.sh - the whole test suite: ruff and mypy, unit tests (simulated kernel, libvirt corpus,
 # libvirt's test driver), then the lab (nested VM: real kernel, real libvirtd).
 #
 #   ./run-tests.sh            everything (unit + lab)
-#   ./run-tests.sh --unit     unit tests alone, for quick work (seconds)
+#   ./run-tests.sh --unit     lint, types and unit tests alone, for quick work (minutes)
 #   ./run-tests.sh -- ARGS    extra pytest arguments
 #
 # The lab runs as two pytest sessions, each on a fresh L1: first every lab test but those
@@ -18,6 +18,11 @@ PY=.venv/bin/python
 mode=all
 if [ "${1:-}" = --unit ]; then mode=unit; shift; fi
 [ "${1:-}" = -- ] && shift
+# The lint and type gate first: a finding fails the run before any test starts.
+echo "run-tests: ruff check"
+.venv/bin/ruff check daemon tests bench
+echo "run-tests: mypy"
+.venv/bin/mypy
 "$PY" -m pytest tests -m "not lab" -q "$@"
 [ "$mode" = all ] || exit 0
 

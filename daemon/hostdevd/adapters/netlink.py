@@ -7,9 +7,16 @@ and the tests run without it.
 from __future__ import annotations
 
 import errno
+import importlib.util
+import logging
+from collections.abc import Callable
+from typing import Any
 
 from ..core.errors import NetlinkError
-from ..core.vfnet import VfNet
+from ..core.sysfs import RealHost, Sysfs
+from ..core.vfnet import NetlinkBackend, VfNet
+
+log = logging.getLogger("hostdevd.engine")
 
 
 class Pyroute2Backend:
@@ -77,3 +84,27 @@ class Pyroute2Backend:
 
 def _describe(spec: dict) -> str:
     return ", ".join(f"{k} {v['vlan'] if k == 'vlan' else v}" for k, v in spec.items() if k != "vf") or "nothing"
+
+
+def default_netlink(sysfs: Sysfs) -> NetlinkBackend | None:
+    """pyroute2 on a real host (sysfs at /sys); none for the simulated kernel or a moved sysfs root."""
+    if not isinstance(sysfs.backend, RealHost) or sysfs.backend.sys_root != "/sys":
+        return None
+    if importlib.util.find_spec("pyroute2") is None:
+        log.warning("pyroute2 is not installed: VF MAC/VLAN are neither saved nor restored")
+        return None
+    return _Lazy(Pyroute2Backend)
+
+
+class _Lazy:
+    """Builds the real object on first use: hostdevctl's commands that never touch a VF
+    do not pay for importing pyroute2 (about a second under the lab's emulation)."""
+
+    def __init__(self, factory: Callable[[], NetlinkBackend]):
+        self._factory = factory
+        self._obj: NetlinkBackend | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._obj is None:
+            self._obj = self._factory()
+        return getattr(self._obj, name)

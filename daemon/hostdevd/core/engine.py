@@ -5,7 +5,6 @@ The daemon, the hook's server side and hostdevctl are thin doors onto an
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +31,7 @@ from .sriov import SriovReport, VfResult, set_vfs_by_hand
 from .sriov import apply_config as apply_sriov_config
 from .sysfs import RealHost, Sysfs
 from .topology import Topology, from_sysfs, refresh_groups
+from .vf_wait import SysfsPollWaiter, VfWaiter
 from .vfnet import NetlinkBackend, VfNetManager
 
 log = logging.getLogger("hostdevd.engine")
@@ -42,17 +42,19 @@ CRITICAL_TTL = 10.0  # seconds
 class Engine:
     def __init__(self, config: Config | None = None, sysfs: Sysfs | None = None,
                  store: LedgerStore | None = None, modprobe=default_modprobe, runner: Runner = default_runner,
-                 netlink: NetlinkBackend | None = None):
+                 netlink: NetlinkBackend | None = None, vf_waiter: VfWaiter | None = None):
         self.config = config or Config()
         self.sysfs = sysfs or Sysfs(RealHost(self.config.sysfs_root), self.config.write_timeout)
         self.store = store or LedgerStore(self.config.state_dir)
         self.policy = Policy.from_config(self.config)
-        self.netlink = netlink if netlink is not None else default_netlink(self.sysfs)
+        # The doors plug in pyroute2 and udev on a real host (doors/wiring.py); the core's defaults
+        # are none (VF MAC/VLAN not handled) and sysfs polling for new VFs.
+        self.netlink = netlink
         self.executor = Executor(self.sysfs, self.store, modprobe=modprobe,
                                  verify_timeout=self.config.bind_verify_timeout,
                                  release_wait=self.config.release_wait_timeout, runner=runner,
                                  vfnet=VfNetManager(self.netlink) if self.netlink is not None else None)
-        self._vf_waiter = None
+        self.vf_waiter: VfWaiter = vf_waiter or SysfsPollWaiter(self.sysfs)
         self.locks = GroupLocks()
         self._critical: tuple[float, dict] | None = None
 
@@ -112,18 +114,6 @@ class Engine:
             return plan, self.executor.release(plan)
 
     # ---- SR-IOV (R11, R12) ----
-    @property
-    def vf_waiter(self):
-        """How set_vfs waits for new VFs: udev on a real host, sysfs polling otherwise."""
-        if self._vf_waiter is None:
-            from ..adapters.udev import default_waiter
-            self._vf_waiter = default_waiter(self.sysfs)
-        return self._vf_waiter
-
-    @vf_waiter.setter
-    def vf_waiter(self, waiter) -> None:
-        self._vf_waiter = waiter
-
     def plan_vfs(self, pf: str, numvfs: int, autoprobe: bool | None = None):
         from .sriov import plan_vfs
         return plan_vfs(self.topology(with_critical=False), self.ledger(), pf, numvfs, autoprobe)
@@ -367,26 +357,3 @@ def request_extras(parsed: DomainRequest | None) -> dict[str, Any]:
                            "hostdevd prepares its VF at libvirt's 'start begin' hook" for n in parsed.networks]
     return out
 
-
-def default_netlink(sysfs: Sysfs) -> NetlinkBackend | None:
-    """pyroute2 on a real host (sysfs at /sys); none for the simulated kernel or a moved sysfs root."""
-    if not isinstance(sysfs.backend, RealHost) or sysfs.backend.sys_root != "/sys":
-        return None
-    if importlib.util.find_spec("pyroute2") is None:
-        log.warning("pyroute2 is not installed: VF MAC/VLAN are neither saved nor restored")
-        return None
-    return _Lazy(lambda: __import__("hostdevd.adapters.netlink", fromlist=["Pyroute2Backend"]).Pyroute2Backend())
-
-
-class _Lazy:
-    """Builds the real object on first use: hostdevctl's commands that never touch a VF
-    do not pay for importing pyroute2 (about a second under the lab's emulation)."""
-
-    def __init__(self, factory):
-        self._factory = factory
-        self._obj = None
-
-    def __getattr__(self, name):
-        if self._obj is None:
-            self._obj = self._factory()
-        return getattr(self._obj, name)

@@ -10,32 +10,32 @@ step so a crash at any point leaves enough on disk to finish or undo it.
 * Release is best effort: each device's failure is logged and the rest
   continue (libvirt's reattach does the same); a group whose devices did not
   all come back keeps a ``failed`` claim so nothing is forgotten.
-* Host actions (config ``host_actions``): units stopped and modules unloaded
-  after the claim and before the first bind, each recorded in the claim
-  before it runs; undone at release and on rollback with modules loaded
-  *before* the devices go back to their drivers and units started *after*.
-  Commands go through an injectable runner (``systemctl``, ``modprobe``).
-* SR-IOV (R11): a :class:`~hostdevd.sriov.VfPlan` is applied here too, so the
-  ``sriov_*`` writes also come from the only writer.
+* Release runs the planner's release steps in the planner's order.
+* Reconciliation and reservations decide; the records they decided are written here.
+
+Its parts: host actions (:mod:`.executor_host`), SR-IOV writes (:mod:`.executor_sriov`),
+VF MAC/VLAN through netlink (:mod:`.executor_vfnet`), shared state (:mod:`.executor_base`).
+Nothing else writes sysfs or the ledger.
 """
 from __future__ import annotations
 
 import logging
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .address import PciAddress
 from .errors import ExecutionFailed, HostdevError, Refused
-from .ledger import RESERVATION, Claim, DeviceRecord, HostActionRecord, LedgerStore, Owner, SriovRecord, now
+from .executor_base import ExecutorBase, wait_until
+from .executor_host import HostActionSteps, Runner, RunResult, default_runner
+from .executor_sriov import SriovSteps
+from .executor_vfnet import VfNetSteps
+from .ledger import RESERVATION, Claim, DeviceRecord, LedgerStore, Owner, now
 from .logfields import log_action
 from .planner import Plan, Step, held_refusal, refused
-from .sriov import VfPlan, VfResult
 from .sysfs import Sysfs
 from .topology import VFIO
-from .vf_wait import VfWaiter
-from .vfnet import VfNetManager, VfNetSteps
+from .vfnet import VfNetManager
 
 log = logging.getLogger("hostdevd.executor")
 
@@ -48,37 +48,8 @@ def default_modprobe(module: str) -> None:
                               "is the module blacklisted (install ... /bin/false)? remove that line")
 
 
-@dataclass
-class RunResult:
-    rc: int
-    output: str = ""
 
 
-Runner = Callable[[list[str], float], RunResult]
-
-
-def default_runner(argv: list[str], timeout: float) -> RunResult:
-    """Run a host command (systemctl, modprobe) with a timeout; the executor's only subprocess door
-    for host actions, injectable so tests never stop a real unit."""
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise ExecutionFailed(f"`{' '.join(argv)}` did not finish within {timeout:g} s",
-                              "raise host_actions.timeout, or find out what holds it up "
-                              "(`systemctl list-jobs`, `lsmod`)") from None
-    except OSError as e:
-        raise ExecutionFailed(f"cannot run {argv[0]}: {e.strerror or e}") from None
-    return RunResult(proc.returncode, " ".join((proc.stderr or proc.stdout or "").split()))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 @dataclass
@@ -92,85 +63,22 @@ class Result:
         return {"ok": self.ok, "groups": self.groups, "errors": self.errors, "notes": self.notes}
 
 
-class Executor:
+class Executor(HostActionSteps, SriovSteps):
     def __init__(self, sysfs: Sysfs, store: LedgerStore, *,
                  modprobe: Callable[[str], None] | None = default_modprobe,
                  verify_timeout: float = 5.0, release_wait: float = 10.0,
                  on_step: Callable[[str], None] | None = None, runner: Runner = default_runner,
                  vfnet: VfNetManager | None = None):
-        self.sysfs = sysfs
-        self.store = store
+        ExecutorBase.__init__(self, sysfs, store, on_step)
         # VF MAC/VLAN through the PF (R4/R6/R12); without a netlink backend VFs move without them.
-        self.vf_net = VfNetSteps(sysfs, vfnet, store, self._set_state)
+        self.vf_net = VfNetSteps(sysfs, vfnet, store)
         self.modprobe = modprobe
         self.runner = runner
         self.verify_timeout = verify_timeout
         self.release_wait = release_wait
-        # Called at every step boundary with a name ("claim:12", "bind:0000:01:00.0", ...);
-        # tests use it to crash the executor at each boundary.
-        self.on_step = on_step
-
-    def _boundary(self, name: str) -> None:
-        if self.on_step:
-            self.on_step(name)
 
     # ------------------------------------------------------------------ SR-IOV
-    def _record_sriov(self, pf: str, **changes) -> None:
-        with self.store.transaction() as ledger:
-            rec = ledger.sriov.get(pf)
-            if rec is None:
-                rec = SriovRecord(pf=pf, numvfs=changes.pop("numvfs"), autoprobe=changes.pop("autoprobe"))
-            for k, v in changes.items():
-                setattr(rec, k, v)
-            rec.updated = now()
-            ledger.sriov[pf] = rec
 
-
-    def apply_vf_plan(self, plan: VfPlan, waiter: VfWaiter, timeout: float) -> VfResult:
-        """SR-IOV (R11): make the plan's writes; record intent first and the VFs after.
-        Raises on refusal or failure (the ledger then says ``failed``; sriov_numvfs cannot be
-        rolled back meaningfully: the old VFs are gone once 0 was written)."""
-        if not plan.ok:
-            raise Refused("; ".join(plan.refusals), plan.hint or None,
-                          refusals=[{"device": plan.pf, "reason": r, "hint": plan.hint} for r in plan.refusals])
-        pf = PciAddress.parse(plan.pf)
-        result = VfResult(plan.pf, plan.wanted, waiter=waiter.name)
-        if plan.noop:
-            result.vfs = [str(v) for v in self.sysfs.read_device(pf).virtfns]
-            self._record_sriov(plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state="ready", vfs=result.vfs,
-                    previous_numvfs=plan.current, note=None)
-            return result
-        result.changed = True
-        self._record_sriov(plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state="changing",
-                previous_numvfs=plan.current, vfs=[], seconds=None,
-                note=f"changing from {plan.current} to {plan.wanted} VFs")
-        t0 = time.monotonic()
-        try:
-            with waiter.watch(pf) as watch:
-                for kind, value in plan.steps:
-                    self._boundary(f"sriov:{kind}:{value}")
-                    if kind == "autoprobe":
-                        self.sysfs.set_sriov_drivers_autoprobe(pf, bool(value))
-                    elif kind == "numvfs":
-                        t0 = time.monotonic()
-                        self.sysfs.set_sriov_numvfs(pf, int(value), timeout=timeout)
-                        if not value:
-                            result.remove_seconds = round(time.monotonic() - t0, 3)
-                    elif kind == "wait":
-                        result.notes += watch.wait(pf, int(value), max(0.0, timeout - (time.monotonic() - t0)))
-        except HostdevError as e:
-            self._record_sriov(plan.pf, state="failed", note=str(e))
-            log_action(log, logging.ERROR, "sriov", "setting %s VFs on %s failed: %s", plan.wanted, plan.pf, e,
-                       address=plan.pf, action="sriov", result="failed")
-            raise
-        result.seconds = round(time.monotonic() - t0, 3) if plan.wanted else None
-        result.vfs = [str(v) for v in self.sysfs.read_device(pf).virtfns]
-        self._record_sriov(plan.pf, state="ready", vfs=result.vfs, seconds=result.seconds,
-                note="; ".join(result.notes) or None)
-        log_action(log, logging.INFO, "sriov", "%s now has %s VFs (was %s)%s", plan.pf, plan.wanted, plan.current,
-                   f", seen by {waiter.name} after {result.seconds:.3f} s" if result.seconds is not None else "",
-                   address=plan.pf, action="sriov", result="ok")
-        return result
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, plan: Plan) -> Result:
@@ -274,14 +182,6 @@ class Executor:
                    group=gp.group, owner=plan.owner, action="claim", result="ok")
         undo.append((f"claim:{gp.group}", lambda g=gp.group: self._drop_claim(g)))
 
-    def _set_state(self, group: int, addr: PciAddress, **changes) -> DeviceRecord:
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            rec = claim.device(addr)
-            for k, v in changes.items():
-                setattr(rec, k, v)
-            ledger.put(claim)
-            return rec.model_copy()
 
     def _bind_step(self, plan: Plan, group: int, addr: PciAddress, undo: list) -> None:
         self._boundary(f"bind:{addr}")
@@ -392,116 +292,14 @@ class Executor:
         return failures
 
     # ------------------------------------------------------------------ host actions
-    def _run(self, argv: list[str], timeout: float) -> RunResult:
-        return self.runner(argv, timeout)
 
-    def unit_active(self, unit: str, timeout: float = 30.0) -> bool:
-        return self._run(["systemctl", "is-active", "--quiet", unit], timeout).rc == 0
 
-    def _shared_action(self, group: int, kind: str, name: str) -> int | None:
-        """Another claim that records the same unit/module (it stopped it first): its group."""
-        for c in self.store.read().claims.values():
-            if c.group != group and any(a.kind == kind and a.name == name for a in c.host_actions):
-                return c.group
-        return None
 
-    def _record_action(self, group: int, rec: HostActionRecord) -> None:
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            claim.host_actions = [a for a in claim.host_actions
-                                  if not (a.kind == rec.kind and a.name == rec.name)] + [rec]
-            ledger.put(claim)
 
-    def _drop_action(self, group: int, kind: str, name: str) -> None:
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if claim is None:
-                return
-            claim.host_actions = [a for a in claim.host_actions if not (a.kind == kind and a.name == name)]
-            ledger.put(claim)
 
-    def _host_action_step(self, plan: Plan, group: int, step: Step, undo: list) -> None:
-        """Stop a unit / unload a module before binding (config host_actions); undo registered."""
-        kind = "unit" if step.action == "stop_unit" else "module"
-        name, timeout = step.name, step.timeout or 30.0
-        self._boundary(f"{step.action}:{name}")
-        what = f"unit {name}" if kind == "unit" else f"module {name}"
-        running = self.unit_active(name, timeout) if kind == "unit" else self.sysfs.module_loaded(name)
-        if not running:
-            other = self._shared_action(group, kind, name)
-            if other is not None:
-                # Stopped for another group: this group needs it stopped too, so the last
-                # release (not the first) brings it back.
-                self._record_action(group, HostActionRecord(kind=kind, name=name, state="done", timeout=timeout))
-                undo.append((f"{step.action}:{name}", lambda: self._drop_action(group, kind, name)))
-                note = f"already {'stopped' if kind == 'unit' else 'unloaded'} for group {other}"
-            else:
-                note = f"not {'active' if kind == 'unit' else 'loaded'}: nothing to do"
-            log_action(log, logging.INFO, "host_action", "%s %s: %s", step.action.replace("_", " "), name, note,
-                       group=group, owner=plan.owner, action=step.action, result="skipped")
-            return
-        # Intent first: a crash after the command leaves a record that release undoes.
-        self._record_action(group, HostActionRecord(kind=kind, name=name, state="pending", timeout=timeout))
-        undo_fn = lambda: self._undo_host_action(plan.owner, group, kind, name, timeout)  # noqa: E731
-        undo.append((f"{step.action}:{name}", undo_fn))
-        argv = ["systemctl", "stop", name] if kind == "unit" else ["modprobe", "-r", name]
-        t0 = time.monotonic()
-        res = self._run(argv, timeout)
-        if res.rc != 0:
-            log_action(log, logging.ERROR, "host_action", "%s %s failed: %s", step.action.replace("_", " "), name,
-                       res.output or f"exit status {res.rc}", group=group, owner=plan.owner, action=step.action,
-                       result="failed")
-            raise ExecutionFailed(f"`{' '.join(argv)}` failed for group {group}: "
-                                  f"{res.output or f'exit status {res.rc}'}",
-                                  f"the host still uses {what}; see host_actions in /etc/hostdevd/hostdevd.toml")
-        if kind == "module" and self.sysfs.module_loaded(name):
-            raise ExecutionFailed(f"module {name} is still loaded after `modprobe -r {name}`",
-                                  "something holds it (lsmod shows the users)")
-        self._record_action(group, HostActionRecord(kind=kind, name=name, state="done", timeout=timeout))
-        log_action(log, logging.INFO, "host_action", "%s %s for group %s (%.0f ms)", "stopped" if kind == "unit"
-                   else "unloaded", what, group, (time.monotonic() - t0) * 1000, group=group, owner=plan.owner,
-                   action=step.action, result="ok")
 
-    # Undo of a host action: (argv, what the log says it did, the hint when it fails).
-    _HOST_UNDO = {
-        "unit": (("systemctl", "start"), "start_unit", "started unit %s again (group %s)", "start it by hand"),
-        "module": (("modprobe",), "load_module", "loaded module %s again (group %s)", "load it by hand"),
-    }
 
-    def _undo_host_action(self, owner: Owner | None, group: int, kind: str, name: str, timeout: float) -> None:
-        """Start a stopped unit or load an unloaded module again, then drop its record."""
-        argv, action, done, hint = self._HOST_UNDO[kind]
-        cmd = " ".join(argv + (name,))
-        self._boundary(f"{action}:{name}")
-        res = self._run([*argv, name], timeout)
-        if res.rc != 0:
-            why = res.output or f"exit status {res.rc}"
-            log_action(log, logging.ERROR, "host_action", "%s failed: %s", cmd, why, group=group, owner=owner,
-                       action=action, result="failed")
-            raise ExecutionFailed(f"`{cmd}` failed: {why}", f"{hint}: {cmd}")
-        self._drop_action(group, kind, name)
-        log_action(log, logging.INFO, "host_action", done, name, group, group=group, owner=owner, action=action,
-                   result="ok")
 
-    def _undo_host_actions(self, owner: Owner, group: int, kind: str, records: list[HostActionRecord]
-                           ) -> list[str]:
-        """Release side: load modules / start units this claim recorded, newest first; best effort."""
-        failures = []
-        for act in reversed(records):
-            if act.kind != kind:
-                continue
-            other = self._shared_action(group, act.kind, act.name)
-            if other is not None:
-                self._drop_action(group, act.kind, act.name)
-                log_action(log, logging.INFO, "host_action", "%s %s stays %s: group %s still needs it", act.kind,
-                           act.name, "stopped" if kind == "unit" else "unloaded", other, group=group, owner=owner,
-                           action="start_unit" if kind == "unit" else "load_module", result="deferred")
-                continue
-            try:
-                self._undo_host_action(owner, group, kind, act.name, act.timeout)
-            except Exception as e:  # best effort, like every release step
-                failures.append(f"{act.kind} {act.name}: {e}")
-        return failures
 
     # ------------------------------------------------------------------ restore
     def _restore(self, group: int, rec: DeviceRecord) -> None:
@@ -692,3 +490,6 @@ class Executor:
                                address=step.address, group=group, owner=plan.owner, action="restore",
                                result="failed")
         return failures
+
+
+__all__ = ["Executor", "Result", "RunResult", "Runner", "default_modprobe", "default_runner", "wait_until"]

@@ -24,6 +24,7 @@ from ..core.ledger import Ledger, LedgerStore, Owner
 from ..core.planner import plan_prepare, plan_release
 from ..core.sysfs import RealHost, Sysfs
 from ..core.topology import Topology, from_snapshot
+from .wiring import host_engine
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -71,8 +72,7 @@ class Context:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = Engine(self.config, self.sysfs, LedgerStore(self.config.state_dir),
-                                  netlink=self._netlink)
+            self._engine = host_engine(self.config, self.sysfs, netlink=self._netlink)
         return self._engine
 
     def ledger(self) -> Ledger:

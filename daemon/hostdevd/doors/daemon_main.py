@@ -27,11 +27,10 @@ from pathlib import Path
 
 from .. import __version__
 from ..core.config import DEFAULT_PATH, Config, load_config
-from ..core.engine import Engine
 from ..core.errors import HostdevError
-from ..core.ledger import LedgerStore
 from ..core.sysfs import Sysfs
 from .wire import socket_path
+from .wiring import host_engine
 
 log = logging.getLogger("hostdevd.main")
 
@@ -90,10 +89,9 @@ def build_daemon(config: Config, args: argparse.Namespace):
         sim = SimKernel.from_file(args.sim)
         # the sim records every write for tests to inspect; a long-running demo keeps the last few
         sim.write_log = collections.deque(sim.write_log, maxlen=10_000)  # type: ignore[assignment]
-        engine = Engine(config, Sysfs(sim, config.write_timeout), LedgerStore(config.state_dir),
-                        modprobe=sim.load_module)
+        engine = host_engine(config, Sysfs(sim, config.write_timeout), modprobe=sim.load_module)
     else:
-        engine = Engine(config)
+        engine = host_engine(config)
     crash_at = os.environ.get("HOSTDEVD_CRASH_AT")
     if crash_at:
         # Test knob (the lab's crash test): die as kill -9 would at one named step

@@ -56,7 +56,7 @@ class EventWorker:
         self.last_reconcile: ReconcileReport | None = None
         self.reconcile_count = 0
         self.events_handled = 0
-        self._queue: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Callable[[], object]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._idle = threading.Condition()
@@ -82,7 +82,7 @@ class EventWorker:
         with self._idle:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
-    def submit(self, label: str, fn: Callable[[], None]) -> None:
+    def submit(self, label: str, fn: Callable[[], object]) -> None:
         with self._idle:
             self._pending += 1
         self._queue.put((label, fn))

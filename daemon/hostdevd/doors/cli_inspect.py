@@ -1,0 +1,111 @@
+"""hostdevctl's read-only views: groups (the host's IOMMU groups), status (the ledger), check (the host)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core.address import PciAddress
+from ..core.checks import run_checks
+from ..core.ledger import Ledger
+from .cli_common import EXIT_OK, EXIT_PROBLEM, Context, Out, daemon_socket, table
+
+
+def _owner_label(ledger: Ledger, addr: PciAddress) -> str | None:
+    claim = ledger.claim_for_device(addr)
+    if claim is None:
+        return "reserved" if str(addr) in ledger.reservations else None
+    label = "reserved" if claim.owner.kind == "reservation" else claim.owner.name
+    if claim.reserved and claim.owner.kind != "reservation":
+        label += " (reserved)"
+    return label if claim.state == "active" else f"{label} ({claim.state})"
+
+
+def cmd_groups(ctx: Context, out: Out) -> int:
+    topo, _ = ctx.topology()
+    ledger = ctx.ledger() if topo.source == "sysfs" else Ledger()
+    data = topo.to_json()
+    for g in data["groups"]:
+        for d in g["devices"]:
+            d["owner"] = _owner_label(ledger, PciAddress.parse(d["address"]))
+    if ctx.args.save:
+        Path(ctx.args.save).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if ctx.args.json:
+        out(json.dumps(data, indent=2))
+        return EXIT_OK
+    rows = []
+    entries = [(g["group"], d) for g in data["groups"] for d in g["devices"]]
+    entries += [(None, d) for d in data["ungrouped"]]
+    for group, d in entries:
+        addr = PciAddress.parse(d["address"])
+        notes = ["bridge"] if d["bridge"] else []
+        if addr in topo.critical:
+            notes.append("host-critical")
+        rows.append([group, d["address"], d["class"], f"{d['vendor']}:{d['device']}",
+                     d.get("driver") or ("" if topo.source == "listing" else "-"),
+                     _owner_label(ledger, addr), ", ".join(notes), d.get("name") or ""])
+    headers = ["GROUP", "ADDRESS", "CLASS", "VENDOR:DEV", "DRIVER", "OWNER", "NOTE", "NAME"]
+    if topo.source != "listing":
+        headers, rows = headers[:-1], [r[:-1] for r in rows]
+    out(table(headers, rows))
+    if not topo.iommu_active:
+        out("")
+        out("No IOMMU groups: the IOMMU is off or absent on this host, so no device can be passed through.")
+        out("Enable VT-d / AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on); "
+            "`hostdevctl check` explains.")
+        return EXIT_PROBLEM
+    return EXIT_OK
+
+
+def cmd_status(ctx: Context, out: Out) -> int:
+    ledger = ctx.ledger()
+    drift = _daemon_drift(ctx)
+    if ctx.args.json:
+        data = json.loads(ledger.model_dump_json())
+        data["drift"] = drift   # the ledger plus what the daemon saw through udev ([] without a daemon)
+        out(json.dumps(data, indent=2))
+        return EXIT_OK
+    rows = []
+    for _, c in sorted(ledger.claims.items(), key=lambda kv: int(kv[0])):
+        for dev in c.devices:
+            rows.append([c.group, c.owner.label(), c.state, dev.address, dev.role, dev.state,
+                         dev.original_driver or "none", dev.original_override or ""])
+    if not rows:
+        out("no claims: every device is with the host")
+        return EXIT_OK
+    out(table(["GROUP", "OWNER", "CLAIM", "ADDRESS", "ROLE", "STATE", "ORIG DRIVER", "ORIG OVERRIDE"], rows))
+    for c in ledger.claims.values():
+        for n in c.notes:
+            out(f"group {c.group}: {n}")
+        if c.host_actions:
+            out(f"group {c.group}: host actions undone at release: " + ", ".join(
+                f"{'stopped' if a.kind == 'unit' else 'unloaded'} {a.name}"
+                + (" (pending)" if a.state == "pending" else "") for a in c.host_actions))
+    for d in drift:
+        out(f"DRIFT: {d['address']} (group {d['group']}, {d['owner']}) is on {d['driver'] or 'no driver'}, "
+            f"not {d['expected']}, since {d['since']}: changed behind hostdevd's back, left as it is")
+    return EXIT_OK
+
+
+def _daemon_drift(ctx: Context) -> list[dict]:
+    """Drift the daemon saw through udev (empty without a daemon)."""
+    from . import wire
+    sock = daemon_socket(ctx)
+    if not sock:
+        return []
+    try:
+        return wire.call(sock, {"op": "status"}, timeout=10).get("drift") or []
+    except wire.WireError:
+        return []
+
+
+def cmd_check(ctx: Context, out: Out) -> int:
+    results = run_checks(ctx.sysfs, ctx.ledger())
+    failed = any(r.status == "fail" for r in results)
+    if ctx.args.json:
+        out(json.dumps({"ok": not failed, "checks": [r.to_json() for r in results]}, indent=2))
+    else:
+        for r in results:
+            out(f"{r.status.upper():<5} {r.name:<22} {r.message}")
+            if r.hint and r.status != "ok":
+                out(f"      fix: {r.hint}")
+    return EXIT_PROBLEM if failed else EXIT_OK
