@@ -364,9 +364,6 @@ def test_device_already_on_vfio_at_its_bind_step_goes_host_to_vfio(tmp_path, mon
     assert claim.state == "active" and claim.device(PAIR_B).state == "vfio"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: executor._rollback runs the claim's own undo (drop) after the failed restore, so the "
-    "claim is gone before it can be marked failed; the device is left unbound and forgotten"))
 def test_incomplete_rollback_fails_the_claim_and_releasing_it_again_works(tmp_path, monkeypatch):
     """executor._rollback: claimed -> failed; a failed claim released again: failed -> releasing."""
     from .conftest import load_sim, make_engine

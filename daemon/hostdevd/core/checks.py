@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .ledger import Ledger
+from .states import ClaimState
 from .sysfs import Sysfs
 from .topology import VFIO, from_sysfs
 
@@ -85,7 +86,7 @@ def run_checks(sysfs: Sysfs, ledger: Ledger) -> list[Check]:
     for claim in ledger.claims.values():
         for rec in claim.devices:
             drv = sysfs.driver(rec.pci) if sysfs.exists(rec.pci) else "gone"
-            if claim.state == "active" and drv != VFIO and not (drv is None and rec.original_driver is None
+            if claim.state == ClaimState.ACTIVE and drv != VFIO and not (drv is None and rec.original_driver is None
                                                                         and not rec.bound_by_us):
                 drift.append(f"{rec.address} claimed by {claim.owner.name} but on {drv or 'no driver'}")
     unclaimed = [str(d.address) for d in topo.devices.values()

@@ -33,6 +33,7 @@ from .executor_vfnet import VfNetSteps
 from .ledger import RESERVATION, Claim, DeviceRecord, LedgerStore, Owner, now
 from .logfields import log_action
 from .planner import Plan, Step, held_refusal, refused
+from .states import ClaimState, DeviceState
 from .sysfs import Sysfs
 from .topology import VFIO
 from .vfnet import VfNetManager
@@ -112,7 +113,7 @@ class Executor(HostActionSteps, SriovSteps):
                 self._boundary(f"activate:{gp.group}")
                 with self.store.transaction() as ledger:
                     claim = ledger.claim_for_group(gp.group)
-                    claim.state = "active"
+                    claim.move_to(ClaimState.ACTIVE)
                     ledger.put(claim)
                 log_action(log, logging.INFO, "claim", "group %s active for %s", gp.group, plan.owner.label(),
                            group=gp.group, owner=plan.owner, action="prepare", result="ok")
@@ -146,7 +147,7 @@ class Executor(HostActionSteps, SriovSteps):
         with self.store.transaction() as ledger:
             holder = ledger.claim_for_group(gp.group)
             if gp.takeover and holder is not None and holder.owner.kind == "reservation" \
-                    and holder.state == "active":
+                    and holder.state == ClaimState.ACTIVE:
                 # Borrow the reserved group: the devices stay where they are and keep
                 # their recorded original drivers; release gives the group back.
                 reservation = holder.owner.model_copy()
@@ -170,13 +171,13 @@ class Executor(HostActionSteps, SriovSteps):
                 addr = PciAddress.parse(a)
                 records.append(DeviceRecord(
                     address=a, role="companion" if a in gp.companions else "requested",
-                    state="vfio" if a in gp.keep else "host",
+                    state=DeviceState.VFIO if a in gp.keep else DeviceState.HOST,
                     # Read live: the topology may be seconds old.
                     original_driver=self.sysfs.driver(addr),
                     original_override=self.sysfs.driver_override(addr),
                     bound_by_us=False))
             # A reservation's claim says so in the same transaction (never a second write).
-            ledger.put(Claim(group=gp.group, owner=plan.owner, state="claimed", devices=records,
+            ledger.put(Claim(group=gp.group, owner=plan.owner, state=ClaimState.CLAIMED, devices=records,
                              reserved=plan.owner.kind == "reservation"))
         log_action(log, logging.INFO, "claim", "claimed group %s for %s", gp.group, plan.owner.label(),
                    group=gp.group, owner=plan.owner, action="claim", result="ok")
@@ -186,14 +187,14 @@ class Executor(HostActionSteps, SriovSteps):
     def _bind_step(self, plan: Plan, group: int, addr: PciAddress, undo: list) -> None:
         self._boundary(f"bind:{addr}")
         if self.sysfs.driver(addr) == VFIO:
-            self._set_state(group, addr, state="vfio")
+            self._set_state(group, addr, state=DeviceState.VFIO)
             return
         if not self.sysfs.driver_loaded(VFIO):
             if self.modprobe is None:
                 raise ExecutionFailed("the vfio-pci driver is not loaded", "run `modprobe vfio-pci`")
             self.modprobe(VFIO)
         # Intent first: a crash from here on leaves a record saying we were moving it.
-        rec = self._set_state(group, addr, state="binding", bound_by_us=True)
+        rec = self._set_state(group, addr, state=DeviceState.BINDING, bound_by_us=True)
         undo.append((f"bind:{addr}", lambda r=rec, g=group: self._restore(g, r)))
         self.sysfs.set_driver_override(addr, VFIO)
         self.sysfs.unbind(addr)
@@ -201,7 +202,7 @@ class Executor(HostActionSteps, SriovSteps):
         if not wait_until(lambda: self.sysfs.driver(addr) == VFIO, self.verify_timeout):
             raise ExecutionFailed(f"{addr} did not bind to vfio-pci (driver is now {self.sysfs.driver(addr)})",
                                   "check `dmesg` for vfio-pci errors")
-        self._set_state(group, addr, state="vfio")
+        self._set_state(group, addr, state=DeviceState.VFIO)
         log_action(log, logging.INFO, "bind", "bound %s to vfio-pci (was %s)", addr,
                    rec.original_driver or "no driver", address=addr, group=group, owner=plan.owner,
                    action="bind", result="ok")
@@ -247,8 +248,8 @@ class Executor(HostActionSteps, SriovSteps):
                 return
             for rec in claim.devices:
                 if rec.address in on_vfio:
-                    rec.state = "vfio"
-            claim.state = "active"
+                    rec.move_to(DeviceState.VFIO)
+            claim.move_to(ClaimState.ACTIVE)
             claim.notes.append(f"{now()}: {note}")
             ledger.put(claim)
 
@@ -258,7 +259,7 @@ class Executor(HostActionSteps, SriovSteps):
             if claim is None:
                 return
             claim.owner = reservation or Owner(**RESERVATION)
-            claim.state = "active"
+            claim.move_to(ClaimState.ACTIVE)
             for rec in claim.devices:
                 rec.role = "requested"
             ledger.put(claim)
@@ -272,6 +273,8 @@ class Executor(HostActionSteps, SriovSteps):
         # Modules come back first: a device can only return to a driver that is loaded.
         modules = [u for u in undo if u[0].startswith("unload_module:")]
         for name, fn in list(reversed(modules)) + [u for u in reversed(undo) if u not in modules]:
+            if name.startswith("claim:") and failures:
+                continue      # keep the claim (marked failed below): it records what was not given back
             try:
                 fn()
             except Exception as e:  # keep undoing the rest
@@ -286,7 +289,7 @@ class Executor(HostActionSteps, SriovSteps):
                     claim = ledger.claim_for_group(g)
                     if claim is None:
                         continue
-                    claim.state = "failed"
+                    claim.move_to(ClaimState.FAILED)
                     claim.notes.append("rollback incomplete: " + "; ".join(failures))
                     ledger.put(claim)
         return failures
@@ -316,7 +319,7 @@ class Executor(HostActionSteps, SriovSteps):
                        address=addr, group=group, action="restore", result="vanished")
             self._forget_device(group, addr)
             return
-        self._set_state(group, addr, state="restoring")
+        self._set_state(group, addr, state=DeviceState.RESTORING)
         want = rec.original_driver
         self.sysfs.set_driver_override(addr, rec.original_override)
         current = self.sysfs.driver(addr)
@@ -337,7 +340,7 @@ class Executor(HostActionSteps, SriovSteps):
                 raise ExecutionFailed(f"{addr} did not return to {want} (driver is now "
                                       f"{self.sysfs.driver(addr) or 'none'})",
                                       "check `dmesg`; bind it by hand with driverctl or sysfs")
-        self._set_state(group, addr, state="host", bound_by_us=False)
+        self._set_state(group, addr, state=DeviceState.HOST, bound_by_us=False)
         log_action(log, logging.INFO, "restore", "returned %s to %s", addr, want or "no driver",
                    address=addr, group=group, action="restore", result="ok")
 
@@ -375,7 +378,7 @@ class Executor(HostActionSteps, SriovSteps):
             c = ledger.claim_for_group(group)
             if c is not None and not c.devices:
                 if failures:
-                    c.state = "failed"
+                    c.move_to(ClaimState.FAILED)
                     c.notes.append("every device vanished; host actions not undone: " + "; ".join(failures))
                     ledger.put(c)
                 else:
@@ -429,14 +432,14 @@ class Executor(HostActionSteps, SriovSteps):
             claim = ledger.claim_for_group(group)
             if claim is None:
                 return None
-            claim.state = "releasing"
+            claim.move_to(ClaimState.RELEASING)
             ledger.put(claim)
         # R6: rebind only after QEMU has closed the group, or the host driver's probe hits EBUSY.
         if not wait_until(lambda: self.sysfs.vfio_group_users(group) == 0, self.release_wait, 0.1):
             msg = f"group {group}: /dev/vfio/{group} is still open; devices left on vfio-pci"
             with self.store.transaction() as ledger:
                 claim = ledger.claim_for_group(group)
-                claim.state = "failed"
+                claim.move_to(ClaimState.FAILED)
                 claim.notes.append(msg)
                 ledger.put(claim)
             log_action(log, logging.ERROR, "release", msg, group=group, owner=plan.owner,
@@ -449,7 +452,7 @@ class Executor(HostActionSteps, SriovSteps):
             if not failures:
                 ledger.drop(group)
             elif claim is not None:
-                claim.state = "failed"
+                claim.move_to(ClaimState.FAILED)
                 claim.notes.append("release incomplete: " + "; ".join(failures))
                 ledger.put(claim)
         if failures:

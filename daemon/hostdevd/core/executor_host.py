@@ -17,6 +17,7 @@ from .executor_base import ExecutorBase
 from .ledger import HostActionRecord, Owner
 from .logfields import log_action
 from .planner import Plan, Step
+from .states import HostActionState
 
 log = logging.getLogger("hostdevd.executor")
 
@@ -86,7 +87,7 @@ class HostActionSteps(ExecutorBase):
             if other is not None:
                 # Stopped for another group: this group needs it stopped too, so the last
                 # release (not the first) brings it back.
-                self._record_action(group, HostActionRecord(kind=kind, name=name, state="done", timeout=timeout))
+                self._record_action(group, HostActionRecord(kind=kind, name=name, state=HostActionState.DONE, timeout=timeout))
                 undo.append((f"{step.action}:{name}", lambda: self._drop_action(group, kind, name)))
                 note = f"already {'stopped' if kind == 'unit' else 'unloaded'} for group {other}"
             else:
@@ -95,7 +96,7 @@ class HostActionSteps(ExecutorBase):
                        group=group, owner=plan.owner, action=step.action, result="skipped")
             return
         # Intent first: a crash after the command leaves a record that release undoes.
-        self._record_action(group, HostActionRecord(kind=kind, name=name, state="pending", timeout=timeout))
+        self._record_action(group, HostActionRecord(kind=kind, name=name, state=HostActionState.PENDING, timeout=timeout))
         undo_fn = lambda: self._undo_host_action(plan.owner, group, kind, name, timeout)  # noqa: E731
         undo.append((f"{step.action}:{name}", undo_fn))
         argv = ["systemctl", "stop", name] if kind == "unit" else ["modprobe", "-r", name]
@@ -111,7 +112,7 @@ class HostActionSteps(ExecutorBase):
         if kind == "module" and self.sysfs.module_loaded(name):
             raise ExecutionFailed(f"module {name} is still loaded after `modprobe -r {name}`",
                                   "something holds it (lsmod shows the users)")
-        self._record_action(group, HostActionRecord(kind=kind, name=name, state="done", timeout=timeout))
+        self._record_action(group, HostActionRecord(kind=kind, name=name, state=HostActionState.DONE, timeout=timeout))
         log_action(log, logging.INFO, "host_action", "%s %s for group %s (%.0f ms)", "stopped" if kind == "unit"
                    else "unloaded", what, group, (time.monotonic() - t0) * 1000, group=group, owner=plan.owner,
                    action=step.action, result="ok")

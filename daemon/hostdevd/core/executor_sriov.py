@@ -11,6 +11,7 @@ from .executor_base import ExecutorBase
 from .ledger import SriovRecord, now
 from .logfields import log_action
 from .sriov import VfPlan, VfResult
+from .states import ClaimState, SriovState
 from .vf_wait import VfWaiter
 
 log = logging.getLogger("hostdevd.executor")
@@ -38,11 +39,11 @@ class SriovSteps(ExecutorBase):
         result = VfResult(plan.pf, plan.wanted, waiter=waiter.name)
         if plan.noop:
             result.vfs = [str(v) for v in self.sysfs.read_device(pf).virtfns]
-            self._record_sriov(plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state="ready", vfs=result.vfs,
+            self._record_sriov(plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state=SriovState.READY, vfs=result.vfs,
                     previous_numvfs=plan.current, note=None)
             return result
         result.changed = True
-        self._record_sriov(plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state="changing",
+        self._record_sriov(plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state=SriovState.CHANGING,
                 previous_numvfs=plan.current, vfs=[], seconds=None,
                 note=f"changing from {plan.current} to {plan.wanted} VFs")
         t0 = time.monotonic()
@@ -60,13 +61,13 @@ class SriovSteps(ExecutorBase):
                     elif kind == "wait":
                         result.notes += watch.wait(pf, int(value), max(0.0, timeout - (time.monotonic() - t0)))
         except HostdevError as e:
-            self._record_sriov(plan.pf, state="failed", note=str(e))
+            self._record_sriov(plan.pf, state=ClaimState.FAILED, note=str(e))
             log_action(log, logging.ERROR, "sriov", "setting %s VFs on %s failed: %s", plan.wanted, plan.pf, e,
                        address=plan.pf, action="sriov", result="failed")
             raise
         result.seconds = round(time.monotonic() - t0, 3) if plan.wanted else None
         result.vfs = [str(v) for v in self.sysfs.read_device(pf).virtfns]
-        self._record_sriov(plan.pf, state="ready", vfs=result.vfs, seconds=result.seconds,
+        self._record_sriov(plan.pf, state=SriovState.READY, vfs=result.vfs, seconds=result.seconds,
                 note="; ".join(result.notes) or None)
         log_action(log, logging.INFO, "sriov", "%s now has %s VFs (was %s)%s", plan.pf, plan.wanted, plan.current,
                    f", seen by {waiter.name} after {result.seconds:.3f} s" if result.seconds is not None else "",

@@ -14,6 +14,7 @@ from .executor_base import ExecutorBase
 from .ledger import LedgerStore, VfNetConfig
 from .logfields import log_action
 from .netreq import NetRequest
+from .states import VfNetState
 from .sysfs import Sysfs
 from .vfnet import VfNetManager
 
@@ -85,7 +86,7 @@ class VfNetSteps(ExecutorBase):
             raise ExecutionFailed(f"{addr}: cannot set MAC/VLAN: {why}",
                                   "use <hostdev> without MAC/VLAN, or a VF of a network PF")
         if req.managed or req.libvirt_first:
-            cfg.state, cfg.requested_mac, cfg.requested_vlan = "libvirt", req.mac, req.vlan
+            cfg.state, cfg.requested_mac, cfg.requested_vlan = VfNetState.LIBVIRT, req.mac, req.vlan
             if req.libvirt_first:
                 cfg.mac = cfg.vlan = cfg.qos = cfg.spoofchk = cfg.trust = None
                 cfg.notes.append("read after libvirt configured it (hostdev network): the original settings "
@@ -98,7 +99,7 @@ class VfNetSteps(ExecutorBase):
         if self.manager is None:
             raise ExecutionFailed(f"{addr}: cannot set MAC/VLAN: no netlink", "install pyroute2")
         # Intent first: from here on release and rollback restore the saved values.
-        cfg.state, cfg.requested_mac, cfg.requested_vlan = "set", req.mac, req.vlan
+        cfg.state, cfg.requested_mac, cfg.requested_vlan = VfNetState.SET, req.mac, req.vlan
         self._set_state(group, addr, vf_netconfig=cfg)
         undo.append((f"set_net:{addr}", lambda g=group, a=addr: self.restore(plan, g, a)))
         self.manager.apply(cfg.pf_netdev, cfg.vf_index, req.mac, req.vlan)
@@ -113,7 +114,7 @@ class VfNetSteps(ExecutorBase):
     def verify(self, group: int, addr: PciAddress) -> list[str]:
         """After start: does the VF carry what the domain asked for (whoever set it)?"""
         cfg = self._saved(group, addr)
-        if cfg is None or cfg.state == "saved" or self.manager is None:
+        if cfg is None or cfg.state == VfNetState.SAVED or self.manager is None:
             return []
         try:
             diff = self.manager.verify(cfg.pf_netdev, cfg.vf_index, cfg.requested_mac, cfg.requested_vlan)
@@ -125,10 +126,10 @@ class VfNetSteps(ExecutorBase):
         """R6: while the VF is still on vfio-pci, put back what hostdevd changed (``set``), or
         check that libvirt did (``libvirt``: recorded, never overwritten). Raises when a write fails."""
         cfg = self._saved(group, addr)
-        if cfg is None or cfg.state == "saved":
+        if cfg is None or cfg.state == VfNetState.SAVED:
             return []
         owner = getattr(plan, "owner", None)
-        if cfg.state == "libvirt":
+        if cfg.state == VfNetState.LIBVIRT:
             if self.manager is None:
                 return []
             try:
@@ -145,7 +146,7 @@ class VfNetSteps(ExecutorBase):
         if self.manager is None:
             raise ExecutionFailed(f"{addr}: cannot restore its MAC/VLAN: no netlink", "install pyroute2")
         notes = self.manager.restore(cfg.pf_netdev, cfg.vf_index, cfg)
-        cfg.state, cfg.notes = "saved", cfg.notes + notes
+        cfg.state, cfg.notes = VfNetState.SAVED, cfg.notes + notes
         self._set_state(group, addr, vf_netconfig=cfg)
         for n in notes:
             log_action(log, logging.WARNING, "sriov", "%s", n, address=addr, group=group, owner=owner,
@@ -160,7 +161,7 @@ class VfNetSteps(ExecutorBase):
         """Release: every VF of the group, newest first, best effort; returns failures."""
         failures = []
         for rec in reversed(records):
-            if rec.vf_netconfig is None or rec.vf_netconfig.state == "saved":
+            if rec.vf_netconfig is None or rec.vf_netconfig.state == VfNetState.SAVED:
                 continue
             try:
                 self.restore(plan, group, rec.pci)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from .address import PciAddress
 from .errors import HostdevError, InvalidAddress
 from .logfields import log_action
+from .states import ClaimState, DeviceState
 from .topology import VFIO
 
 if TYPE_CHECKING:
@@ -169,7 +170,7 @@ class PciEventHandler:
         with self.engine.locks.hold([claim.group]):
             claim = self.engine.ledger().claim_for_device(addr)
             rec = claim.device(addr) if claim is not None else None
-            if claim is None or rec is None or claim.state != "active" or rec.state != "vfio":
+            if claim is None or rec is None or claim.state != ClaimState.ACTIVE or rec.state != DeviceState.VFIO:
                 self._clear(addr)            # not claimed, or mid-operation/failed: not ours to judge
                 return None
             sysfs = self.engine.sysfs

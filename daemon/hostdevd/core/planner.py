@@ -17,6 +17,7 @@ from .config import Config, DeviceMatcher
 from .errors import Refused
 from .ledger import Claim, Ledger, Owner
 from .netreq import NetRequest
+from .states import ClaimState, VfNetState
 from .topology import VFIO, Device, Topology
 
 
@@ -210,7 +211,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
         plan.groups.append(gp)
         holder = ledger.claim_for_group(group)
         gp.takeover = bool(holder and holder.owner.kind == "reservation" and owner.kind != "reservation"
-                           and holder.state == "active")
+                           and holder.state == ClaimState.ACTIVE)
         if holder and not holder.owner.same(owner) and not gp.takeover:
             plan.refusals.append(held_refusal(str(addrs[0]), group, holder.owner))
         gp.already_held = bool(holder and holder.owner.same(owner))
@@ -385,9 +386,9 @@ def plan_release(topo: Topology, owner: Owner, ledger: Ledger,
 def _restore_net_steps(plan: Plan, claim: Claim, topo: Topology) -> None:
     for rec in reversed(claim.devices):        # R6: while the VFs are still on vfio-pci
         cfg = rec.vf_netconfig
-        if cfg is not None and cfg.state != "saved" and topo.get(rec.pci) is not None:
+        if cfg is not None and cfg.state != VfNetState.SAVED and topo.get(rec.pci) is not None:
             plan.steps.append(Step("restore_net", claim.group, rec.address, (
-                f"VF {cfg.vf_index} of {cfg.pf_netdev}: mac {cfg.mac} vlan {cfg.vlan}" if cfg.state == "set" else
+                f"VF {cfg.vf_index} of {cfg.pf_netdev}: mac {cfg.mac} vlan {cfg.vlan}" if cfg.state == VfNetState.SET else
                 f"VF {cfg.vf_index} of {cfg.pf_netdev}: libvirt restores it; verify mac {cfg.mac} vlan {cfg.vlan}")))
 
 

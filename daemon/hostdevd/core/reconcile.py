@@ -38,6 +38,7 @@ from .domxml import parse_domain
 from .errors import HostdevError
 from .ledger import Claim, DeviceRecord, Owner, now
 from .logfields import log_action
+from .states import ClaimState, DeviceState
 from .topology import VFIO, Topology
 
 if TYPE_CHECKING:
@@ -127,10 +128,10 @@ def recover_interrupted(engine: Engine, running: list[RunningDomain] | None, rep
                         guard: Guard = _no_guard) -> None:
     for _key, claim in sorted(engine.ledger().claims.items(), key=lambda kv: int(kv[0])):
         states = {d.state for d in claim.devices}
-        if claim.state == "failed":
+        if claim.state == ClaimState.FAILED:
             report.failed_claims.append(claim.group)
             continue
-        if claim.state == "active" and not states & {"binding", "restoring"}:
+        if claim.state == ClaimState.ACTIVE and not states & {DeviceState.BINDING, DeviceState.RESTORING}:
             continue
         with guard(claim.owner.name) as ok:
             if not ok:
@@ -142,10 +143,10 @@ def recover_interrupted(engine: Engine, running: list[RunningDomain] | None, rep
 
 def _recover_one(engine: Engine, group: int, running: list[RunningDomain] | None, report: ReconcileReport) -> None:
     claim = engine.ledger().claim_for_group(group)   # fresh, under the group lock
-    if claim is None or claim.state in ("failed",):
+    if claim is None or claim.state == ClaimState.FAILED:
         return
     states = {d.state for d in claim.devices}
-    if claim.state == "active":
+    if claim.state == ClaimState.ACTIVE:
         # Unreachable through the executor; say so and leave it for an operator.
         note = f"group {group}: claim is active but devices are in states {sorted(states)}"
         report.errors.append(note)
@@ -153,10 +154,10 @@ def _recover_one(engine: Engine, group: int, running: list[RunningDomain] | None
                    action="reconcile", result="inconsistent")
         return
     users = engine.sysfs.vfio_group_users(group)
-    what = "half prepare" if claim.state == "claimed" else "half release"
+    what = "half prepare" if claim.state == ClaimState.CLAIMED else "half release"
     dom = _find_running(running, claim.owner) if running is not None else None
     topo = engine.topology(with_critical=False)
-    if claim.state == "claimed" and dom is not None and all(PciAddress.parse(a) in dom.addresses
+    if claim.state == ClaimState.CLAIMED and dom is not None and all(PciAddress.parse(a) in dom.addresses
                                                            for a in claim.requested):
         # Every endpoint of the group on vfio-pci (or gone): the bind finished, only
         # the "active" mark is missing, and the domain runs with it. Complete it.
@@ -182,7 +183,7 @@ def _recover_one(engine: Engine, group: int, running: list[RunningDomain] | None
     except HostdevError as e:
         report.errors.append(f"group {group}: finishing the {what} failed: {e}")
         return
-    action = "rolled back half prepare" if claim.state == "claimed" else "finished half release"
+    action = "rolled back half prepare" if claim.state == ClaimState.CLAIMED else "finished half release"
     report.finished.append({"group": group, "owner": claim.owner.name, "action": action})
     log_action(log, logging.WARNING, "reconcile", "%s of group %s for %s", action, group, claim.owner.label(),
                group=group, owner=claim.owner, action="reconcile", result="ok")
@@ -199,7 +200,7 @@ def release_gone(engine: Engine, running: list[RunningDomain], report: Reconcile
     newer than the list and are left alone.
     """
     for claim in sorted(engine.ledger().claims.values(), key=lambda c: c.group):
-        if claim.owner.kind != "domain" or claim.state != "active":
+        if claim.owner.kind != "domain" or claim.state != ClaimState.ACTIVE:
             continue
         if listed_at is not None and _parse_time(claim.created) >= listed_at:
             continue
@@ -211,7 +212,7 @@ def release_gone(engine: Engine, running: list[RunningDomain], report: Reconcile
                 continue
             with engine.locks.hold([claim.group]):
                 fresh = engine.ledger().claim_for_group(claim.group)
-                if fresh is None or fresh.state != "active" or not fresh.owner.same(claim.owner):
+                if fresh is None or fresh.state != ClaimState.ACTIVE or not fresh.owner.same(claim.owner):
                     continue
                 users = engine.sysfs.vfio_group_users(claim.group)
                 if users:
@@ -276,9 +277,9 @@ def adopt_domain(engine: Engine, dom: RunningDomain, report: ReconcileReport | N
                 else:
                     original, override = dev.driver, dev.driver_override
                 records.append(DeviceRecord(address=a, role="requested" if dev.address in addrs else "companion",
-                                            state="vfio" if dev.on_vfio else "host", original_driver=original,
+                                            state=DeviceState.VFIO if dev.on_vfio else DeviceState.HOST, original_driver=original,
                                             original_override=override, bound_by_us=False))
-            if not engine.executor.adopt(Claim(group=group, owner=owner, state="active", devices=records,
+            if not engine.executor.adopt(Claim(group=group, owner=owner, state=ClaimState.ACTIVE, devices=records,
                                                notes=[f"{now()}: adopted from running domain {dom.name}"] + notes)):
                 continue
         adopted.append(group)
@@ -318,7 +319,7 @@ def release_missing(engine: Engine, dom: RunningDomain, *, before: datetime | No
     owner = dom.owner
     gone: list[PciAddress] = []
     for claim in engine.ledger().claims_of(owner):
-        if claim.state != "active" or (before is not None and _parse_time(claim.created) >= before):
+        if claim.state != ClaimState.ACTIVE or (before is not None and _parse_time(claim.created) >= before):
             continue
         gone += [PciAddress.parse(a) for a in claim.requested if PciAddress.parse(a) not in dom.addresses]
     if gone:
@@ -331,7 +332,7 @@ def release_missing(engine: Engine, dom: RunningDomain, *, before: datetime | No
 def release_owner(engine: Engine, owner: Owner, *, before: datetime | None = None) -> list[int]:
     """Release every active claim of ``owner`` created before ``before`` (stop safety net)."""
     claims = [c for c in engine.ledger().claims_of(owner)
-              if c.state in ("active", "releasing") and (before is None or _parse_time(c.created) < before)]
+              if c.state in (ClaimState.ACTIVE, ClaimState.RELEASING) and (before is None or _parse_time(c.created) < before)]
     if not claims:
         return []
     addrs = [PciAddress.parse(a) for c in claims for a in c.requested]

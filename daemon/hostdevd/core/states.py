@@ -75,16 +75,18 @@ class HostActionState(StrEnum):
 _C = ClaimState
 CLAIM_TRANSITIONS: dict[ClaimState, frozenset[ClaimState]] = {
     _C.CLAIMED: frozenset({
-        _C.ACTIVE,      # executor.prepare: every step done ("activate"); reconcile completes an interrupted
-                        # prepare of a running domain; executor._to_reservation: a borrow rolled back or a
-                        # half-prepared borrow released
+        _C.ACTIVE,      # executor.prepare: every step done ("activate"); executor.complete_prepare
+                        # (reconcile): an interrupted prepare of a running domain; executor._to_reservation:
+                        # a borrow rolled back, or a half-prepared borrow released
         _C.RELEASING,   # executor._release_group: reconcile rolls back a half prepare
-        _C.FAILED,      # executor._rollback incomplete; executor.forget_vanished: host actions not undone
+        _C.FAILED,      # executor._rollback incomplete (meant to; see test_states' xfail);
+                        # executor.forget_vanished: every device gone, host actions not undone
     }),
     _C.ACTIVE: frozenset({
         _C.CLAIMED,     # executor._claim: a domain borrows a reserved group (the reservation's active claim)
         _C.RELEASING,   # executor._release_group
-        _C.FAILED,      # executor.forget_vanished: every device gone, host actions not undone
+        _C.FAILED,      # executor.forget_vanished: every device gone, host actions not undone;
+                        # executor._rollback incomplete after a borrow was given back (_to_reservation)
     }),
     _C.RELEASING: frozenset({
         _C.FAILED,      # executor._release_group: /dev/vfio/N still open, or a restore/undo failed
@@ -99,10 +101,10 @@ _D = DeviceState
 DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
     _D.HOST: frozenset({
         _D.BINDING,     # executor._bind_step: intent recorded before the sysfs writes
-        _D.VFIO,        # executor._bind_step: already on vfio-pci; reconcile completes an interrupted prepare
+        _D.VFIO,        # executor._bind_step: already on vfio-pci; executor.complete_prepare (reconcile)
     }),
     _D.BINDING: frozenset({
-        _D.VFIO,        # executor._bind_step: bound; reconcile completes an interrupted prepare
+        _D.VFIO,        # executor._bind_step: bound; executor.complete_prepare (reconcile)
         _D.RESTORING,   # executor._restore: rollback of a failed bind, or release after a crash mid-bind
     }),
     _D.VFIO: frozenset({
@@ -110,7 +112,7 @@ DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
     }),
     _D.RESTORING: frozenset({
         _D.HOST,        # executor._restore: back on the recorded driver
-        _D.VFIO,        # reconcile completes an interrupted prepare whose rollback had begun: the device is
+        _D.VFIO,        # executor.complete_prepare (reconcile): a prepare whose rollback had begun; the device is
                         # still on vfio-pci and the running domain uses it
     }),
 }

@@ -8,8 +8,17 @@ from ..core.errors import Refused, UsageError
 from ..core.ledger import Ledger, Owner
 from ..core.netreq import NetRequest, net_requests
 from ..core.planner import Policy, plan_prepare, plan_release
-from .cli_common import EXIT_OK, EXIT_PROBLEM, Context, Out, daemon_socket, domain_ref, print_plan, read_text, \
-    via_daemon
+from .cli_common import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    Context,
+    Out,
+    daemon_socket,
+    domain_ref,
+    print_plan,
+    read_text,
+    via_daemon,
+)
 
 
 def _requests(ctx: Context) -> tuple[list[PciAddress], Owner | None, list[str]]:

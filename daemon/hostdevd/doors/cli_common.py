@@ -19,6 +19,7 @@ from ..core.errors import HostdevError, UsageError
 from ..core.ledger import Ledger, LedgerStore, Owner
 from ..core.sysfs import RealHost, Sysfs
 from ..core.topology import Topology, from_snapshot
+from .wiring import host_engine
 
 if TYPE_CHECKING:
     from ..core.vfnet import NetlinkBackend
@@ -70,8 +71,7 @@ class Context:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = Engine(self.config, self.sysfs, LedgerStore(self.config.state_dir),
-                                  netlink=self._netlink)
+            self._engine = host_engine(self.config, self.sysfs, netlink=self._netlink)
         return self._engine
 
     def ledger(self) -> Ledger:

@@ -7,8 +7,7 @@ from typing import Any
 from ..core.address import PciAddress
 from ..core.errors import HostdevError, UsageError
 from ..core.ledger import Owner
-from .cli_common import EXIT_OK, EXIT_PROBLEM, Context, Out, ask_daemon, daemon_socket, read_text, refused_status, \
-    table
+from .cli_common import EXIT_OK, EXIT_PROBLEM, Context, Out, ask_daemon, daemon_socket, read_text, refused_status, table
 
 
 def _hotplug(ctx: Context, out: Out, op: str) -> int:

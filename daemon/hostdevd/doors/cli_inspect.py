@@ -7,6 +7,7 @@ from pathlib import Path
 from ..core.address import PciAddress
 from ..core.checks import run_checks
 from ..core.ledger import Ledger
+from ..core.states import ClaimState, HostActionState
 from .cli_common import EXIT_OK, EXIT_PROBLEM, Context, Out, daemon_socket, table
 
 
@@ -17,7 +18,7 @@ def _owner_label(ledger: Ledger, addr: PciAddress) -> str | None:
     label = "reserved" if claim.owner.kind == "reservation" else claim.owner.name
     if claim.reserved and claim.owner.kind != "reservation":
         label += " (reserved)"
-    return label if claim.state == "active" else f"{label} ({claim.state})"
+    return label if claim.state == ClaimState.ACTIVE else f"{label} ({claim.state})"
 
 
 def cmd_groups(ctx: Context, out: Out) -> int:
@@ -79,7 +80,7 @@ def cmd_status(ctx: Context, out: Out) -> int:
         if c.host_actions:
             out(f"group {c.group}: host actions undone at release: " + ", ".join(
                 f"{'stopped' if a.kind == 'unit' else 'unloaded'} {a.name}"
-                + (" (pending)" if a.state == "pending" else "") for a in c.host_actions))
+                + (" (pending)" if a.state == HostActionState.PENDING else "") for a in c.host_actions))
     for d in drift:
         out(f"DRIFT: {d['address']} (group {d['group']}, {d['owner']}) is on {d['driver'] or 'no driver'}, "
             f"not {d['expected']}, since {d['since']}: changed behind hostdevd's back, left as it is")
