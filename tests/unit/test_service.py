@@ -9,8 +9,7 @@ import pytest
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.errors import LedgerError, LibvirtFailure, LibvirtUnavailable
 from hostdevd.core.ledger import Owner
-from hostdevd.doors.api import call
-from hostdevd.doors.api import PrepareRequest
+from hostdevd.doors.api import PrepareRequest, call
 from hostdevd.doors.gate import DomainGate
 from hostdevd.doors.hotplug import hostdev_xml
 from hostdevd.doors.wire import DaemonNotRunning
@@ -209,7 +208,7 @@ def test_libvirt_lost_while_handling_leaves_it_to_reconcile(fake):
 
 def test_worker_survives_a_failing_handler(fake):
     d, sim, path, adapter = fake
-    d._submit("boom", lambda: 1 / 0)
+    d.worker.submit("boom", lambda: 1 / 0)
     assert d.wait_idle() and d.healthy()
     d.engine.prepare([A.parse(NIC1)], VM1)
     d.on_domain_event("vm1", VM1.uuid, "stopped", "destroyed")

@@ -105,7 +105,7 @@ def daemon(conn):
     with running_daemon("lab", adapter=LibvirtEvents(URI), start=False) as (d, sim, path):
         events = spy_events(d)
         d.start()
-        wait_for(lambda: d.libvirt_connected and d.reconcile_count >= 2 and d.wait_idle(0), what="connect")
+        wait_for(lambda: d.libvirt_connected and d.worker.reconcile_count >= 2 and d.wait_idle(0), what="connect")
         yield d, sim, path, events
 
 
@@ -151,7 +151,7 @@ def test_stale_stopped_event_does_not_release_a_restarted_domain(daemon, vms):
     vm = vms(NIC1)
     gate = threading.Event()
     # hold the worker so the STOPPED event is handled only after the restart
-    d._submit("test: hold the worker", lambda: gate.wait(10))
+    d.worker.submit("test: hold the worker", lambda: gate.wait(10))
     assert vm.hook(path, "prepare")["ok"]
     vm.dom.create()
     vm.dom.destroy()
@@ -207,9 +207,9 @@ def test_reconcile_at_connect_releases_claims_of_gone_domains(conn):
         d.engine.prepare([A.parse(PAIR)], Owner(name="ghost", uuid=str(uuidlib.uuid4())))
         assert sim.driver(PAIR) == "vfio-pci"
         d.start()
-        wait_for(lambda: d.reconcile_count >= 2 and d.wait_idle(0), what="reconcile after connect")
+        wait_for(lambda: d.worker.reconcile_count >= 2 and d.wait_idle(0), what="reconcile after connect")
         assert d.engine.ledger().claims == {} and sim.driver(PAIR) == "e1000e"
-        assert [r["owner"] for r in d.last_reconcile.released] == ["ghost"]
+        assert [r["owner"] for r in d.worker.last_reconcile.released] == ["ghost"]
 
 
 def test_reconcile_at_connect_adopts_running_domain(conn, vms):
@@ -218,9 +218,9 @@ def test_reconcile_at_connect_adopts_running_domain(conn, vms):
     with running_daemon("lab", adapter=LibvirtEvents(URI), start=False) as (d, sim, path):
         vfio_bind_by_hand(d.engine, NIC1)
         d.start()
-        wait_for(lambda: d.reconcile_count >= 2 and d.wait_idle(0), what="reconcile after connect")
+        wait_for(lambda: d.worker.reconcile_count >= 2 and d.wait_idle(0), what="reconcile after connect")
         assert d.engine.ledger().claim_for_group(12).owner.same(vm.owner)
-        assert d.last_reconcile.orphans == []
+        assert d.worker.last_reconcile.orphans == []
 
 
 def test_disconnected_daemon_serves_from_ledger_then_reconnects(conn):
@@ -231,7 +231,7 @@ def test_disconnected_daemon_serves_from_ledger_then_reconnects(conn):
         assert st["connected"] is False and st["state"] == "disconnected"
         assert call(path, {"op": "prepare", "domain": {"name": "vm1"}, "addresses": [NIC1]})["ok"]
         adapter.uri = URI                           # "libvirtd is back"
-        wait_for(lambda: d.libvirt_connected and d.reconcile_count >= 2 and d.wait_idle(0), what="reconnect")
+        wait_for(lambda: d.libvirt_connected and d.worker.reconcile_count >= 2 and d.wait_idle(0), what="reconnect")
         assert call(path, {"op": "status"})["daemon"]["libvirt"]["connected"] is True
         # libvirt knows no vm1 running: the reconcile after connect released it
         assert d.engine.ledger().claims == {} and sim.driver(NIC1) == "e1000e"
@@ -240,9 +240,9 @@ def test_disconnected_daemon_serves_from_ledger_then_reconnects(conn):
 def test_connection_loss_reconnects_and_reconciles(daemon):
     d, sim, path, events = daemon
     adapter = d.adapter
-    before = (adapter.connects, d.reconcile_count)
+    before = (adapter.connects, d.worker.reconcile_count)
     adapter._on_close(None, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)   # what libvirtd's restart triggers
-    wait_for(lambda: adapter.connects == before[0] + 1 and d.reconcile_count > before[1] and d.wait_idle(0),
+    wait_for(lambda: adapter.connects == before[0] + 1 and d.worker.reconcile_count > before[1] and d.wait_idle(0),
              what="reconnect")
     assert d.libvirt_connected
 

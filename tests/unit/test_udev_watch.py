@@ -345,7 +345,7 @@ def test_a_failing_subscriber_does_not_stop_handling(eng, handler, caplog):
 
 def test_daemon_reports_drift_in_status_and_journal_fields(caplog):
     with running_daemon("lab") as (d, sim, path):
-        d.drift_grace = 0
+        d.worker.drift_grace = 0
         assert call(path, {"op": "prepare", "domain": {"name": "vm1"}, "addresses": [NIC1]})["ok"]
         bind_by_hand(sim, NIC1, "e1000e")
         d.on_pci_event(ev("bind", NIC1, "e1000e"))
@@ -359,7 +359,7 @@ def test_daemon_reports_drift_in_status_and_journal_fields(caplog):
 def test_daemon_judges_bind_events_after_a_grace_period():
     """libvirt's managed reattach rebinds a device just before DEVICE_REMOVED releases its claim."""
     with running_daemon("lab") as (d, sim, path):
-        d.drift_grace = 0.3
+        d.worker.drift_grace = 0.3
         assert call(path, {"op": "prepare", "domain": {"name": "vm1"}, "addresses": [NIC1]})["ok"]
         bind_by_hand(sim, NIC1, "e1000e")
         d.on_pci_event(ev("bind", NIC1, "e1000e"))
@@ -404,11 +404,11 @@ def test_daemon_with_a_watcher_starts_and_stops_it():
     w = Watch()
     with running_daemon("lab", start=False) as (d, sim, path):
         d.udev = w
-        d.drift_grace = 0
+        d.worker.drift_grace = 0
         d.start()
         assert d.udev_watching and call(path, {"op": "status"})["udev"]["watching"] is True
         w.sink(ev("add", NIC1))
-        assert d.wait_idle() and d.pci.state()["events"] == {"add": 1}
+        assert d.wait_idle() and d.worker.pci.state()["events"] == {"add": 1}
         w.healthy = False
         assert not d.healthy()
         w.healthy = True
@@ -420,7 +420,7 @@ def test_hostdevctl_status_shows_drift(tmp_path):
     from hostdevd.doors.cli import main as cli_main
 
     with running_daemon("lab") as (d, sim, path):
-        d.drift_grace = 0
+        d.worker.drift_grace = 0
         cfg = tmp_path / "c.toml"
         cfg.write_text(f'state_dir = "{d.engine.config.state_dir}"\nruntime_dir = "{d.engine.config.runtime_dir}"\n')
         assert call(path, {"op": "prepare", "domain": {"name": "vm1"}, "addresses": [NIC1]})["ok"]

@@ -41,7 +41,8 @@ CRITICAL_TTL = 10.0  # seconds
 
 class Engine:
     def __init__(self, config: Config | None = None, sysfs: Sysfs | None = None,
-                 store: LedgerStore | None = None, modprobe=default_modprobe, runner: Runner = default_runner,
+                 store: LedgerStore | None = None, modprobe: Callable[[str], None] | None = default_modprobe,
+                 runner: Runner = default_runner,
                  netlink: NetlinkBackend | None = None, vf_waiter: VfWaiter | None = None):
         self.config = config or Config()
         self.sysfs = sysfs or Sysfs(RealHost(self.config.sysfs_root), self.config.write_timeout)
@@ -155,7 +156,7 @@ class Engine:
     def release_group(self, claim: Claim) -> Result:
         """Release one claim's group whoever owns it; the caller holds the group lock."""
         plan = plan_release(self.topology(with_critical=False), claim.owner, self.ledger(),
-                            [PciAddress.parse(a) for a in claim.requested] or None, group=claim.group)
+                            claim.requested_pci or None, group=claim.group)
         return self.executor.release(plan)
 
     # ---- use-cases the doors call (typed in, typed out) ----
@@ -208,8 +209,8 @@ class Engine:
                        net: dict[PciAddress, NetRequest]) -> Attached:
         """Hot-plug, before libvirt's attach: whole groups prepared; ``new`` is what only this
         attach claimed (given back by :meth:`attach_rollback` if libvirt refuses)."""
-        held = {a for c in self.ledger().claims_of(owner) for a in c.requested}
-        new = [a for a in addresses if str(a) not in held]
+        held = {a for c in self.ledger().claims_of(owner) for a in c.requested_pci}
+        new = [a for a in addresses if a not in held]
         plan, result = self._prepare_logged(addresses, owner, net)
         return Attached(owner, plan, result, new)
 
@@ -241,8 +242,8 @@ class Engine:
         stay. Returns (released addresses, the release)."""
         if not guest_changed:
             return [], None
-        claimed = {a for c in self.ledger().claims_of(owner) for a in c.requested}
-        release = [a for a in addresses if a not in still_attached and (a in guest_had or str(a) in claimed)]
+        claimed = {a for c in self.ledger().claims_of(owner) for a in c.requested_pci}
+        release = [a for a in addresses if a not in still_attached and (a in guest_had or a in claimed)]
         if not release:
             return [], None
         return release, self.release_domain(owner, release)

@@ -32,7 +32,7 @@ from .executor_sriov import SriovSteps
 from .executor_vfnet import VfNetSteps
 from .ledger import RESERVATION, Claim, DeviceRecord, LedgerStore, Owner, now
 from .logfields import log_action
-from .planner import Plan, Step, held_refusal, refused
+from .planner import GroupPlan, Plan, Step, held_refusal, refused
 from .states import ClaimState, DeviceState
 from .sysfs import Sysfs
 from .topology import VFIO
@@ -98,21 +98,20 @@ class Executor(HostActionSteps, SriovSteps):
                 self._claim(plan, gp, undo)
                 for step in steps:
                     if step.action == "bind":
-                        self._bind_step(plan, gp.group, PciAddress.parse(step.address), undo)
+                        self._bind_step(plan, gp.group, step.pci, undo)
                     elif step.action == "reset":
-                        self._reset_step(plan, gp.group, PciAddress.parse(step.address))
+                        self._reset_step(plan, gp.group, step.pci)
                     elif step.action in ("stop_unit", "unload_module"):
                         self._host_action_step(plan, gp.group, step, undo)
                     elif step.action == "save_net":
-                        self._boundary(f"save_net:{step.address}")
-                        self.vf_net.save(plan, gp.group, PciAddress.parse(step.address))
+                        self._boundary(f"save_net:{step.pci}")
+                        self.vf_net.save(plan, gp.group, step.pci)
                     elif step.action == "set_net":
-                        self._boundary(f"set_net:{step.address}")
-                        self.vf_net.apply(plan, gp.group, PciAddress.parse(step.address), plan.net[step.address],
-                                          undo)
+                        self._boundary(f"set_net:{step.pci}")
+                        self.vf_net.apply(plan, gp.group, step.pci, plan.net[step.pci], undo)
                 self._boundary(f"activate:{gp.group}")
                 with self.store.transaction() as ledger:
-                    claim = ledger.claim_for_group(gp.group)
+                    claim = ledger.held(gp.group)
                     claim.move_to(ClaimState.ACTIVE)
                     ledger.put(claim)
                 log_action(log, logging.INFO, "claim", "group %s active for %s", gp.group, plan.owner.label(),
@@ -130,18 +129,18 @@ class Executor(HostActionSteps, SriovSteps):
             raise ExecutionFailed(msg, getattr(e, "hint", None)) from e
         return result
 
-    def promote(self, group: int, requested: list[str]) -> None:
+    def promote(self, group: int, requested: list[PciAddress]) -> None:
         """Companions of a held group the owner now uses itself become requested (refcount, R6)."""
         with self.store.transaction() as ledger:
             claim = ledger.claim_for_group(group)
             if claim is None:
                 return
             for rec in claim.devices:
-                if rec.address in requested:
+                if rec.pci in requested:
                     rec.role = "requested"
             ledger.put(claim)
 
-    def _claim(self, plan: Plan, gp, undo: list) -> None:
+    def _claim(self, plan: Plan, gp: GroupPlan, undo: list) -> None:
         """Record the claim atomically: a racing owner loses here, before any sysfs write."""
         self._boundary(f"claim:{gp.group}")
         with self.store.transaction() as ledger:
@@ -152,8 +151,8 @@ class Executor(HostActionSteps, SriovSteps):
                 # their recorded original drivers; release gives the group back.
                 reservation = holder.owner.model_copy()
                 for rec in holder.devices:
-                    rec.role = "companion" if rec.address in gp.companions else "requested"
-                holder.owner, holder.state = plan.owner, "claimed"
+                    rec.role = "companion" if rec.pci in gp.companions else "requested"
+                holder.owner, holder.state = plan.owner, ClaimState.CLAIMED
                 ledger.put(holder)
                 undo.append((f"claim:{gp.group}",
                              lambda g=gp.group, r=reservation: self._to_reservation(g, r)))
@@ -162,19 +161,18 @@ class Executor(HostActionSteps, SriovSteps):
                 return
             if holder is not None and not holder.owner.same(plan.owner):
                 # Lost a race with another owner since the plan was made: the planner's refusal.
-                raise refused([held_refusal(gp.requested[0] if gp.requested else "-", gp.group, holder.owner)])
+                raise refused([held_refusal(str(gp.requested[0]) if gp.requested else "-", gp.group, holder.owner)])
             if holder is not None:
                 raise Refused(f"IOMMU group {gp.group} is already being prepared for {plan.owner.label()}",
                               "wait for the first request to finish")
             records = []
             for a in gp.bind:
-                addr = PciAddress.parse(a)
                 records.append(DeviceRecord(
-                    address=a, role="companion" if a in gp.companions else "requested",
+                    address=str(a), role="companion" if a in gp.companions else "requested",
                     state=DeviceState.VFIO if a in gp.keep else DeviceState.HOST,
                     # Read live: the topology may be seconds old.
-                    original_driver=self.sysfs.driver(addr),
-                    original_override=self.sysfs.driver_override(addr),
+                    original_driver=self.sysfs.driver(a),
+                    original_override=self.sysfs.driver_override(a),
                     bound_by_us=False))
             # A reservation's claim says so in the same transaction (never a second write).
             ledger.put(Claim(group=gp.group, owner=plan.owner, state=ClaimState.CLAIMED, devices=records,
@@ -269,7 +267,7 @@ class Executor(HostActionSteps, SriovSteps):
             ledger.drop(group)
 
     def _rollback(self, plan: Plan, undo: list) -> list[str]:
-        failures = []
+        failures: list[str] = []
         # Modules come back first: a device can only return to a driver that is loaded.
         modules = [u for u in undo if u[0].startswith("unload_module:")]
         for name, fn in list(reversed(modules)) + [u for u in reversed(undo) if u not in modules]:
@@ -395,8 +393,9 @@ class Executor(HostActionSteps, SriovSteps):
         for gp in plan.groups:
             steps = [s for s in plan.steps if s.group == gp.group]
             if gp.group in plan.keep_claims:
-                self._shrink_claim(gp.group, plan.keep_claims[gp.group])
-                result.notes.append(f"group {gp.group} stays held for {', '.join(plan.keep_claims[gp.group])}")
+                remaining = plan.keep_claims[gp.group]
+                self._shrink_claim(gp.group, remaining)
+                result.notes.append(f"group {gp.group} stays held for {', '.join(map(str, remaining))}")
                 continue
             if gp.group in plan.to_reservation:
                 self._boundary(f"release:{gp.group}")
@@ -418,11 +417,11 @@ class Executor(HostActionSteps, SriovSteps):
             raise ExecutionFailed("; ".join(result.errors), "see `hostdevctl status`; the ledger keeps the record")
         return result
 
-    def _shrink_claim(self, group: int, remaining: list[str]) -> None:
+    def _shrink_claim(self, group: int, remaining: list[PciAddress]) -> None:
         with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
+            claim = ledger.held(group)
             for rec in claim.devices:
-                if rec.role == "requested" and rec.address not in remaining:
+                if rec.role == "requested" and rec.pci not in remaining:
                     rec.role = "companion"
             ledger.put(claim)
 
@@ -438,7 +437,7 @@ class Executor(HostActionSteps, SriovSteps):
         if not wait_until(lambda: self.sysfs.vfio_group_users(group) == 0, self.release_wait, 0.1):
             msg = f"group {group}: /dev/vfio/{group} is still open; devices left on vfio-pci"
             with self.store.transaction() as ledger:
-                claim = ledger.claim_for_group(group)
+                claim = ledger.held(group)
                 claim.move_to(ClaimState.FAILED)
                 claim.notes.append(msg)
                 ledger.put(claim)

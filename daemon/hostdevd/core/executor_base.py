@@ -33,8 +33,7 @@ class ExecutorBase:
 
     def _set_state(self, group: int, addr: PciAddress, **changes: object) -> DeviceRecord:
         with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            assert claim is not None, f"group {group} has no claim"
+            claim = ledger.held(group)
             rec = claim.device(addr)
             assert rec is not None, f"{addr} is not in the claim of group {group}"
             for k, v in changes.items():

@@ -62,7 +62,7 @@ class HostActionSteps(ExecutorBase):
 
     def _record_action(self, group: int, rec: HostActionRecord) -> None:
         with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
+            claim = ledger.held(group)
             claim.host_actions = [a for a in claim.host_actions
                                   if not (a.kind == rec.kind and a.name == rec.name)] + [rec]
             ledger.put(claim)
@@ -78,7 +78,7 @@ class HostActionSteps(ExecutorBase):
     def _host_action_step(self, plan: Plan, group: int, step: Step, undo: list) -> None:
         """Stop a unit / unload a module before binding (config host_actions); undo registered."""
         kind = "unit" if step.action == "stop_unit" else "module"
-        name, timeout = step.name, step.timeout or 30.0
+        name, timeout = step.target, step.timeout or 30.0
         self._boundary(f"{step.action}:{name}")
         what = f"unit {name}" if kind == "unit" else f"module {name}"
         running = self.unit_active(name, timeout) if kind == "unit" else self.sysfs.module_loaded(name)
@@ -87,7 +87,8 @@ class HostActionSteps(ExecutorBase):
             if other is not None:
                 # Stopped for another group: this group needs it stopped too, so the last
                 # release (not the first) brings it back.
-                self._record_action(group, HostActionRecord(kind=kind, name=name, state=HostActionState.DONE, timeout=timeout))
+                self._record_action(group, HostActionRecord(kind=kind, name=name, state=HostActionState.DONE,
+                                                            timeout=timeout))
                 undo.append((f"{step.action}:{name}", lambda: self._drop_action(group, kind, name)))
                 note = f"already {'stopped' if kind == 'unit' else 'unloaded'} for group {other}"
             else:
@@ -96,7 +97,8 @@ class HostActionSteps(ExecutorBase):
                        group=group, owner=plan.owner, action=step.action, result="skipped")
             return
         # Intent first: a crash after the command leaves a record that release undoes.
-        self._record_action(group, HostActionRecord(kind=kind, name=name, state=HostActionState.PENDING, timeout=timeout))
+        self._record_action(group, HostActionRecord(kind=kind, name=name, state=HostActionState.PENDING,
+                                                    timeout=timeout))
         undo_fn = lambda: self._undo_host_action(plan.owner, group, kind, name, timeout)  # noqa: E731
         undo.append((f"{step.action}:{name}", undo_fn))
         argv = ["systemctl", "stop", name] if kind == "unit" else ["modprobe", "-r", name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from .address import PciAddress
 from .errors import HostdevError, Refused
@@ -11,14 +12,14 @@ from .executor_base import ExecutorBase
 from .ledger import SriovRecord, now
 from .logfields import log_action
 from .sriov import VfPlan, VfResult
-from .states import ClaimState, SriovState
+from .states import SriovState
 from .vf_wait import VfWaiter
 
 log = logging.getLogger("hostdevd.executor")
 
 
 class SriovSteps(ExecutorBase):
-    def _record_sriov(self, pf: str, **changes) -> None:
+    def _record_sriov(self, pf: str, **changes: Any) -> None:
         with self.store.transaction() as ledger:
             rec = ledger.sriov.get(pf)
             if rec is None:
@@ -39,13 +40,13 @@ class SriovSteps(ExecutorBase):
         result = VfResult(plan.pf, plan.wanted, waiter=waiter.name)
         if plan.noop:
             result.vfs = [str(v) for v in self.sysfs.read_device(pf).virtfns]
-            self._record_sriov(plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state=SriovState.READY, vfs=result.vfs,
-                    previous_numvfs=plan.current, note=None)
+            self._record_sriov(plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state=SriovState.READY,
+                               vfs=result.vfs, previous_numvfs=plan.current, note=None)
             return result
         result.changed = True
         self._record_sriov(plan.pf, numvfs=plan.wanted, autoprobe=plan.autoprobe, state=SriovState.CHANGING,
-                previous_numvfs=plan.current, vfs=[], seconds=None,
-                note=f"changing from {plan.current} to {plan.wanted} VFs")
+                           previous_numvfs=plan.current, vfs=[], seconds=None,
+                           note=f"changing from {plan.current} to {plan.wanted} VFs")
         t0 = time.monotonic()
         try:
             with waiter.watch(pf) as watch:
@@ -61,14 +62,14 @@ class SriovSteps(ExecutorBase):
                     elif kind == "wait":
                         result.notes += watch.wait(pf, int(value), max(0.0, timeout - (time.monotonic() - t0)))
         except HostdevError as e:
-            self._record_sriov(plan.pf, state=ClaimState.FAILED, note=str(e))
+            self._record_sriov(plan.pf, state=SriovState.FAILED, note=str(e))
             log_action(log, logging.ERROR, "sriov", "setting %s VFs on %s failed: %s", plan.wanted, plan.pf, e,
                        address=plan.pf, action="sriov", result="failed")
             raise
         result.seconds = round(time.monotonic() - t0, 3) if plan.wanted else None
         result.vfs = [str(v) for v in self.sysfs.read_device(pf).virtfns]
         self._record_sriov(plan.pf, state=SriovState.READY, vfs=result.vfs, seconds=result.seconds,
-                note="; ".join(result.notes) or None)
+                           note="; ".join(result.notes) or None)
         log_action(log, logging.INFO, "sriov", "%s now has %s VFs (was %s)%s", plan.pf, plan.wanted, plan.current,
                    f", seen by {waiter.name} after {result.seconds:.3f} s" if result.seconds is not None else "",
                    address=plan.pf, action="sriov", result="ok")

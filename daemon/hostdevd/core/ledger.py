@@ -188,6 +188,11 @@ class Claim(_Guarded):
     def requested(self) -> list[str]:
         return [d.address for d in self.devices if d.role == "requested"]
 
+    @property
+    def requested_pci(self) -> list[PciAddress]:
+        """:attr:`requested` as addresses, to meet a plan or a domain's devices."""
+        return [d.pci for d in self.devices if d.role == "requested"]
+
     def _what(self) -> str:
         return f"claim of group {self.group}"
 
@@ -207,6 +212,15 @@ class Ledger(_Model):
 
     def claim_for_group(self, group: int) -> Claim | None:
         return self.claims.get(str(group))
+
+    def held(self, group: int) -> Claim:
+        """The claim of ``group`` where the caller knows there is one (it made it, under the
+        group's lock): LedgerError naming the group when it is missing."""
+        claim = self.claims.get(str(group))
+        if claim is None:
+            raise LedgerError(f"IOMMU group {group} has no claim in the ledger",
+                              "was the ledger changed by hand? see `hostdevctl status`")
+        return claim
 
     def claim_for_device(self, addr: PciAddress | str) -> Claim | None:
         for c in self.claims.values():

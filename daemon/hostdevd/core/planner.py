@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .address import PciAddress
 from .config import Config, DeviceMatcher
-from .errors import Refused
+from .errors import InternalError, Refused
 from .ledger import Claim, Ledger, Owner
 from .netreq import NetRequest
 from .states import ClaimState, VfNetState
@@ -63,13 +63,30 @@ HOST_ACTIONS = ("stop_unit", "unload_module", "load_module", "start_unit")
 class Step:
     action: StepAction
     group: int
-    address: str | None = None
+    address: PciAddress | None = None
     detail: str = ""
     name: str | None = None          # host actions: the unit or module
     timeout: float | None = None     # host actions: seconds for the command
 
-    def to_json(self) -> dict:
-        d = {"action": self.action, "group": self.group, "address": self.address, "detail": self.detail}
+    @property
+    def pci(self) -> PciAddress:
+        """The device of a device step (bind, reset, keep, restore, save_net, ...); a step
+        that names none here is a hostdevd bug."""
+        if self.address is None:
+            raise InternalError(f"{self.action} step of group {self.group} names no device")
+        return self.address
+
+    @property
+    def target(self) -> str:
+        """The unit or module of a host action step (stop_unit, load_module, ...)."""
+        if self.name is None:
+            raise InternalError(f"{self.action} step of group {self.group} names no unit or module")
+        return self.name
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"action": self.action, "group": self.group,
+                             "address": str(self.address) if self.address is not None else None,
+                             "detail": self.detail}
         if self.name is not None:
             d["name"] = self.name
             d["timeout"] = self.timeout
@@ -83,18 +100,22 @@ class Step:
 @dataclass
 class GroupPlan:
     group: int
-    requested: list[str] = field(default_factory=list)
-    bind: list[str] = field(default_factory=list)        # every endpoint that must sit on vfio-pci
-    companions: list[str] = field(default_factory=list)  # endpoints bound only because they share the group
-    skip: list[str] = field(default_factory=list)        # bridges, never bound
-    keep: list[str] = field(default_factory=list)        # already on vfio-pci/pci-stub: left as they are
-    already_held: bool = False                           # this owner holds the group already
-    takeover: bool = False                               # a domain borrows a reserved group
+    requested: list[PciAddress] = field(default_factory=list)
+    bind: list[PciAddress] = field(default_factory=list)        # every endpoint that must sit on vfio-pci
+    companions: list[PciAddress] = field(default_factory=list)  # bound only because they share the group
+    skip: list[PciAddress] = field(default_factory=list)        # bridges, never bound
+    keep: list[PciAddress] = field(default_factory=list)        # already on vfio-pci/pci-stub: left as they are
+    already_held: bool = False                                  # this owner holds the group already
+    takeover: bool = False                                      # a domain borrows a reserved group
 
     def to_json(self) -> dict:
-        return {"group": self.group, "requested": self.requested, "bind": self.bind,
-                "companions": self.companions, "skip": self.skip, "keep": self.keep,
+        return {"group": self.group, "requested": _strs(self.requested), "bind": _strs(self.bind),
+                "companions": _strs(self.companions), "skip": _strs(self.skip), "keep": _strs(self.keep),
                 "already_held": self.already_held, "takeover": self.takeover}
+
+
+def _strs(addresses: list[PciAddress]) -> list[str]:
+    return [str(a) for a in addresses]
 
 
 @dataclass
@@ -106,11 +127,11 @@ class Plan:
     refusals: list[Refusal] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # Release only: groups whose claim merely shrinks (other requested devices still held).
-    keep_claims: dict[int, list[str]] = field(default_factory=dict)
+    keep_claims: dict[int, list[PciAddress]] = field(default_factory=dict)
     # Release only: reserved groups that go back to the reservation, staying on vfio-pci.
     to_reservation: list[int] = field(default_factory=list)
     # Prepare only: VF network settings requested per address (<interface type='hostdev'>).
-    net: dict[str, NetRequest] = field(default_factory=dict)
+    net: dict[PciAddress, NetRequest] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -187,7 +208,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
     """
     policy = policy or Policy()
     plan = Plan("prepare", owner)
-    plan.net = {str(a): r for a, r in (net_requests or {}).items() if r.wants_settings}
+    plan.net = {a: r for a, r in (net_requests or {}).items() if r.wants_settings}
     warn = class_warnings or {}
     wanted: dict[int, list[PciAddress]] = {}
     for addr in dict.fromkeys(requests):  # de-duplicate, keep order
@@ -207,7 +228,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
         wanted.setdefault(dev.group, []).append(addr)
 
     for group, addrs in sorted(wanted.items()):
-        gp = GroupPlan(group, requested=[str(a) for a in addrs])
+        gp = GroupPlan(group, requested=list(addrs))
         plan.groups.append(gp)
         holder = ledger.claim_for_group(group)
         gp.takeover = bool(holder and holder.owner.kind == "reservation" and owner.kind != "reservation"
@@ -216,11 +237,11 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             plan.refusals.append(held_refusal(str(addrs[0]), group, holder.owner))
         gp.already_held = bool(holder and holder.owner.same(owner))
         for dev in topo.group_members(group):
-            a = str(dev.address)
+            a = dev.address
             if dev.bridge:
                 gp.skip.append(a)
                 continue
-            role = "requested" if dev.address in addrs else "companion"
+            role = "requested" if a in addrs else "companion"
             gp.bind.append(a)
             if role == "companion":
                 gp.companions.append(a)
@@ -230,8 +251,8 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             refusal = _refuse_device(dev, role, topo, policy, warn)
             if refusal:
                 plan.refusals.append(refusal)
-            elif dev.address in warn:
-                plan.warnings.append(f"{a}: {warn[dev.address]}")
+            elif a in warn:
+                plan.warnings.append(f"{a}: {warn[a]}")
             elif dev.boot_vga and a not in gp.keep and not policy.config.host_actions_for(
                     dev.address, dev.vendor, dev.device):
                 plan.warnings.append(f"{a} is the boot VGA and no host_actions match it: whatever shows the "
@@ -240,7 +261,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
         for a in gp.bind:
             other = ledger.claim_for_device(a)
             if other and other.group != group:
-                plan.refusals.append(Refusal(a, f"the ledger records {a} in group {other.group}, the host now "
+                plan.refusals.append(Refusal(str(a), f"the ledger records {a} in group {other.group}, the host now "
                                              f"reports group {group}", "the topology changed; run `hostdevctl check`"))
     if not topo.iommu_active and not plan.refusals:
         plan.refusals.append(Refusal("-", "the IOMMU is off or absent", NO_IOMMU_HINT))
@@ -250,9 +271,9 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
     for gp in plan.groups:
         if gp.already_held:
             claim = ledger.claim_for_group(gp.group)
-            new = [a for a in gp.requested if claim and a not in claim.requested]
+            new = [a for a in gp.requested if claim and a not in claim.requested_pci]
             if new:
-                plan.steps.append(Step("update", gp.group, None, "add requested " + ", ".join(new)))
+                plan.steps.append(Step("update", gp.group, None, "add requested " + ", ".join(map(str, new))))
             continue
         plan.steps.append(Step("claim", gp.group, None, f"owner {owner.label()}"
                                + (", borrowed from the reservation" if gp.takeover else "")))
@@ -265,7 +286,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
                 plan.steps.append(Step("save_net", gp.group, a, f"VF {vf[1]} of {vf[0]}: save MAC, VLAN, "
                                        "spoof-check, trust"))
         for a in gp.bind:
-            dev = topo.get(PciAddress.parse(a))
+            dev = topo.require(a)
             role = "companion" if a in gp.companions else "requested"
             # A listing rarely says which driver a device has.
             drv = dev.driver or ("driver unknown" if topo.source == "listing" else "no driver")
@@ -274,7 +295,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             else:
                 plan.steps.append(Step("bind", gp.group, a, f"{role}, {drv} -> {VFIO}"))
         for a in gp.bind:
-            dev = topo.get(PciAddress.parse(a))
+            dev = topo.require(a)
             pref = policy.reset_preference(dev)
             if pref not in ("auto", "none") and a not in gp.keep:
                 plan.steps.append(Step("reset", gp.group, a, f"{pref} (after every member is detached)"))
@@ -288,9 +309,9 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
     return plan
 
 
-def _vf_netdev(topo: Topology, address: str) -> tuple[str, int] | None:
+def _vf_netdev(topo: Topology, address: PciAddress) -> tuple[str, int] | None:
     """(PF netdev, VF index) of a VF whose PF has a network interface, from the topology."""
-    dev = topo.get(PciAddress.parse(address))
+    dev = topo.get(address)
     if dev is None or dev.physfn is None:
         return None
     pf = topo.get(dev.physfn)
@@ -302,15 +323,15 @@ def _vf_netdev(topo: Topology, address: str) -> tuple[str, int] | None:
 def _refuse_net(topo: Topology, plan: Plan) -> None:
     """MAC/VLAN can only be set on a VF, through its PF's network interface, one VLAN tag."""
     for a, _req in plan.net.items():
-        dev = topo.get(PciAddress.parse(a))
+        dev = topo.get(a)
         if dev is None:
             continue
         if dev.physfn is None:
-            plan.refusals.append(Refusal(a, f"{a} is not an SR-IOV VF: MAC/VLAN of <interface type='hostdev'> can "
+            plan.refusals.append(Refusal(str(a), f"{a} is not an SR-IOV VF: MAC/VLAN of <interface type='hostdev'> can "
                                          "only be set on a VF (libvirt refuses it too)",
                                          "use <hostdev> for a whole NIC, or pick a VF"))
         elif _vf_netdev(topo, a) is None and topo.source == "sysfs":
-            plan.refusals.append(Refusal(a, f"the PF {dev.physfn} of VF {a} has no network interface, so its MAC/"
+            plan.refusals.append(Refusal(str(a), f"the PF {dev.physfn} of VF {a} has no network interface, so its MAC/"
                                          "VLAN cannot be set", "is the PF bound to its network driver?"))
 
 
@@ -323,17 +344,19 @@ def _host_action_steps(topo: Topology, gp: GroupPlan, policy: Policy,
     """
     if gp.takeover:
         return []
-    units: list[tuple[str, float, str]] = []
-    modules: list[tuple[str, float, str]] = []
+    units: list[tuple[str, float, PciAddress]] = []
+    modules: list[tuple[str, float, PciAddress]] = []
     for a in gp.bind:
         if a in gp.keep:
             continue
-        dev = topo.get(PciAddress.parse(a))
+        dev = topo.require(a)
         for act in policy.config.host_actions_for(dev.address, dev.vendor, dev.device):
             units += [(u, act.timeout, a) for u in act.stop_units]
             modules += [(m, act.timeout, a) for m in act.unload_modules]
     steps = []
-    for kind, action, items in (("unit", "stop_unit", units), ("module", "unload_module", modules)):
+    kinds: tuple[tuple[str, StepAction, list[tuple[str, float, PciAddress]]], ...] = (
+        ("unit", "stop_unit", units), ("module", "unload_module", modules))
+    for kind, action, items in kinds:
         for name, timeout, a in items:
             if (kind, name) in planned:
                 continue
@@ -352,29 +375,30 @@ def plan_release(topo: Topology, owner: Owner, ledger: Ledger,
     With ``group``, only that group's claim is considered (reconciliation, vanished devices).
     """
     plan = Plan("release", owner)
-    only = {str(a) for a in addresses} if addresses is not None else None
+    only = set(addresses) if addresses is not None else None
     claims = [c for c in ledger.claims_of(owner) if group is None or c.group == group]
     if only is not None:
-        known = {d.address for c in claims for d in c.devices}
+        known = {d.pci for c in claims for d in c.devices}
         for a in sorted(only - known):
             holder = ledger.claim_for_device(a)
             why = (f"{a} is held by {holder.owner.label()}, not {owner.label()}" if holder
                    else f"{a} is not held by {owner.label()}")
             plan.warnings.append(why)
     for claim in claims:
-        remaining = [a for a in claim.requested if only is not None and a not in only]
-        if only is not None and len(remaining) == len(claim.requested):
+        requested = claim.requested_pci
+        remaining = [a for a in requested if only is not None and a not in only]
+        if only is not None and len(remaining) == len(requested):
             continue  # nothing of this claim is being released
-        gp = GroupPlan(claim.group, requested=claim.requested)
+        gp = GroupPlan(claim.group, requested=requested)
         plan.groups.append(gp)
         if remaining:
             plan.keep_claims[claim.group] = remaining
             plan.steps.append(Step("update", claim.group, None,
-                                   "still held for " + ", ".join(remaining) + "; group stays on vfio-pci"))
+                                   "still held for " + ", ".join(map(str, remaining)) + "; group stays on vfio-pci"))
             continue
         if claim.reserved and owner.kind != "reservation":
             plan.to_reservation.append(claim.group)
-            gp.keep = [d.address for d in claim.devices]
+            gp.keep = [d.pci for d in claim.devices]
             _restore_net_steps(plan, claim, topo)
             plan.steps.append(Step("update", claim.group, None,
                                    "back to the reservation; the group stays on vfio-pci"))
@@ -387,9 +411,10 @@ def _restore_net_steps(plan: Plan, claim: Claim, topo: Topology) -> None:
     for rec in reversed(claim.devices):        # R6: while the VFs are still on vfio-pci
         cfg = rec.vf_netconfig
         if cfg is not None and cfg.state != VfNetState.SAVED and topo.get(rec.pci) is not None:
-            plan.steps.append(Step("restore_net", claim.group, rec.address, (
-                f"VF {cfg.vf_index} of {cfg.pf_netdev}: mac {cfg.mac} vlan {cfg.vlan}" if cfg.state == VfNetState.SET else
-                f"VF {cfg.vf_index} of {cfg.pf_netdev}: libvirt restores it; verify mac {cfg.mac} vlan {cfg.vlan}")))
+            vf = f"VF {cfg.vf_index} of {cfg.pf_netdev}"
+            plan.steps.append(Step("restore_net", claim.group, rec.pci, (
+                f"{vf}: mac {cfg.mac} vlan {cfg.vlan}" if cfg.state == VfNetState.SET else
+                f"{vf}: libvirt restores it; verify mac {cfg.mac} vlan {cfg.vlan}")))
 
 
 def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> None:
@@ -402,23 +427,24 @@ def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> No
                                    name=act.name, timeout=act.timeout))
     _restore_net_steps(plan, claim, topo)
     for rec in reversed(claim.devices):
-        dev = topo.get(rec.pci)
-        gp.bind.append(rec.address)
+        a = rec.pci
+        dev = topo.get(a)
+        gp.bind.append(a)
         if rec.role == "companion":
-            gp.companions.append(rec.address)
+            gp.companions.append(a)
         if dev is None:
-            plan.steps.append(Step("drop", claim.group, rec.address, "device is gone (hot-unplugged)"))
+            plan.steps.append(Step("drop", claim.group, a, "device is gone (hot-unplugged)"))
         elif not rec.bound_by_us:
-            gp.keep.append(rec.address)
-            plan.steps.append(Step("keep", claim.group, rec.address,
+            gp.keep.append(a)
+            plan.steps.append(Step("keep", claim.group, a,
                                    f"was on {rec.original_driver or 'no driver'} before hostdevd: left there"))
         else:
             target = rec.original_driver or "no driver"
             extra = f", driver_override {rec.original_override!r}" if rec.original_override else ""
-            plan.steps.append(Step("restore", claim.group, rec.address, f"vfio-pci -> {target}{extra}"))
+            plan.steps.append(Step("restore", claim.group, a, f"vfio-pci -> {target}{extra}"))
     for dev in topo.group_members(claim.group):
         if dev.bridge:
-            gp.skip.append(str(dev.address))
+            gp.skip.append(dev.address)
     users = topo.group_users.get(claim.group, 0)
     if users:
         plan.warnings.append(f"group {claim.group}: /dev/vfio/{claim.group} is still open ({users} users); "

@@ -20,7 +20,7 @@ from .errors import HostdevError, Refused
 from .ledger import Ledger, Owner
 from .netreq import NetRequest
 from .netxml import parse_network
-from .planner import Policy
+from .planner import Policy, refused
 from .sriov import network_pool, pool_candidates
 from .topology import Topology
 
@@ -57,10 +57,12 @@ def pick_pool_vfs(parsed: DomainRequest, owner: Owner, lookup: NetworkLookup, to
         ok = [a for a in ok if PciAddress.parse(a) not in picks.vfs]
         picks.networks[i].update(hostdev_pool=[str(a) for a in pool], assignable=ok)
         if pool and not ok:
+            # The planner's refusals, so the reply names who holds the VFs as for any refusal.
+            e = refused(list(why.values()))
             raise Refused(f"hostdev network {ref.network!r} has no VF {owner.name} could get: "
-                          + "; ".join(f"{a}: {r}" for a, r in list(why.items())[:4]),
+                          + "; ".join(f"{a}: {r.reason}" for a, r in list(why.items())[:4]),
                           "free a VF of the pool (stop a domain using one) or create more VFs "
-                          "(`hostdevctl vfs set`)")
+                          "(`hostdevctl vfs set`)", refusals=e.refusals, holders=e.holders)
         if pool and not net.managed:
             # libvirt sets its MAC after this hook and restores it itself: saved now, verified.
             picks.vfs[PciAddress.parse(ok[0])] = NetRequest(mac=ref.mac, managed=True)

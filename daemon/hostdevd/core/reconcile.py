@@ -157,8 +157,8 @@ def _recover_one(engine: Engine, group: int, running: list[RunningDomain] | None
     what = "half prepare" if claim.state == ClaimState.CLAIMED else "half release"
     dom = _find_running(running, claim.owner) if running is not None else None
     topo = engine.topology(with_critical=False)
-    if claim.state == ClaimState.CLAIMED and dom is not None and all(PciAddress.parse(a) in dom.addresses
-                                                           for a in claim.requested):
+    if claim.state == ClaimState.CLAIMED and dom is not None and all(a in dom.addresses
+                                                                     for a in claim.requested_pci):
         # Every endpoint of the group on vfio-pci (or gone): the bind finished, only
         # the "active" mark is missing, and the domain runs with it. Complete it.
         if all((dev := topo.get(r.pci)) is None or dev.on_vfio for r in claim.devices):
@@ -260,7 +260,7 @@ def adopt_domain(engine: Engine, dom: RunningDomain, report: ReconcileReport | N
                 _check_held(engine, claim, owner, addrs, report)
                 continue
             topo = engine.topology(with_critical=False)
-            not_vfio = [a for a in addrs if not topo.get(a).on_vfio]
+            not_vfio = [a for a in addrs if not topo.require(a).on_vfio]
             if not_vfio:
                 report.skipped.append(f"{dom.name} lists {', '.join(map(str, not_vfio))} but "
                                       f"{'it is' if len(not_vfio) == 1 else 'they are'} not on vfio-pci; not adopted")
@@ -277,8 +277,9 @@ def adopt_domain(engine: Engine, dom: RunningDomain, report: ReconcileReport | N
                 else:
                     original, override = dev.driver, dev.driver_override
                 records.append(DeviceRecord(address=a, role="requested" if dev.address in addrs else "companion",
-                                            state=DeviceState.VFIO if dev.on_vfio else DeviceState.HOST, original_driver=original,
-                                            original_override=override, bound_by_us=False))
+                                            state=DeviceState.VFIO if dev.on_vfio else DeviceState.HOST,
+                                            original_driver=original, original_override=override,
+                                            bound_by_us=False))
             if not engine.executor.adopt(Claim(group=group, owner=owner, state=ClaimState.ACTIVE, devices=records,
                                                notes=[f"{now()}: adopted from running domain {dom.name}"] + notes)):
                 continue
@@ -298,7 +299,7 @@ def _check_held(engine: Engine, claim: Claim, owner: Owner, addrs: list[PciAddre
         log_action(log, logging.ERROR, "drift", "%s; not touched", msg, group=claim.group, owner=owner,
                    action="reconcile", result="conflict")
         return
-    promote = [str(a) for a in addrs if (rec := claim.device(a)) is not None and rec.role == "companion"]
+    promote = [a for a in addrs if (rec := claim.device(a)) is not None and rec.role == "companion"]
     missing = [str(a) for a in addrs if claim.device(a) is None]
     if promote:
         engine.executor.promote(claim.group, promote)
@@ -321,7 +322,7 @@ def release_missing(engine: Engine, dom: RunningDomain, *, before: datetime | No
     for claim in engine.ledger().claims_of(owner):
         if claim.state != ClaimState.ACTIVE or (before is not None and _parse_time(claim.created) >= before):
             continue
-        gone += [PciAddress.parse(a) for a in claim.requested if PciAddress.parse(a) not in dom.addresses]
+        gone += [a for a in claim.requested_pci if a not in dom.addresses]
     if gone:
         engine.release(owner, gone)
         log_action(log, logging.INFO, "release", "released %s: no longer in %s", ", ".join(map(str, gone)),
@@ -332,10 +333,11 @@ def release_missing(engine: Engine, dom: RunningDomain, *, before: datetime | No
 def release_owner(engine: Engine, owner: Owner, *, before: datetime | None = None) -> list[int]:
     """Release every active claim of ``owner`` created before ``before`` (stop safety net)."""
     claims = [c for c in engine.ledger().claims_of(owner)
-              if c.state in (ClaimState.ACTIVE, ClaimState.RELEASING) and (before is None or _parse_time(c.created) < before)]
+              if c.state in (ClaimState.ACTIVE, ClaimState.RELEASING)
+              and (before is None or _parse_time(c.created) < before)]
     if not claims:
         return []
-    addrs = [PciAddress.parse(a) for c in claims for a in c.requested]
+    addrs = [a for c in claims for a in c.requested_pci]
     _, result = engine.release(owner, addrs)
     return result.groups
 

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .address import PciAddress
 from .config import DeviceMatcher
 from .errors import HostdevError
 from .ledger import RESERVATION, Owner
@@ -55,12 +54,12 @@ def apply_reservations(engine: Engine, patterns: list[str]) -> ReservationReport
         report.reserved.append(group)
         log_action(log, logging.INFO, "claim", "reserved %s (group %s) on vfio-pci", addr, group,
                    address=addr, group=group, owner=owner, action="reserve", result="ok")
-    keep = {str(a) for a in wanted}
+    keep = set(wanted)
     for claim in engine.ledger().claims_of(owner):
-        if claim.reserved and not any(d.address in keep for d in claim.devices):
+        if claim.reserved and not any(d.pci in keep for d in claim.devices):
             engine.executor.unreserve(claim.group)   # no longer configured: back to the host
             try:
-                engine.release(owner, [PciAddress.parse(a) for a in claim.requested])
+                engine.release(owner, claim.requested_pci)
                 report.released.append(claim.group)
             except HostdevError as e:
                 report.errors.append(f"group {claim.group}: {e}")

@@ -27,22 +27,27 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .address import PciAddress
 from .config import SriovConfig
 from .errors import HostdevError, InvalidAddress, Refused
-from .ledger import Ledger
+from .ledger import Ledger, Owner
 from .logfields import log_action
 from .topology import Device, Topology
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .planner import Policy, Refusal
 
 log = logging.getLogger("hostdevd.sriov")
 
 
 # --------------------------------------------------------------------------- plan (pure)
+
+
+# One write of a VfPlan: ("autoprobe", bool) | ("numvfs", n) | ("wait", n).
+VfStep = tuple[Literal["autoprobe", "numvfs", "wait"], int]
 
 
 @dataclass
@@ -54,7 +59,7 @@ class VfPlan:
     autoprobe_now: bool | None
     autoprobe: bool
     totalvfs: int | None = None
-    steps: list[tuple[str, object]] = field(default_factory=list)   # ("autoprobe", bool) | ("numvfs", n) | ("wait", n)
+    steps: list[VfStep] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     hint: str = ""
     holders: list[dict] = field(default_factory=list)   # who holds VFs: {"address", "owner", "kind", "group"}
@@ -105,13 +110,13 @@ def plan_vfs(topo: Topology, ledger: Ledger, pf_ref: str, numvfs: int, autoprobe
     """Decide the writes that give ``pf_ref`` ``numvfs`` VFs with ``autoprobe`` (None: keep the
     PF's current setting); or refuse."""
     pf = resolve_pf(topo, pf_ref)
-    if pf is not None and autoprobe is None:
-        autoprobe = bool(pf.sriov_drivers_autoprobe) if pf.sriov_drivers_autoprobe is not None else False
     if pf is None:
         plan = VfPlan(pf_ref, pf_ref, None, numvfs, None, bool(autoprobe))
         plan.refusals.append(f"no PCI device or network interface {pf_ref!r} on this host")
         plan.hint = "check the address with `hostdevctl groups` or the interface with `ip link`"
         return plan
+    if autoprobe is None:
+        autoprobe = bool(pf.sriov_drivers_autoprobe) if pf.sriov_drivers_autoprobe is not None else False
     addr = str(pf.address)
     plan = VfPlan(addr, pf_ref, pf.sriov_numvfs, numvfs, pf.sriov_drivers_autoprobe, autoprobe,
                   pf.sriov_totalvfs)
@@ -131,8 +136,7 @@ def plan_vfs(topo: Topology, ledger: Ledger, pf_ref: str, numvfs: int, autoprobe
         plan.refusals.append(f"{addr} has no driver, so the kernel cannot enable its VFs (sriov_numvfs is ENOENT)")
         plan.hint = "load the PF's driver (e.g. `modprobe igb`) and bind it first"
         return plan
-    if pf.on_vfio and ledger.claim_for_device(pf.address):
-        claim = ledger.claim_for_device(pf.address)
+    if pf.on_vfio and (claim := ledger.claim_for_device(pf.address)) is not None:
         plan.refusals.append(f"{addr} itself is assigned to {claim.owner.kind} {claim.owner.label()}")
         plan.hint = f"release {claim.owner.name} first"
         return plan
@@ -264,9 +268,10 @@ def network_pool(topo: Topology, network) -> list[PciAddress]:
     return list(dict.fromkeys(pool))
 
 
-def pool_candidates(topo: Topology, ledger: Ledger, owner, pool: list[PciAddress], policy=None
-                    ) -> tuple[list[str], dict[str, str]]:
-    """Which VFs of a pool ``owner`` could get (each planned alone); the others with the reason."""
+def pool_candidates(topo: Topology, ledger: Ledger, owner: Owner, pool: list[PciAddress],
+                    policy: Policy | None = None) -> tuple[list[str], dict[str, Refusal]]:
+    """Which VFs of a pool ``owner`` could get (each planned alone); the others with the
+    planner's first refusal (which names the holder when another owner has the VF)."""
     from .planner import plan_prepare
     ok, why = [], {}
     for addr in pool:
@@ -274,7 +279,7 @@ def pool_candidates(topo: Topology, ledger: Ledger, owner, pool: list[PciAddress
         if plan.ok:
             ok.append(str(addr))
         else:
-            why[str(addr)] = plan.refusals[0].reason
+            why[str(addr)] = plan.refusals[0]
     return ok, why
 
 
@@ -303,7 +308,8 @@ def vf_listing(topo: Topology, ledger: Ledger, netlink=None) -> dict:
             if claim is not None:
                 owner = "reserved" if claim.owner.kind == "reservation" else claim.owner.name
             net = table.get(i)
-            saved = claim.device(addr).vf_netconfig if claim is not None else None
+            held = claim.device(addr) if claim is not None else None
+            saved = held.vf_netconfig if held is not None else None
             vfs.append({"index": i, "address": str(addr), "group": vf.group if vf else None,
                         "driver": vf.driver if vf else None, "owner": owner,
                         "mac": net.mac if net else None, "vlan": net.vlan if net else None,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from .address import PciAddress
 from .device import BRIDGE_CLASSES, STUB_DRIVERS, VFIO, VFIO_DRIVERS, Device
-from .errors import InvalidAddress, ListingError
+from .errors import InvalidAddress, ListingError, UnknownDevice
 from .sysfs import Sysfs
 
 # Device and its class/driver constants live in .device; re-exported for existing importers.
@@ -45,6 +45,14 @@ class Topology:
 
     def get(self, addr: PciAddress) -> Device | None:
         return self.devices.get(addr)
+
+    def require(self, addr: PciAddress) -> Device:
+        """A device the caller knows is there (a member of a group it just read): UnknownDevice
+        naming it when it is not."""
+        dev = self.devices.get(addr)
+        if dev is None:
+            raise UnknownDevice(f"no PCI device {addr} on this host", "the topology changed; run `hostdevctl check`")
+        return dev
 
     def to_json(self) -> dict:
         groups = [

@@ -200,7 +200,7 @@ class Peer:
     gid: int
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def _one_line(text: object, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -321,7 +321,7 @@ class ApiServer:
         os.chmod(self.path, 0o600)
         sock.listen(128)
         self._sock = sock
-        self._thread = threading.Thread(target=self._accept_loop, name="api-accept", daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, args=(sock,), name="api-accept", daemon=True)
         self._thread.start()
         log.info("listening on %s", self.path)
 
@@ -373,10 +373,10 @@ class ApiServer:
             return self._active_cond.wait_for(lambda: self._active == 0, drain_timeout)
 
     # ---- serving
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, sock: socket.socket) -> None:
         while not self._stopping.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError as e:
                 if self._stopping.is_set():
                     return

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from ..core.engine import Engine
 from ..core.errors import LibvirtUnavailable
@@ -23,6 +23,7 @@ from ..core.logfields import log_action
 from ..core.pci_events import PciEvent, PciEventHandler
 from ..core.reconcile import ReconcileReport, RunningDomain
 from .gate import DomainGate
+from .ports import DomainSource
 
 log = logging.getLogger("hostdevd.service")
 
@@ -32,13 +33,6 @@ EVENT_RETRIES = 5
 DRIFT_GRACE = 2.0
 
 T = TypeVar("T")
-
-
-class DomainSource(Protocol):
-    """What the worker asks libvirt (a subset of the daemon's LibvirtAdapter)."""
-    def running_domains(self) -> list[tuple[str, str, str]]: ...
-    def domain_xml(self, name: str, uuid: str | None = None) -> str | None: ...
-    def is_active(self, name: str, uuid: str | None = None) -> bool: ...
 
 
 def utcnow() -> datetime:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from ..core.address import PciAddress
 from ..core.domxml import DomainRequest, guest_placements
@@ -22,15 +22,9 @@ from ..core.ledger import Owner
 from ..core.logfields import log_action
 from ..core.netreq import net_requests
 from .gate import DomainGate
+from .ports import DeviceAdapter
 
 log = logging.getLogger("hostdevd.service")
-
-
-class DeviceAdapter(Protocol):
-    """What hot-plug needs from libvirt (a subset of the daemon's LibvirtAdapter)."""
-    def domain_xml(self, name: str, uuid: str | None = None) -> str | None: ...
-    def attach_device(self, name: str, uuid: str | None, xml: str, config: bool, live: bool = True) -> None: ...
-    def detach_device(self, name: str, uuid: str | None, xml: str, config: bool, live: bool = True) -> None: ...
 
 
 def hostdev_xml(addr: PciAddress) -> str:

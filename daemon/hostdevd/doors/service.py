@@ -37,20 +37,18 @@ import contextlib
 import logging
 import os
 import threading
-import uuid as uuidlib
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from .. import __version__
 from ..core.address import PciAddress
 from ..core.config import Config
-from ..core.domxml import DomainRequest, guest_placements, parse_device, parse_domain
+from ..core.domxml import guest_placements, parse_domain
 from ..core.engine import DomainPrepare, Engine, request_extras
 from ..core.errors import BadRequest, HostdevError, LibvirtFailure, LibvirtUnavailable
 from ..core.ledger import Owner
 from ..core.logfields import log_action
 from ..core.pci_events import PciEvent
-from ..core.reconcile import ReconcileReport
 from ..core.reservations import ReservationReport
 from ..core.sriov import SriovReport
 from . import api
@@ -58,6 +56,8 @@ from .api import ApiServer, Dispatcher, Peer
 from .events import DRIFT_GRACE, EventWorker
 from .gate import DomainGate
 from .hotplug import Hotplug, hostdev_xml
+from .ports import LibvirtAdapter
+from .translate import norm_uuid, request_devices, request_owner
 from .wire import socket_path
 
 __all__ = ["DRIFT_GRACE", "Daemon", "DomainGate", "LibvirtAdapter", "hostdev_xml", "norm_uuid"]
@@ -65,35 +65,8 @@ __all__ = ["DRIFT_GRACE", "Daemon", "DomainGate", "LibvirtAdapter", "hostdev_xml
 log = logging.getLogger("hostdevd.service")
 
 
-class LibvirtAdapter(Protocol):
-    """What the daemon needs from :class:`hostdevd.adapters.libvirt_events.LibvirtEvents` (tests fake it)."""
-    uri: str
-
-    @property
-    def connected(self) -> bool: ...
-    def start(self, sink: Any) -> None: ...
-    def stop(self) -> None: ...
-    def state(self) -> dict: ...
-    def running_domains(self) -> list[tuple[str, str, str]]: ...
-    def lookup(self, name: str, uuid: str | None = None) -> tuple[str, str, bool] | None: ...
-    def domain_xml(self, name: str, uuid: str | None = None) -> str | None: ...
-    def is_active(self, name: str, uuid: str | None = None) -> bool: ...
-    def attach_device(self, name: str, uuid: str | None, xml: str, config: bool, live: bool = True) -> None: ...
-    def detach_device(self, name: str, uuid: str | None, xml: str, config: bool, live: bool = True) -> None: ...
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def norm_uuid(text: str | None) -> str | None:
-    """libvirt's form (lower case, dashed): owners compare UUIDs as strings."""
-    if not text:
-        return None
-    try:
-        return str(uuidlib.UUID(text))
-    except ValueError:
-        return text.lower()
 
 
 class Daemon:
@@ -137,7 +110,7 @@ class Daemon:
         self.worker.start()
         if self.udev is not None:
             self.udev_watching = self.udev.start(self.worker.on_pci_event)
-        self.pci.scan()                  # drift that happened while hostdevd was not running
+        self.worker.pci.scan()                  # drift that happened while hostdevd was not running
         try:
             self.server.start()
         except Exception:
@@ -185,39 +158,9 @@ class Daemon:
         with self._lv_lock:
             return self._lv_connected
 
-    # The worker's state, as the daemon's (tests and status read these).
-    @property
-    def pci(self):
-        return self.worker.pci
-
-    @property
-    def drift_grace(self) -> float:
-        return self.worker.drift_grace
-
-    @drift_grace.setter
-    def drift_grace(self, seconds: float) -> None:
-        self.worker.drift_grace = seconds
-
-    @property
-    def last_reconcile(self) -> ReconcileReport | None:
-        return self.worker.last_reconcile
-
-    @property
-    def reconcile_count(self) -> int:
-        return self.worker.reconcile_count
-
-    @property
-    def events_handled(self) -> int:
-        return self.worker.events_handled
-
     def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Tests: wait until every queued event has been handled."""
         return self.worker.wait_idle(timeout)
-
-    def _submit(self, label: str, fn: Any) -> None:
-        self.worker.submit(label, fn)
-
-    def reconcile_now(self) -> ReconcileReport:
-        return self.worker.reconcile_now()
 
     # ------------------------------------------------------------------ libvirt callbacks (event loop thread)
     def on_libvirt_connected(self) -> None:
@@ -251,27 +194,7 @@ class Daemon:
     def on_pci_event(self, ev: PciEvent) -> None:
         self.worker.on_pci_event(ev)
 
-    # ------------------------------------------------------------------ request parsing
-    @staticmethod
-    def _devices(xml: str | None, addresses: list[str] | None, fragment: bool
-                 ) -> tuple[DomainRequest | None, list[PciAddress]]:
-        if xml is not None:
-            parsed = parse_device(xml) if fragment else parse_domain(xml)
-            return parsed, parsed.addresses()
-        return None, [PciAddress.parse(a) for a in addresses or []]
-
-    @staticmethod
-    def _owner(ref: api.DomainRef, parsed: DomainRequest | None) -> Owner:
-        uuid = norm_uuid(ref.uuid)
-        if parsed is not None:
-            if parsed.name and parsed.name != ref.name:
-                raise BadRequest(f"domain {ref.name!r} does not match the XML's <name>{parsed.name}</name>")
-            if parsed.uuid:
-                if uuid and norm_uuid(parsed.uuid) != uuid:
-                    raise BadRequest(f"domain uuid {uuid} does not match the XML's <uuid>{parsed.uuid}</uuid>")
-                uuid = norm_uuid(parsed.uuid)
-        return Owner(name=ref.name, uuid=uuid, kind="domain")
-
+    # ------------------------------------------------------------------ helpers
     def _resolve(self, ref: api.DomainRef) -> tuple[Owner, bool | None]:
         """Name + uuid (+ running?) of a domain named by a CLI request; never used for hook requests."""
         if self.adapter is None or not self.libvirt_connected:
@@ -314,16 +237,16 @@ class Daemon:
                        "libvirt": lv, "requests_served": self.server.served, **self.worker.state()},
             "claims": [c.model_dump() for _, c in sorted(ledger.claims.items(), key=lambda kv: int(kv[0]))],
             "reservations": list(ledger.reservations),
-            "drift": self.pci.drift(),
+            "drift": self.worker.pci.drift(),
             "udev": {"watching": bool(self.udev is not None and getattr(self.udev, "watching", False)),
                      "error": getattr(self.udev, "error", None) if self.udev is not None else "not used",
-                     **self.pci.state()},
+                     **self.worker.pci.state()},
         }
 
     def op_prepare(self, req: api.PrepareRequest, peer: Peer) -> dict:
         # Hook requests (origin "hook") must not call libvirt about their domain: nothing below does.
-        parsed, addrs = self._devices(req.xml, req.addresses, fragment=False)
-        owner = self._owner(req.domain, parsed)
+        parsed, addrs = request_devices(req.xml, req.addresses, fragment=False)
+        owner = request_owner(req.domain, parsed)
         with self.gate.request(owner.name):
             done = self.engine.prepare_domain(DomainPrepare(
                 owner, addrs, parsed, phase=req.phase, origin=req.origin, networks=self._network_lookup(),
@@ -332,14 +255,14 @@ class Daemon:
 
     def op_release(self, req: api.ReleaseRequest, peer: Peer) -> dict:
         parsed = parse_domain(req.xml) if req.xml is not None else None
-        owner = self._owner(req.domain, parsed)
+        owner = request_owner(req.domain, parsed)
         addrs = [PciAddress.parse(a) for a in req.addresses] if req.addresses is not None else None
         with self.gate.request(owner.name), self.gate.lock(owner.name):
             return self.engine.release_domain(owner, addrs).to_json()
 
     def op_plan(self, req: api.PlanRequest, peer: Peer) -> dict:
         owner = Owner(**req.owner.model_dump())
-        parsed, addrs = self._devices(req.xml, req.addresses, fragment=False)
+        parsed, addrs = request_devices(req.xml, req.addresses, fragment=False)
         plan = self.engine.plan_for(req.action, owner, addrs, everything=not (req.xml or req.addresses))
         return {"plan": plan.to_json(), **request_extras(parsed)}
 
@@ -348,7 +271,7 @@ class Daemon:
         return {"vfs": self.engine.vfs_set(req.pf, req.numvfs, req.autoprobe, req.wait_timeout).to_json()}
 
     def op_attach(self, req: api.AttachRequest, peer: Peer) -> dict:
-        parsed, addrs = self._devices(req.xml, req.addresses, fragment=True)
+        parsed, addrs = request_devices(req.xml, req.addresses, fragment=True)
         if not addrs:
             raise BadRequest("attach: the XML names no PCI host device")
         hotplug = self._need_hotplug("attach")
@@ -356,7 +279,7 @@ class Daemon:
         return hotplug.attach(owner, active, parsed, addrs, req.xml, bool(req.live), bool(req.config))
 
     def op_detach(self, req: api.DetachRequest, peer: Peer) -> dict:
-        _, addrs = self._devices(req.xml, req.addresses, fragment=True)
+        _, addrs = request_devices(req.xml, req.addresses, fragment=True)
         if not addrs:
             raise BadRequest("detach: the XML names no PCI host device")
         hotplug = self._need_hotplug("detach")

@@ -13,6 +13,7 @@ from ..adapters.netlink import default_netlink
 from ..adapters.udev import default_waiter
 from ..core.config import Config
 from ..core.engine import Engine
+from ..core.executor import default_modprobe
 from ..core.ledger import LedgerStore
 from ..core.sysfs import RealHost, Sysfs
 from ..core.vfnet import NetlinkBackend
@@ -22,7 +23,7 @@ def host_engine(config: Config, sysfs: Sysfs | None = None, store: LedgerStore |
                 netlink: NetlinkBackend | None = None, modprobe: Callable[[str], None] | None = None) -> Engine:
     """The Engine the daemon and hostdevctl run: the same code whether or not the daemon is up."""
     sysfs = sysfs or Sysfs(RealHost(config.sysfs_root), config.write_timeout)
-    extra = {"modprobe": modprobe} if modprobe is not None else {}
     return Engine(config, sysfs, store or LedgerStore(config.state_dir),
+                  modprobe=modprobe if modprobe is not None else default_modprobe,
                   netlink=netlink if netlink is not None else default_netlink(sysfs),
-                  vf_waiter=default_waiter(sysfs), **extra)
+                  vf_waiter=default_waiter(sysfs))
