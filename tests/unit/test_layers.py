@@ -82,3 +82,49 @@ def test_moved_exceptions_keep_their_codes():
     assert issubclass(errors.LibvirtUnavailable, errors.LibvirtFailure)
     assert issubclass(errors.SriovTimeout, errors.ExecutionFailed)
     assert errors.NetlinkError("x", err=11).errno == 11
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The hostdevd floors (core, adapters, doors, sim) a file imports, relative or absolute."""
+    rel = path.relative_to(PACKAGE).parts
+    here = rel[0] if len(rel) == 2 else None
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and here is not None:
+                out.add(here)
+            elif node.level in (1, 2):
+                mod = (node.module or "").split(".")[0]
+                out |= {mod} if mod else {a.name for a in node.names}
+            elif node.module and node.module.startswith("hostdevd."):
+                out.add(node.module.split(".")[1])
+    return out & {"core", "adapters", "doors", "sim"}
+
+
+def test_floors_import_only_downwards():
+    """core imports no other floor; adapters only core; sim only core; the doors anything but sim
+    (the daemon's `run --sim` demo is the one door onto the simulated kernel)."""
+    allowed = {"core": {"core"}, "adapters": {"core", "adapters"}, "sim": {"core", "sim"},
+               "doors": {"core", "adapters", "doors"}}
+    for p in _sources():
+        rel = p.relative_to(PACKAGE).as_posix()
+        floor = rel.split("/")[0]
+        if floor not in allowed:
+            continue
+        extra = _package_imports(p) - allowed[floor]
+        if rel == "doors/daemon_main.py":
+            extra -= {"sim"}
+        assert not extra, f"{rel} imports {sorted(extra)}"
+
+
+def test_only_the_executor_writes_the_ledger():
+    """Ledger transactions and saves appear only in the executor's modules and the ledger itself."""
+    writers = set()
+    for p in _sources():
+        text = p.read_text(encoding="utf-8")
+        if ".transaction()" in text or "store.save(" in text or "self.save(" in text:
+            writers.add(p.relative_to(PACKAGE).as_posix())
+    executor = {"core/executor.py", "core/executor_base.py", "core/executor_host.py", "core/executor_sriov.py",
+                "core/executor_vfnet.py"}
+    assert writers - executor == {"core/ledger.py"}, sorted(writers - executor)
+    assert "core/executor.py" in writers
