@@ -148,14 +148,15 @@ def test_plan_stops_and_unloads_before_binding_and_undoes_after_release(eng, sim
     plan = eng.plan_prepare([A.parse(GPU)], VM1)
     assert [(s.action, s.name or s.address) for s in plan.steps] == [
         ("claim", None), ("stop_unit", DM), ("stop_unit", "nvidia-persistenced.service"),
-        ("unload_module", "nouveau"), ("skip", "0000:00:01.0"), ("bind", GPU), ("bind", AUDIO),
-        ("activate", None)]
+        ("unload_module", "nouveau"), ("skip", A.parse("0000:00:01.0")), ("bind", A.parse(GPU)),
+        ("bind", A.parse(AUDIO)), ("activate", None)]
     assert plan.steps[1].timeout == 12 and plan.to_json()["steps"][1]["name"] == DM
     assert host.calls == [], "planning runs nothing"
     eng.prepare([A.parse(GPU)], VM1)
     rplan = eng.plan_release(VM1)
     assert [(s.action, s.name or s.address) for s in rplan.steps] == [
-        ("load_module", "nouveau"), ("restore", AUDIO), ("restore", GPU), ("start_unit", DM), ("drop", None)]
+        ("load_module", "nouveau"), ("restore", A.parse(AUDIO)), ("restore", A.parse(GPU)), ("start_unit", DM),
+        ("drop", None)]
 
 
 def test_no_actions_for_other_devices_or_devices_already_on_vfio(eng, sim):

@@ -37,14 +37,14 @@ def test_gpu_takes_audio_as_companion_and_skips_root_port():
     p = plan_prepare(DESKTOP, [A.parse("01:00.0")], VM1, Ledger())
     assert p.ok, p.refusals
     g = p.group(1)
-    assert g.bind == ["0000:01:00.0", "0000:01:00.1"]
-    assert g.companions == ["0000:01:00.1"]
-    assert g.skip == ["0000:00:01.0"]
+    assert g.bind == [A.parse("0000:01:00.0"), A.parse("0000:01:00.1")]
+    assert g.companions == [A.parse("0000:01:00.1")]
+    assert g.skip == [A.parse("0000:00:01.0")]
     actions = [(s.action, s.address) for s in p.steps]
     assert actions[0] == ("claim", None)
-    assert ("bind", "0000:01:00.1") in actions and ("skip", "0000:00:01.0") in actions
+    assert ("bind", A.parse("0000:01:00.1")) in actions and ("skip", A.parse("0000:00:01.0")) in actions
     assert actions[-1] == ("activate", None)
-    assert not any(s.action == "bind" and s.address == "0000:00:01.0" for s in p.steps)
+    assert not any(s.action == "bind" and s.address == A.parse("0000:00:01.0") for s in p.steps)
 
 
 def test_bridge_request_is_refused():
@@ -76,7 +76,7 @@ def test_critical_companion_refuses_the_whole_group():
     assert p.refusals[0].device == "0000:00:1f.2"
     assert "companion in group 11" in p.refusals[0].reason
     # groups are shown even when refused: the operator sees what would be touched
-    assert p.group(11).companions == ["0000:00:1f.0", "0000:00:1f.2"]
+    assert p.group(11).companions == [A.parse("0000:00:1f.0"), A.parse("0000:00:1f.2")]
 
 
 def test_boot_vga_refused():
@@ -129,8 +129,8 @@ def test_device_already_on_vfio_is_kept_not_rebound():
     t = topo(dev("0000:04:00.0", 15), dev("0000:04:00.1", 15, driver="vfio-pci"))
     p = plan_prepare(t, [A.parse("04:00.0")], VM1, Ledger())
     assert p.ok
-    assert p.group(15).keep == ["0000:04:00.1"]
-    assert ("keep", "0000:04:00.1") in [(s.action, s.address) for s in p.steps]
+    assert p.group(15).keep == [A.parse("0000:04:00.1")]
+    assert ("keep", A.parse("0000:04:00.1")) in [(s.action, s.address) for s in p.steps]
 
 
 def test_pf_with_vfs_as_companion_refused():
@@ -145,7 +145,7 @@ def test_reset_step_only_with_policy():
     pol = Policy.from_config(parse_config('[reset]\ndevices = { "10de:1b80" = "flr" }\n'))
     steps = plan_prepare(DESKTOP, [A.parse("01:00.0")], VM1, Ledger(), pol).steps
     resets = [s for s in steps if s.action == "reset"]
-    assert [s.address for s in resets] == ["0000:01:00.0"]
+    assert [s.address for s in resets] == [A.parse("0000:01:00.0")]
     # resets come after every bind of the group (R4: only after all are detached)
     assert steps.index(resets[0]) > max(i for i, s in enumerate(steps) if s.action == "bind")
 
@@ -154,10 +154,10 @@ def test_release_refcount_keeps_group_while_other_function_held():
     ledger = Ledger()
     ledger.put(_held(VM1, 1, "0000:01:00.0", "0000:01:00.1"))
     p = plan_release(DESKTOP, VM1, ledger, [A.parse("01:00.0")])
-    assert p.keep_claims == {1: ["0000:01:00.1"]}
+    assert p.keep_claims == {1: [A.parse("0000:01:00.1")]}
     assert not [s for s in p.steps if s.action == "restore"]
     p = plan_release(DESKTOP, VM1, ledger)
-    assert [s.address for s in p.steps if s.action == "restore"] == ["0000:01:00.1", "0000:01:00.0"]
+    assert [s.address for s in p.steps if s.action == "restore"] == [A.parse("0000:01:00.1"), A.parse("0000:01:00.0")]
 
 
 def test_release_of_other_owners_device_is_a_warning_not_an_action():

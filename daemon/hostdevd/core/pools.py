@@ -54,17 +54,17 @@ def pick_pool_vfs(parsed: DomainRequest, owner: Owner, lookup: NetworkLookup, to
         scanned = scanned or topo()
         pool = network_pool(scanned, net)
         ok, why = pool_candidates(scanned, ledger, owner, pool, policy)
-        ok = [a for a in ok if PciAddress.parse(a) not in picks.vfs]
-        picks.networks[i].update(hostdev_pool=[str(a) for a in pool], assignable=ok)
+        ok = [a for a in ok if a not in picks.vfs]
+        picks.networks[i].update(hostdev_pool=[str(a) for a in pool], assignable=[str(a) for a in ok])
         if pool and not ok:
             # The planner's refusals, so the reply names who holds the VFs as for any refusal.
-            e = refused(list(why.values()))
+            err = refused(list(why.values()))
             raise Refused(f"hostdev network {ref.network!r} has no VF {owner.name} could get: "
                           + "; ".join(f"{a}: {r.reason}" for a, r in list(why.items())[:4]),
                           "free a VF of the pool (stop a domain using one) or create more VFs "
-                          "(`hostdevctl vfs set`)", refusals=e.refusals, holders=e.holders)
+                          "(`hostdevctl vfs set`)", refusals=err.refusals, holders=err.holders)
         if pool and not net.managed:
             # libvirt sets its MAC after this hook and restores it itself: saved now, verified.
-            picks.vfs[PciAddress.parse(ok[0])] = NetRequest(mac=ref.mac, managed=True)
-            picks.networks[i]["prepared"] = ok[0]
+            picks.vfs[ok[0]] = NetRequest(mac=ref.mac, managed=True)
+            picks.networks[i]["prepared"] = str(ok[0])
     return picks

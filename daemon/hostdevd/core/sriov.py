@@ -269,17 +269,18 @@ def network_pool(topo: Topology, network) -> list[PciAddress]:
 
 
 def pool_candidates(topo: Topology, ledger: Ledger, owner: Owner, pool: list[PciAddress],
-                    policy: Policy | None = None) -> tuple[list[str], dict[str, Refusal]]:
+                    policy: Policy | None = None) -> tuple[list[PciAddress], dict[PciAddress, Refusal]]:
     """Which VFs of a pool ``owner`` could get (each planned alone); the others with the
     planner's first refusal (which names the holder when another owner has the VF)."""
     from .planner import plan_prepare
-    ok, why = [], {}
+    ok: list[PciAddress] = []
+    why: dict[PciAddress, Refusal] = {}
     for addr in pool:
         plan = plan_prepare(topo, [addr], owner, ledger, policy)
         if plan.ok:
-            ok.append(str(addr))
+            ok.append(addr)
         else:
-            why[str(addr)] = plan.refusals[0]
+            why[addr] = plan.refusals[0]
     return ok, why
 
 
