@@ -135,6 +135,26 @@ def test_host_critical_refused_with_reason(daemon):
     assert r["error"]["code"] == "REFUSED" and "host-critical" in r["error"]["message"]
 
 
+def test_thousands_of_missing_devices_get_one_short_refusal(daemon):
+    """A domain naming 2,000 devices that do not exist: one refusal counting them, a small reply, fast."""
+    d, sim, path = daemon
+    before = sim.state()
+    addrs = [f"0000:{0xa0 + i // 256:02x}:{(i // 8) % 32:02x}.{i % 8}" for i in range(2000)]
+    xml = domain_xml("vm1", VM1["uuid"], *addrs)
+    for request, count in (({"op": "prepare", "domain": VM1, "xml": xml}, "2,000"),
+                           ({"op": "plan", "owner": VM1, "xml": xml}, "2,000"),
+                           ({"op": "prepare", "domain": VM1, "addresses": addrs[:256]}, "256")):  # the list's limit
+        t0 = time.monotonic()
+        r = call(path, request, timeout=30)
+        assert time.monotonic() - t0 < 5, request["op"]
+        refusals = r["error"]["refusals"] if request["op"] == "prepare" else r["plan"]["refusals"]
+        assert refusals == [{"device": "-", "hint": "`hostdevctl groups` lists the devices and their addresses",
+                             "reason": f"{count} requested devices do not exist on this host: 0000:a0:00.0, "
+                                       "0000:a0:00.1, 0000:a0:00.2, \u2026"}]
+        assert len(json.dumps(refusals)) < 300 and len(json.dumps(r)) < 1000, r
+    assert sim.state() == before and call(path, {"op": "ping"})["ok"]
+
+
 def test_attach_and_detach_need_libvirt(daemon):
     """Without libvirt nothing is bound (a prepared device no guest uses is released by the next
     reconciliation anyway) and nothing is released (the guest may still use it)."""

@@ -1,6 +1,8 @@
 """The planner's rules (R1-R3, R6) on hand-built topologies: pure, no sysfs."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from hostdevd.core.address import PciAddress as A
@@ -55,8 +57,52 @@ def test_bridge_request_is_refused():
 def test_unknown_device_refused_with_hint():
     p = plan_prepare(DESKTOP, [A.parse("0000:09:00.0")], VM1, Ledger())
     assert not p.ok
-    assert "no PCI device 0000:09:00.0" in p.refusals[0].reason
+    assert p.refusals[0].reason == "does not exist on this host" and p.refusals[0].device == "0000:09:00.0"
+    assert str(p.refusals[0]).startswith("0000:09:00.0 does not exist on this host (")
     assert "hostdevctl groups" in p.refusals[0].hint
+
+
+def test_thousands_of_unknown_devices_get_one_refusal_that_counts_them():
+    addrs = [A(0, 0x10 + i // 256, (i // 8) % 32, i % 8) for i in range(2000)]
+    t0 = time.perf_counter()
+    p = plan_prepare(DESKTOP, addrs + addrs[:10] + [A.parse("01:00.0")], VM1, Ledger())
+    assert time.perf_counter() - t0 < 1.0
+    assert not p.ok and len(p.refusals) == 1
+    r = p.refusals[0]
+    assert r.device == "-" and str(r) == (
+        "2,000 requested devices do not exist on this host: 0000:10:00.0, 0000:10:00.1, 0000:10:00.2, \u2026 "
+        "(`hostdevctl groups` lists the devices and their addresses)")
+    assert len(p.refusal_message()) < 300 and len(str(p.refused().refusals)) < 400
+    assert [g.group for g in p.groups] == [1], "the known device is still planned, so the operator sees it"
+
+
+def test_up_to_three_unknown_devices_get_one_refusal_each():
+    addrs = [A.parse(f"0000:09:00.{i}") for i in range(3)]
+    p = plan_prepare(DESKTOP, addrs, VM1, Ledger())
+    assert [r.device for r in p.refusals] == [str(a) for a in addrs]
+    assert all(r.reason == "does not exist on this host" for r in p.refusals)
+    p = plan_prepare(DESKTOP, [*addrs, A.parse("0000:09:00.3")], VM1, Ledger())
+    assert [r.reason for r in p.refusals] == [
+        "4 requested devices do not exist on this host: 0000:09:00.0, 0000:09:00.1, 0000:09:00.2, \u2026"]
+
+
+def test_many_devices_without_iommu_group_get_one_refusal():
+    t = topo(*(dev(f"0000:03:{i // 8:02x}.{i % 8}", None) for i in range(200)), iommu=False)
+    p = plan_prepare(t, sorted(t.devices), VM1, Ledger())
+    assert len(p.refusals) == 1 and p.refusals[0].reason.startswith(
+        "200 requested devices have no IOMMU group: the IOMMU is off or absent: 0000:03:00.0, ")
+    assert "intel_iommu=on" in p.refusals[0].hint
+
+
+@pytest.mark.parametrize("requests, device", [
+    (["00:01.0"], "0000:00:01.0"),                  # bridge
+    (["0000:09:00.0"], "0000:09:00.0"),             # unknown
+    (["02:00.0"], "0000:02:00.0"),                  # host-critical
+])
+def test_refusal_text_names_the_device_once(requests, device):
+    r = plan_prepare(DESKTOP, [A.parse(a) for a in requests], VM1, Ledger()).refusals[0]
+    assert r.device == device and device not in r.reason and r.reason.split()[0] in ("is", "does")
+    assert str(r).startswith(f"{device} {r.reason} (") and str(r).count(device) == 1 + r.hint.count(device)
 
 
 def test_root_disk_controller_refused_unless_policy_allows():
@@ -111,12 +157,32 @@ def test_second_domain_refused_naming_holder():
     assert "stop vm1" in p.refusals[0].hint
 
 
+DESKTOP_BOUND = topo(
+    dev("0000:00:01.0", 1, "060400", "pcieport", True, "8086:1901"),
+    dev("0000:01:00.0", 1, "030000", "vfio-pci", vd="10de:1b80"),
+    dev("0000:01:00.1", 1, "040300", "vfio-pci", vd="10de:10f0"),
+)
+
+
 def test_same_owner_again_is_idempotent():
     ledger = Ledger()
     ledger.put(_held(VM1, 1, "0000:01:00.0", "0000:01:00.1"))
-    p = plan_prepare(DESKTOP, [A.parse("01:00.0")], VM1, ledger)
+    p = plan_prepare(DESKTOP_BOUND, [A.parse("01:00.0")], VM1, ledger)
     assert p.ok and p.group(1).already_held
     assert not [s for s in p.steps if s.action in ("claim", "bind")]
+
+
+def test_same_owner_again_converges_on_the_kernel_not_the_ledger():
+    """The ledger says vfio, the kernel shows host drivers (a reboot, someone's unbind):
+    the held group is bound again instead of planning nothing."""
+    ledger = Ledger()
+    ledger.put(_held(VM1, 1, "0000:01:00.0", "0000:01:00.1"))
+    p = plan_prepare(DESKTOP, [A.parse("01:00.0")], VM1, ledger)
+    assert p.ok and p.group(1).already_held and p.group(1).keep == []
+    binds = [(str(s.address), s.detail) for s in p.steps if s.action == "bind"]
+    assert binds == [("0000:01:00.0", "held, but on nouveau -> vfio-pci"),
+                     ("0000:01:00.1", "held, but on snd_hda_intel -> vfio-pci")]
+    assert not [s for s in p.steps if s.action == "claim"]
 
 
 def test_no_iommu_refuses():

@@ -82,7 +82,7 @@ def test_the_tables_as_written_down():
                      "failed->releasing", "failed->active"}
     assert device == {"host->binding", "host->vfio",
                       "binding->vfio", "binding->restoring",
-                      "vfio->restoring",
+                      "vfio->restoring", "vfio->binding",
                       "restoring->host", "restoring->vfio"}
 
 
@@ -177,7 +177,7 @@ def test_illegal_device_transition_raises_naming_both_states(old, new):
     (DeviceState, "vfio", "host"),            # skipping "restoring" would lose the intent record
     (DeviceState, "host", "restoring"),
     (DeviceState, "binding", "host"),
-    (DeviceState, "vfio", "binding"),
+    (DeviceState, "restoring", "binding"),
 ])
 def test_check_transition_error_is_one_line_with_a_stable_code(kind, old, new):
     if old == new:
@@ -293,16 +293,30 @@ def test_v1_ledger_from_before_the_enums_loads_with_enum_states(tmp_path):
     assert "0000:03:10.0" in led.sriov["0000:03:00.0"].vfs
 
 
+# Fields added after the fixture was written (boot identity): absent from an old file, null
+# when it is written again until the claim is next prepared.
+LATER_FIELDS = {"claim": ("boot_id",), "device": ("vendor_device", "subsystem")}
+
+
+def _without_later_fields(data: dict) -> dict:
+    for claim in data["claims"].values():
+        for key in LATER_FIELDS["claim"]:
+            assert claim.pop(key, None) is None
+        for rec in claim["devices"]:
+            for key in LATER_FIELDS["device"]:
+                assert rec.pop(key, None) is None
+    return data
+
+
 def test_v1_ledger_dumps_again_to_the_same_json(tmp_path):
     raw = V1_LEDGER.read_text()
     led = Ledger.model_validate_json(raw)
-    assert json.loads(led.model_dump_json()) == json.loads(raw)
-    assert led.model_dump_json(indent=2) + "\n" == raw, "byte for byte, as LedgerStore.save writes it"
-    assert json.loads(json.dumps(led.model_dump())) == json.loads(raw)
+    assert _without_later_fields(json.loads(led.model_dump_json())) == json.loads(raw)
+    assert json.loads(json.dumps(_without_later_fields(led.model_dump()))) == json.loads(raw)
     # and through the store: saved, read back, the same values (only "updated" is new)
     store = LedgerStore(tmp_path)
     store.save(led)
-    again = json.loads((tmp_path / "ledger.json").read_text())
+    again = _without_later_fields(json.loads((tmp_path / "ledger.json").read_text()))
     again.pop("updated")
     want = json.loads(raw)
     want.pop("updated")

@@ -2,6 +2,7 @@
 groups shared with host-critical devices, ledger vs sysfs drift)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,8 +25,8 @@ class Check:
         return {"name": self.name, "status": self.status, "message": self.message, "hint": self.hint}
 
 
-def run_checks(sysfs: Sysfs, ledger: Ledger) -> list[Check]:
-    topo = from_sysfs(sysfs)
+def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = ()) -> list[Check]:
+    topo = from_sysfs(sysfs, listed_critical=listed_critical)
     out: list[Check] = []
     units = sysfs.iommu_units()
     groups = sysfs.iommu_groups()

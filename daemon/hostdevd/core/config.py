@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import posixpath
 import re
 import tomllib
 from pathlib import Path
@@ -15,6 +16,7 @@ from .errors import ConfigError, InvalidAddress
 
 DEFAULT_PATH = "/etc/hostdevd/hostdevd.toml"
 _VD_RE = re.compile(r"^[0-9a-fA-F]{4}:(?:[0-9a-fA-F]{4}|\*)$")
+_NETDEV_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 ResetPreference = Literal["auto", "flr", "pm", "bus", "device_specific", "none"]
 
@@ -51,6 +53,27 @@ class DeviceMatcher:
         return bool(self.patterns)
 
 
+def _check_critical(value: str) -> str:
+    """policy.critical: a PCI address, net:IFNAME or mount:/absolute/path."""
+    if value.startswith("net:"):
+        name = value[4:]
+        if _NETDEV_RE.match(name) and name not in (".", "..") and not name.startswith("-"):
+            return value
+        raise ValueError(f"{value!r}: net: needs a network interface name (net:eth2)")
+    if value.startswith("mount:"):
+        path = value[6:]
+        if not path.startswith("/") or any(c in path for c in "\0\n") or len(path) > 4096:
+            raise ValueError(f"{value!r}: mount: needs an absolute path (mount:/srv/data)")
+        return "mount:" + ("/" + posixpath.normpath(path).lstrip("/"))
+    try:
+        return str(PciAddress.parse(value))
+    except InvalidAddress:
+        raise ValueError(f"{value!r} is neither a PCI address (0000:05:00.0), net:IFNAME nor mount:/path") from None
+
+
+CriticalRef = Annotated[str, AfterValidator(_check_critical)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -62,6 +85,10 @@ class PolicyConfig(_Strict):
     allow_host_critical: list[Matcher] = Field(default_factory=list, description=(
         "Explicit override: host-critical devices (root disk controller, default-route NIC, boot VGA) "
         "that may still be passed through."))
+    critical: list[CriticalRef] = Field(default_factory=list, description=(
+        "More host-critical devices, refused like the ones hostdevd finds itself (unless "
+        "allow_host_critical names them): a PCI address (0000:05:00.0), net:IFNAME (the NIC(s) under that "
+        "interface, through bridges, bonds and VLANs) or mount:/path (the device(s) behind that mount point)."))
 
 
 class ResetConfig(_Strict):
@@ -115,9 +142,6 @@ class HostActionConfig(_Strict):
     @property
     def patterns(self) -> list[str]:
         return self.match
-
-
-_NETDEV_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 
 def _check_pf(value: str) -> str:

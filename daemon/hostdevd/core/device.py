@@ -43,6 +43,9 @@ class Device:
     # config[0x0e] & 0x7f from live sysfs; None when config is unreadable and for
     # snapshots and listings (which carry only ``bridge``).
     header_type: int | None = None
+    # Subsystem ids ("1458:3702") from live sysfs: part of a device's identity across boots.
+    # Not compared, and not in snapshots (which never carried them).
+    subsystem: str | None = field(default=None, compare=False)
 
     @property
     def class_code(self) -> str:

@@ -71,7 +71,7 @@ class Engine:
         reading them (and every boot_vga) on each request doubles a prepare's cost."""
         now = time.monotonic()
         if self._critical is None or now - self._critical[0] > CRITICAL_TTL:
-            self._critical = (now, self.sysfs.host_critical())
+            self._critical = (now, self.sysfs.host_critical(self.config.policy.critical))
         return dict(self._critical[1])
 
     def ledger(self) -> Ledger:
@@ -219,7 +219,10 @@ class Engine:
         try:
             return self.prepare(addresses, owner, net)
         except Refused as e:
-            log_action(log, logging.WARNING, "refused", "refused %s for %s: %s", ", ".join(map(str, addresses)),
+            few = ", ".join(map(str, addresses[:4]))    # a domain may name thousands: the log line stays short
+            if len(addresses) > 4:
+                few += f" and {len(addresses) - 4:,} more"
+            log_action(log, logging.WARNING, "refused", "refused %s for %s: %s", few,
                        owner.label(), e.message, owner=owner, action="prepare", result="refused")
             raise
 

@@ -46,6 +46,11 @@ class ConfigError(UsageError):
     code = "CONFIG"
 
 
+class InsecureFile(ConfigError):
+    """A config or state file others than root could change (core/strictmodes.py)."""
+    code = "INSECURE_FILE"
+
+
 class ListingError(UsageError):
     code = "INVALID_LISTING"
 
@@ -85,6 +90,27 @@ class ExecutionFailed(HostdevError):
 
 class LedgerError(HostdevError):
     code = "LEDGER"
+
+
+class LedgerDamaged(LedgerError):
+    """The ledger file is truncated or garbage (not JSON, not the model): the daemon's start
+    falls back to the previous generation (``ledger.json.bak``)."""
+    code = "LEDGER_DAMAGED"
+
+
+class LedgerSaveFailed(LedgerError):
+    """The ledger could not be written (ENOSPC, EIO, EROFS, EACCES); ``errno`` is the cause.
+    Raised before the sysfs write the save was to record."""
+    code = "LEDGER_SAVE"
+
+    def __init__(self, message: str, hint: str | None = None, err: int = 0):
+        super().__init__(message, hint)
+        self.errno = err
+
+
+class LedgerReadOnly(LedgerError):
+    """The daemon started with no readable ledger generation: it refuses every change."""
+    code = "LEDGER_READ_ONLY"
 
 
 class NotFound(HostdevError):

@@ -92,23 +92,14 @@ class Executor(HostActionSteps, SriovSteps):
             for gp in plan.groups:
                 steps = [s for s in plan.steps if s.group == gp.group]
                 if gp.already_held:
+                    # Held already: converge on the kernel (bind what is not on vfio-pci, R-converge).
                     self.promote(gp.group, gp.requested)
+                    self._converge(plan, gp)
+                    self._run_prepare_steps(plan, gp, steps, undo)
                     result.groups.append(gp.group)
                     continue
                 self._claim(plan, gp, undo)
-                for step in steps:
-                    if step.action == "bind":
-                        self._bind_step(plan, gp.group, step.pci, undo)
-                    elif step.action == "reset":
-                        self._reset_step(plan, gp.group, step.pci)
-                    elif step.action in ("stop_unit", "unload_module"):
-                        self._host_action_step(plan, gp.group, step, undo)
-                    elif step.action == "save_net":
-                        self._boundary(f"save_net:{step.pci}")
-                        self.vf_net.save(plan, gp.group, step.pci)
-                    elif step.action == "set_net":
-                        self._boundary(f"set_net:{step.pci}")
-                        self.vf_net.apply(plan, gp.group, step.pci, plan.net[step.pci], undo)
+                self._run_prepare_steps(plan, gp, steps, undo)
                 self._boundary(f"activate:{gp.group}")
                 with self.store.transaction() as ledger:
                     claim = ledger.held(gp.group)
@@ -128,6 +119,40 @@ class Executor(HostActionSteps, SriovSteps):
                 raise
             raise ExecutionFailed(msg, getattr(e, "hint", None)) from e
         return result
+
+    def _run_prepare_steps(self, plan: Plan, gp: GroupPlan, steps: list[Step], undo: list) -> None:
+        for step in steps:
+            if step.action == "bind":
+                self._bind_step(plan, gp.group, step.pci, undo)
+            elif step.action == "reset":
+                self._reset_step(plan, gp.group, step.pci)
+            elif step.action in ("stop_unit", "unload_module"):
+                self._host_action_step(plan, gp.group, step, undo)
+            elif step.action == "save_net":
+                self._boundary(f"save_net:{step.pci}")
+                self.vf_net.save(plan, gp.group, step.pci)
+            elif step.action == "set_net":
+                self._boundary(f"set_net:{step.pci}")
+                self.vf_net.apply(plan, gp.group, step.pci, plan.net[step.pci], undo)
+
+    def _converge(self, plan: Plan, gp: GroupPlan) -> None:
+        """A held group prepared again: the claim is of this boot now, and every member the
+        planner found off vfio-pci (read under the group lock) has a record to bind against."""
+        with self.store.transaction() as ledger:
+            claim = ledger.held(gp.group)
+            claim.boot_id = self.sysfs.boot_id()
+            for a in gp.bind:
+                if claim.device(a) is None and a not in gp.keep:
+                    claim.devices.append(self._record(a, "companion" if a in gp.companions else "requested",
+                                                      DeviceState.HOST))
+            ledger.put(claim)
+
+    def _record(self, addr: PciAddress, role: str, state: DeviceState) -> DeviceRecord:
+        """A device as it is now: its driver and override to give back, and who it is."""
+        dev = self.sysfs.read_device(addr)   # read live: the topology may be seconds old
+        return DeviceRecord(address=str(addr), role=role, state=state, original_driver=dev.driver,
+                            original_override=dev.driver_override, bound_by_us=False,
+                            vendor_device=dev.vendor_device, subsystem=dev.subsystem)
 
     def promote(self, group: int, requested: list[PciAddress]) -> None:
         """Companions of a held group the owner now uses itself become requested (refcount, R6)."""
@@ -153,6 +178,7 @@ class Executor(HostActionSteps, SriovSteps):
                 for rec in holder.devices:
                     rec.role = "companion" if rec.pci in gp.companions else "requested"
                 holder.owner, holder.state = plan.owner, ClaimState.CLAIMED
+                holder.boot_id = self.sysfs.boot_id()
                 ledger.put(holder)
                 undo.append((f"claim:{gp.group}",
                              lambda g=gp.group, r=reservation: self._to_reservation(g, r)))
@@ -165,18 +191,11 @@ class Executor(HostActionSteps, SriovSteps):
             if holder is not None:
                 raise Refused(f"IOMMU group {gp.group} is already being prepared for {plan.owner.label()}",
                               "wait for the first request to finish")
-            records = []
-            for a in gp.bind:
-                records.append(DeviceRecord(
-                    address=str(a), role="companion" if a in gp.companions else "requested",
-                    state=DeviceState.VFIO if a in gp.keep else DeviceState.HOST,
-                    # Read live: the topology may be seconds old.
-                    original_driver=self.sysfs.driver(a),
-                    original_override=self.sysfs.driver_override(a),
-                    bound_by_us=False))
+            records = [self._record(a, "companion" if a in gp.companions else "requested",
+                                    DeviceState.VFIO if a in gp.keep else DeviceState.HOST) for a in gp.bind]
             # A reservation's claim says so in the same transaction (never a second write).
             ledger.put(Claim(group=gp.group, owner=plan.owner, state=ClaimState.CLAIMED, devices=records,
-                             reserved=plan.owner.kind == "reservation"))
+                             reserved=plan.owner.kind == "reservation", boot_id=self.sysfs.boot_id()))
         log_action(log, logging.INFO, "claim", "claimed group %s for %s", gp.group, plan.owner.label(),
                    group=gp.group, owner=plan.owner, action="claim", result="ok")
         undo.append((f"claim:{gp.group}", lambda g=gp.group: self._drop_claim(g)))
@@ -191,8 +210,15 @@ class Executor(HostActionSteps, SriovSteps):
             if self.modprobe is None:
                 raise ExecutionFailed("the vfio-pci driver is not loaded", "run `modprobe vfio-pci`")
             self.modprobe(VFIO)
-        # Intent first: a crash from here on leaves a record saying we were moving it.
-        rec = self._set_state(group, addr, state=DeviceState.BINDING, bound_by_us=True)
+        # Intent first: a crash from here on leaves a record saying we were moving it. A device
+        # recorded as found on vfio-pci (so never to be given back) that a converging prepare now
+        # finds on a host driver gives back that driver. (A fresh claim's record stays as read at
+        # the claim: host actions may have unloaded its driver since.)
+        now: dict[str, object] = {}
+        known = self.store.read().held(group).device(addr)
+        if known is not None and not known.bound_by_us and known.state == DeviceState.VFIO:
+            now = {"original_driver": self.sysfs.driver(addr), "original_override": self.sysfs.driver_override(addr)}
+        rec = self._set_state(group, addr, state=DeviceState.BINDING, bound_by_us=True, **now)
         undo.append((f"bind:{addr}", lambda r=rec, g=group: self._restore(g, r)))
         self.sysfs.set_driver_override(addr, VFIO)
         self.sysfs.unbind(addr)
@@ -236,6 +262,15 @@ class Executor(HostActionSteps, SriovSteps):
                 return False
             ledger.put(claim)
             return True
+
+    def fail_claim(self, group: int, note: str) -> None:
+        """Keep a claim for an operator, touching no device (e.g. a device's identity changed)."""
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if claim is not None:
+                claim.move_to(ClaimState.FAILED)
+                claim.notes.append(f"{now()}: {note}")
+                ledger.put(claim)
 
     def complete_prepare(self, group: int, on_vfio: set[str], note: str) -> None:
         """Reconciliation found an interrupted prepare whose binds all finished and whose domain
@@ -319,6 +354,12 @@ class Executor(HostActionSteps, SriovSteps):
             return
         self._set_state(group, addr, state=DeviceState.RESTORING)
         want = rec.original_driver
+        # Read before writing: after a reboot (or a hand's rebind) the device may be back already.
+        if self.sysfs.driver(addr) == want and self.sysfs.driver_override(addr) == rec.original_override:
+            self._set_state(group, addr, state=DeviceState.HOST, bound_by_us=False)
+            log_action(log, logging.INFO, "restore", "%s is on %s already; nothing to write", addr,
+                       want or "no driver", address=addr, group=group, action="restore", result="ok")
+            return
         self.sysfs.set_driver_override(addr, rec.original_override)
         current = self.sysfs.driver(addr)
         if current is not None and current != want:

@@ -34,6 +34,18 @@ Rules:
   different IDs for one address raise :class:`ListingError`. A later driver
   line wins over an earlier one (pastes of "before" and "after").
 * A text without a single grouped device line raises :class:`ListingError`.
+* Forum markup is read through, line by line (line numbers stay those of the paste):
+  BBCode tags (``[CODE]``, ``[COLOR=...]``, ``[B]``, ``[QUOTE]``, ``[SPOILER]``, ``[FONT=...]``,
+  ``[SIZE=...]``, ...), HTML tags (``<pre>``, ``<code>``, ``<span style=...>``, ...) and
+  entities (``&gt;``, ``&amp;``, ``&nbsp;``); ``<br>`` splits a line. ``[CODE]`` and
+  ``<pre>`` blocks start and end sections as Markdown fences do.
+* Nothing is dropped without a word: :func:`read_listing` also returns the lines it did
+  not understand (:class:`Unparsed`). Understood are blank lines, headers, device lines,
+  driver lines, the other ``lspci -v``/``-k`` lines after a device line (indented, or
+  starting with an lspci field such as ``Subsystem:``), breaks and trim marks (``...``,
+  ``[snip]``). Everything else is *not understood*: a device-like line outside any group
+  that is not a well-formed ``lspci -nn`` line, and any other text (prose included: the
+  parser cannot tell prose from a device line it failed to recognise).
 
 Nothing here knows which devices the host needs (root disk, console, network):
 a listing carries no such facts, so ``critical`` is empty and
@@ -41,15 +53,17 @@ a listing carries no such facts, so ``critical`` is empty and
 """
 from __future__ import annotations
 
+import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .address import PciAddress
 from .device import BRIDGE_CLASSES, STUB_DRIVERS, Device
 from .errors import HostdevError, ListingError
 from .topology import Topology
 
-__all__ = ["parse_listing", "class_warnings", "LISTING_HINT", "MAX_LISTING_CHARS"]
+__all__ = ["parse_listing", "read_listing", "Listing", "Unparsed", "class_warnings", "LISTING_HINT",
+           "MAX_LISTING_CHARS"]
 
 LISTING_HINT = (
     "paste the output of: for d in /sys/kernel/iommu_groups/*/devices/*; do "
@@ -97,7 +111,28 @@ _PROMPT_RE = re.compile(
 _COMMAND_RE = re.compile(
     r"^(?:for|do|done|echo|printf|lspci|sudo|doas|find|shopt|cat|ls|bash|sh|zsh|n=|\./|#!)(?:\s|$|[;/])", _F
 )
-_FENCE_RE = re.compile(r"^\s*(?:```|~~~)")
+_FENCE_RE = re.compile(r"^[\s>]*(?:```|~~~)")
+# Forum markup. Tag names are listed so that lspci's own brackets ([0300], [AMD/ATI], [E:B],
+# <access denied>) are never taken for tags; attribute values stop at the next bracket.
+_CODE_OPEN_RE = re.compile(r"\[code(?:=[^\[\]\n]{0,64})?\]|<pre(?:\s[^<>]*)?>", re.I)
+_CODE_CLOSE_RE = re.compile(r"\[/code\]|</pre\s*>", re.I)
+_BBCODE_RE = re.compile(
+    r"\[/?(?:b|i|u|s|strike|color|colour|font|size|quote|spoiler|ispoiler|icode|plain|noparse|indent|"
+    r"left|center|right|justify|highlight|tt|sub|sup|url|email|list|\*|hr|table|tr|td|th|heading|user)"
+    r"(?:=[^\[\]\n]{0,200})?\]", re.I)
+_HTML_TAG_RE = re.compile(
+    r"</?(?:span|code|kbd|samp|tt|var|b|i|u|s|strike|strong|em|font|small|big|sub|sup|mark|del|ins|a|"
+    r"blockquote|q|cite|ul|ol|table|tbody|thead|td|th|hr|wbr|details|summary|section|article|"
+    r"p|div|li|tr|br|pre)(?:\s[^<>]*)?/?>", re.I)
+# What makes a new line in rendered HTML: a paste may hold the whole listing on one source line.
+_HTML_LINE_RE = re.compile(r"<br\s*/?>|</?(?:p|div|li|tr)(?:\s[^<>]*)?>", re.I)
+# Lines of lspci -v/-vv/-k after a device line, when a paste lost their indentation.
+_LSPCI_FIELD_RE = re.compile(
+    r"^(?:subsystem|devicename|flags|capabilities|kernel\s+modules|bus|physical\s+slot|control|status|"
+    r"latency|interrupt|numa\s+node|secondary\s+status|bridgectl|(?:prefetchable\s+)?memory\s+behind\s+bridge|"
+    r"i/o\s+behind\s+bridge|region\s+[0-9]+)\s*:|^(?:memory|i/o\s+ports|expansion\s+rom)\s+at\s", _F)
+# Where a poster cut something out.
+_TRIM_RE = re.compile(r"^(?:\.{2,}|\u2026|[\[(<]\s*(?:\.{2,}|\u2026|snip(?:ped)?)\s*[\])>]|snip(?:ped)?)$", _F)
 # Unicode spaces forums turn tabs and indentation into.
 _SPACES = str.maketrans(dict.fromkeys("\xa0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
                                       "\u2008\u2009\u200a\u202f\u205f\u3000", " "))
@@ -107,6 +142,46 @@ _SPACES = str.maketrans(dict.fromkeys("\xa0\u2000\u2001\u2002\u2003\u2004\u2005\
 class _Seen:
     device: Device
     line: int
+
+
+UNPARSED_SHOWN = 5          # lines of their text kept for the report
+_SHOWN_CHARS = 120
+
+
+@dataclass
+class Unparsed:
+    """Lines of a listing that were not understood: how many, and the first few (line, text)."""
+    count: int = 0
+    lines: list[tuple[int, str]] = field(default_factory=list)
+
+    def add(self, lineno: int, text: str) -> None:
+        self.count += 1
+        if len(self.lines) < UNPARSED_SHOWN:
+            self.lines.append((lineno, _cut(" ".join(text.split()), _SHOWN_CHARS)))
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "lines": [{"line": n, "text": t} for n, t in self.lines]}
+
+    def message(self) -> str | None:
+        """One line for a person, or None when every line was understood."""
+        if not self.count:
+            return None
+        shown = ", ".join(f"line {n} {_cut(t, 60)!r}" for n, t in self.lines[:3])
+        more = f" and {self.count - 3:,} more" if self.count > 3 else ""
+        lines = "1 line" if self.count == 1 else f"{self.count:,} lines"
+        return (f"{lines} of the listing not understood, skipped: {shown}{more}: if one is a device, "
+                "paste it as `lspci -nn` prints it")
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "\u2026"
+
+
+@dataclass
+class Listing:
+    """A parsed listing: the topology, and what of the paste was not understood."""
+    topology: Topology
+    unparsed: Unparsed
 
 
 def _fail(lineno: int, message: str, hint: str | None = _LINE_HINT) -> ListingError:
@@ -159,6 +234,25 @@ def _parse_device(bdf: str, rest: str, group: int | None, lineno: int) -> Device
     )
 
 
+def _lines(text: str) -> list[tuple[int, str, bool, bool]]:
+    """(line number, text, a code block opens before it, one closes after it) with forum markup
+    taken out; ``<br>`` gives several entries with the paste's line number."""
+    out = []
+    for lineno, physical in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
+        pieces = _HTML_LINE_RE.split(physical) if "<" in physical else [physical]
+        for piece in pieces:
+            opens = closes = False
+            if "[" in piece or "<" in piece:
+                opens, closes = bool(_CODE_OPEN_RE.search(piece)), bool(_CODE_CLOSE_RE.search(piece))
+                if opens or closes:
+                    piece = _CODE_CLOSE_RE.sub("", _CODE_OPEN_RE.sub("", piece))
+                piece = _HTML_TAG_RE.sub("", _BBCODE_RE.sub("", piece))
+            if "&" in piece:
+                piece = html.unescape(piece)
+            out.append((lineno, piece.translate(_SPACES).rstrip(), opens, closes))
+    return out
+
+
 def _is_break(raw: str, line: str) -> bool:
     if _PROMPT_RE.match(line) or _COMMAND_RE.match(line):
         return True
@@ -168,64 +262,83 @@ def _is_break(raw: str, line: str) -> bool:
 
 def parse_listing(text: str) -> Topology:
     """Parse a pasted IOMMU-group listing; raise :class:`ListingError` if it holds none."""
+    return read_listing(text).topology
+
+
+def read_listing(text: str) -> Listing:
+    """:func:`parse_listing`, and the lines that were not understood."""
     if not isinstance(text, str):
         raise ListingError("an IOMMU group listing must be text", LISTING_HINT)
     if len(text) > MAX_LISTING_CHARS:
         raise ListingError(f"listing is too large ({len(text)} characters, at most {MAX_LISTING_CHARS})",
                            "paste only the IOMMU group listing")
-    text = text.lstrip("\ufeff").translate(_SPACES)
     seen: dict[PciAddress, _Seen] = {}
+    unparsed = Unparsed()
     group: int | None = None
     last: Device | None = None
+    block = False       # after a device line: its lspci -v/-k lines may follow
 
-    for lineno, raw in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
-        raw = raw.rstrip()
+    for lineno, raw, opens, closes in _lines(text.lstrip("\ufeff")):
+        if opens:
+            group, last, block = None, None, False
         if _FENCE_RE.match(raw):
-            group, last = None, None
+            group, last, block = None, None, False
             continue
         line = _DECOR_RE.sub("", raw).rstrip("*` ")
-        if not line:
-            continue
-        in_section = False
-        h = _HEADER_RE.match(line)
-        if h:
-            rest = h["rest"].strip()
-            bdfish = _BDFISH_RE.match(rest) is not None
-            # "Group 3 has my GPU" is prose; "IOMMU Group 3 (2 devices)" is a header.
-            if h["iommu"] or bdfish or not rest:
-                group, last = int(h["group"]), None
-                if not bdfish:
-                    continue
-                line, in_section = rest, True
-        b = _BDFISH_RE.match(line)
-        if b:
-            in_section = in_section or group is not None
-            try:
-                dev = _parse_device(b["bdf"], b["rest"], group if in_section else None, lineno)
-            except ListingError:
-                if in_section:
-                    raise
-                dev = None
-            if dev is None:
-                if in_section:
-                    raise _fail(lineno, f"not an `lspci -nn` device line: {line[:80]!r}")
-                last = None  # outside any group: someone else's output, not ours to judge
-                continue
-            last = _merge(seen, dev, lineno)
-            continue
-        k = _KDRIVER_RE.match(line)
-        if k:
-            if last is not None:
-                last.driver = k["driver"]
-            continue
-        if _is_break(raw, line):
-            group, last = None, None
-        # anything else is noise: Subsystem:, Kernel modules:, Flags:, prose.
+        if line:
+            group, last, block = _read_line(lineno, raw, line, group, last, block, seen, unparsed)
+        if closes:
+            group, last, block = None, None, False
 
     if not any(s.device.group is not None for s in seen.values()):
         raise ListingError("no IOMMU group lines found", LISTING_HINT)
     devices = {a: seen[a].device for a in sorted(seen)}
-    return Topology(devices=devices, iommu_active=True, source="listing", critical={})
+    return Listing(Topology(devices=devices, iommu_active=True, source="listing", critical={}), unparsed)
+
+
+def _read_line(lineno: int, raw: str, line: str, group: int | None, last: Device | None, block: bool,
+               seen: dict[PciAddress, _Seen], unparsed: Unparsed) -> tuple[int | None, Device | None, bool]:
+    """One non-blank line: the section's group, the device driver lines apply to, and whether
+    lspci -v/-k lines may follow, after it."""
+    in_section = False
+    h = _HEADER_RE.match(line)
+    if h:
+        rest = h["rest"].strip()
+        bdfish = _BDFISH_RE.match(rest) is not None
+        # "Group 3 has my GPU" is prose; "IOMMU Group 3 (2 devices)" is a header.
+        if h["iommu"] or bdfish or not rest:
+            group, last, block = int(h["group"]), None, False
+            if not bdfish:
+                return group, last, block
+            line, in_section = rest, True
+    b = _BDFISH_RE.match(line)
+    if b:
+        in_section = in_section or group is not None
+        try:
+            dev = _parse_device(b["bdf"], b["rest"], group if in_section else None, lineno)
+        except ListingError:
+            if in_section:
+                raise
+            dev = None
+        if dev is None:
+            if in_section:
+                raise _fail(lineno, f"not an `lspci -nn` device line: {line[:80]!r}")
+            # Outside any group: someone else's output (lspci without -nn). Not an error, but said.
+            unparsed.add(lineno, line)
+            return group, None, True
+        return group, _merge(seen, dev, lineno), True
+    k = _KDRIVER_RE.match(line)
+    if k:
+        if last is not None:
+            last.driver = k["driver"]
+        return group, last, block
+    if block and (raw[:1].isspace() or _LSPCI_FIELD_RE.match(line)):
+        return group, last, block       # Subsystem:, Kernel modules:, Flags:, Memory at ... of the device above
+    if _is_break(raw, line):
+        return None, None, False
+    if not _TRIM_RE.match(line):
+        unparsed.add(lineno, line)
+    return group, last, False
 
 
 def _merge(seen: dict[PciAddress, _Seen], dev: Device, lineno: int) -> Device:

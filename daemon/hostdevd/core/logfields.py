@@ -30,6 +30,8 @@ MSG = {
     "host_action": "5e93657a6ccd45efa4816d8053a45e6f",
     "migrate": "bd3b467551724047901815096b5cf1b3",
     "hotplug": "0f9e724854284ed390b7acd0e6385044",
+    "ledger_recovered": "32419ca978d040cfadcb3129768f9155",
+    "ledger_read_only": "4af4e210cbb04f619ce80e59934268e3",
 }
 
 

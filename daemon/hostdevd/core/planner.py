@@ -39,6 +39,12 @@ class Policy:
 
 @dataclass
 class Refusal:
+    """Why one device (or, with ``device`` "-", the whole request) is refused.
+
+    ``reason`` does not repeat the device: it reads as what is said about it ("is a PCI
+    bridge; ...") so that ``str()`` gives "0000:05:00.0 is a PCI bridge; ... (hint)".
+    A refusal of no single device (``device`` "-") has a whole sentence as its reason.
+    """
     device: str
     reason: str
     hint: str
@@ -49,8 +55,13 @@ class Refusal:
     def to_json(self) -> dict:
         return {"device": self.device, "reason": self.reason, "hint": self.hint}
 
+    @property
+    def text(self) -> str:
+        """The reason with its device, without the hint."""
+        return self.reason if self.device in ("", "-") else f"{self.device} {self.reason}"
+
     def __str__(self) -> str:
-        return f"{self.device}: {self.reason} ({self.hint})"
+        return f"{self.text} ({self.hint})"
 
 
 StepAction = Literal["claim", "bind", "keep", "skip", "reset", "activate", "restore", "drop", "update",
@@ -161,7 +172,9 @@ class Plan:
 def held_refusal(device: str, group: int, holder: Owner) -> Refusal:
     """R3: the group belongs to someone else. The planner says so, and the executor says the
     same when it loses a race for the claim."""
-    return Refusal(device, f"IOMMU group {group} is held by {holder.kind} {holder.label()}",
+    held = f"held by {holder.kind} {holder.label()}"
+    reason = f"IOMMU group {group} is {held}" if device in ("", "-") else f"is in IOMMU group {group}, {held}"
+    return Refusal(device, reason,
                    f"stop {holder.name} or release its devices first (`hostdevctl release --owner {holder.name}`)",
                    group=group, holder=holder)
 
@@ -176,24 +189,38 @@ NO_IOMMU_HINT = ("enable VT-d / AMD-Vi in the firmware and boot with intel_iommu
                  "amd_iommu=on (AMD); `hostdevctl check` verifies")
 
 
+PER_DEVICE_REFUSALS = 3
+"""Up to this many requested devices refused for one reason get one refusal each; more get one
+refusal that counts them and names the first few (a domain may name thousands)."""
+
+
+def _per_request(addresses: list[PciAddress], one: str, many: str, hint: str) -> list[Refusal]:
+    """Refusals of requested devices for one reason: ``one`` says it of a device, ``many`` of several."""
+    if len(addresses) <= PER_DEVICE_REFUSALS:
+        return [Refusal(str(a), one, hint) for a in addresses]
+    first = ", ".join(map(str, addresses[:PER_DEVICE_REFUSALS]))
+    return [Refusal("-", f"{len(addresses):,} requested devices {many}: {first}, \u2026", hint)]
+
+
 def _refuse_device(dev: Device, role: str, topo: Topology, policy: Policy,
                    warnings: dict[PciAddress, str]) -> Refusal | None:
     """Host-critical and policy rules for one endpoint that would go to vfio-pci."""
     addr = str(dev.address)
-    what = "requested device" if role == "requested" else f"companion in group {dev.group}"
+    # "0000:00:1f.2 is host-critical: ..." / "0000:00:1f.2 is a companion in group 11 and host-critical: ..."
+    what = "is " if role == "requested" else f"is a companion in group {dev.group} and "
     if policy.deny.matches(dev.address, dev.vendor, dev.device):
-        return Refusal(addr, f"{what} {addr} [{dev.vendor_device}] is denied by policy.deny",
+        return Refusal(addr, f"{what}denied by policy.deny (vendor:device {dev.vendor_device})",
                        "remove it from policy.deny in /etc/hostdevd/hostdevd.toml to allow passthrough")
     if policy.allow and not policy.allow.matches(dev.address, dev.vendor, dev.device):
-        return Refusal(addr, f"{what} {addr} [{dev.vendor_device}] is not in policy.allow",
+        return Refusal(addr, f"{what}not in policy.allow (vendor:device {dev.vendor_device})",
                        "add its address or vendor:device to policy.allow in /etc/hostdevd/hostdevd.toml")
     reason = topo.critical.get(dev.address) or ("boot VGA (the host console)" if dev.boot_vga else None)
     if reason and not policy.allow_critical.matches(dev.address, dev.vendor, dev.device):
-        return Refusal(addr, f"{what} {addr} is host-critical: {reason}",
+        return Refusal(addr, f"{what}host-critical: {reason}",
                        f"pass another device, or add {addr} to policy.allow_host_critical if the host can "
                        "really do without it")
     if dev.sriov_numvfs and role == "companion":
-        return Refusal(addr, f"{what} {addr} is an SR-IOV PF with {dev.sriov_numvfs} VFs enabled; unbinding it "
+        return Refusal(addr, f"{what}an SR-IOV PF with {dev.sriov_numvfs} VFs enabled; unbinding it "
                        "would destroy them", "the platform lacks ACS between the PF and its VFs; assign the "
                        "whole PF instead, or use a slot with ACS")
     return None
@@ -211,21 +238,26 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
     plan.net = {a: r for a, r in (net_requests or {}).items() if r.wants_settings}
     warn = class_warnings or {}
     wanted: dict[int, list[PciAddress]] = {}
+    unknown: list[PciAddress] = []
+    no_group: list[PciAddress] = []
+    bridges: list[PciAddress] = []
     for addr in dict.fromkeys(requests):  # de-duplicate, keep order
         dev = topo.get(addr)
         if dev is None:
-            plan.refusals.append(Refusal(str(addr), f"no PCI device {addr} on this host",
-                                         "`hostdevctl groups` lists the devices and their addresses"))
-            continue
-        if not topo.iommu_active or dev.group is None:
-            plan.refusals.append(Refusal(str(addr), f"{addr} has no IOMMU group: the IOMMU is off or absent",
-                                         NO_IOMMU_HINT))
-            continue
-        if dev.bridge:
-            plan.refusals.append(Refusal(str(addr), f"{addr} is a PCI bridge; bridges are never bound to vfio-pci",
-                                         "pass the endpoint devices behind it instead"))
-            continue
-        wanted.setdefault(dev.group, []).append(addr)
+            unknown.append(addr)
+        elif not topo.iommu_active or dev.group is None:
+            no_group.append(addr)
+        elif dev.bridge:
+            bridges.append(addr)
+        else:
+            wanted.setdefault(dev.group, []).append(addr)
+    plan.refusals += _per_request(unknown, "does not exist on this host", "do not exist on this host",
+                                  "`hostdevctl groups` lists the devices and their addresses")
+    plan.refusals += _per_request(no_group, "has no IOMMU group: the IOMMU is off or absent",
+                                  "have no IOMMU group: the IOMMU is off or absent", NO_IOMMU_HINT)
+    plan.refusals += _per_request(bridges, "is a PCI bridge; bridges are never bound to vfio-pci",
+                                  "are PCI bridges; bridges are never bound to vfio-pci",
+                                  "pass the endpoint devices behind the bridge instead")
 
     for group, addrs in sorted(wanted.items()):
         gp = GroupPlan(group, requested=list(addrs))
@@ -245,8 +277,9 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             gp.bind.append(a)
             if role == "companion":
                 gp.companions.append(a)
-            held = holder.device(a) if (gp.already_held or gp.takeover) and holder else None
-            if dev.on_vfio or dev.driver == "pci-stub" or held:
+            # The kernel decides, not the ledger: a held device the kernel shows off vfio-pci
+            # (a reboot, a host driver took it) is bound again.
+            if dev.on_vfio or dev.driver == "pci-stub":
                 gp.keep.append(a)
             refusal = _refuse_device(dev, role, topo, policy, warn)
             if refusal:
@@ -261,7 +294,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
         for a in gp.bind:
             other = ledger.claim_for_device(a)
             if other and other.group != group:
-                plan.refusals.append(Refusal(str(a), f"the ledger records {a} in group {other.group}, the host now "
+                plan.refusals.append(Refusal(str(a), f"is in group {other.group} in the ledger, but the host now "
                                              f"reports group {group}", "the topology changed; run `hostdevctl check`"))
     if not topo.iommu_active and not plan.refusals:
         plan.refusals.append(Refusal("-", "the IOMMU is off or absent", NO_IOMMU_HINT))
@@ -274,6 +307,10 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             new = [a for a in gp.requested if claim and a not in claim.requested_pci]
             if new:
                 plan.steps.append(Step("update", gp.group, None, "add requested " + ", ".join(map(str, new))))
+            for a in gp.bind:                  # held, but the kernel shows it off vfio-pci
+                if a not in gp.keep:
+                    dev = topo.require(a)
+                    plan.steps.append(Step("bind", gp.group, a, f"held, but on {dev.driver or 'no driver'} -> {VFIO}"))
             continue
         plan.steps.append(Step("claim", gp.group, None, f"owner {owner.label()}"
                                + (", borrowed from the reservation" if gp.takeover else "")))
@@ -327,12 +364,12 @@ def _refuse_net(topo: Topology, plan: Plan) -> None:
         if dev is None:
             continue
         if dev.physfn is None:
-            plan.refusals.append(Refusal(str(a), f"{a} is not an SR-IOV VF: MAC/VLAN of <interface type='hostdev'> can "
+            plan.refusals.append(Refusal(str(a), "is not an SR-IOV VF: MAC/VLAN of <interface type='hostdev'> can "
                                          "only be set on a VF (libvirt refuses it too)",
                                          "use <hostdev> for a whole NIC, or pick a VF"))
         elif _vf_netdev(topo, a) is None and topo.source == "sysfs":
-            plan.refusals.append(Refusal(str(a), f"the PF {dev.physfn} of VF {a} has no network interface, so its MAC/"
-                                         "VLAN cannot be set", "is the PF bound to its network driver?"))
+            plan.refusals.append(Refusal(str(a), f"is a VF whose PF {dev.physfn} has no network interface, so its "
+                                         "MAC/VLAN cannot be set", "is the PF bound to its network driver?"))
 
 
 def _host_action_steps(topo: Topology, gp: GroupPlan, policy: Policy,

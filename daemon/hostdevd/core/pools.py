@@ -60,7 +60,7 @@ def pick_pool_vfs(parsed: DomainRequest, owner: Owner, lookup: NetworkLookup, to
             # The planner's refusals, so the reply names who holds the VFs as for any refusal.
             err = refused(list(why.values()))
             raise Refused(f"hostdev network {ref.network!r} has no VF {owner.name} could get: "
-                          + "; ".join(f"{a}: {r.reason}" for a, r in list(why.items())[:4]),
+                          + "; ".join(r.text for r in list(why.values())[:4]),
                           "free a VF of the pool (stop a domain using one) or create more VFs "
                           "(`hostdevctl vfs set`)", refusals=err.refusals, holders=err.holders)
         if pool and not net.managed:

@@ -121,6 +121,70 @@ def _find_running(running: Iterable[RunningDomain], owner: Owner) -> RunningDoma
     return None
 
 
+# --------------------------------------------------------------------------- 0. an earlier boot
+
+
+def identity_changes(engine: Engine, claim: Claim) -> list[str]:
+    """Devices of ``claim`` whose address now holds another device (vendor:device, subsystem)."""
+    out = []
+    for rec in claim.devices:
+        if rec.vendor_device is None or not engine.sysfs.exists(rec.pci):
+            continue
+        dev = engine.sysfs.read_device(rec.pci)
+        if dev.vendor_device != rec.vendor_device or (rec.subsystem and dev.subsystem
+                                                      and dev.subsystem != rec.subsystem):
+            was = rec.vendor_device + (f" (subsystem {rec.subsystem})" if rec.subsystem else "")
+            now_ = dev.vendor_device + (f" (subsystem {dev.subsystem})" if dev.subsystem else "")
+            out.append(f"{rec.address} was {was}, is now {now_}")
+    return out
+
+
+def release_stale_boot(engine: Engine, report: ReconcileReport, guard: Guard = _no_guard) -> None:
+    """Claims made under another kernel boot: the reboot gave their devices back to the host.
+
+    Each is released by address (group numbers may differ after a reboot), reading before
+    writing, so a record of an original driver goes only once the device is on it; a reserved
+    group is released as well and bound again by the reservation at start; a domain that starts
+    again gets a fresh claim. A device whose identity changed is reported and not touched.
+    """
+    boot = engine.sysfs.boot_id()
+    if boot is None:
+        return
+    for claim in sorted(engine.ledger().claims.values(), key=lambda c: c.group):
+        if claim.boot_id is None or claim.boot_id == boot:
+            continue
+        with guard(claim.owner.name) as ok:
+            if not ok:
+                report.skipped.append(f"group {claim.group}: {claim.owner.name} is being served right now")
+                continue
+            with engine.locks.hold([claim.group]):
+                fresh = engine.ledger().claim_for_group(claim.group)
+                if fresh is None or fresh.boot_id in (None, boot) or fresh.state == ClaimState.FAILED:
+                    continue
+                changed = identity_changes(engine, fresh)
+                if changed:
+                    msg = (f"group {fresh.group} of {fresh.owner.label()} is from an earlier boot and "
+                           + "; ".join(changed) + ": not touched")
+                    engine.executor.fail_claim(fresh.group, msg)
+                    report.conflicts.append(msg)
+                    log_action(log, logging.ERROR, "drift", "%s", msg, group=fresh.group, owner=fresh.owner,
+                               action="reconcile", result="identity-changed")
+                    continue
+                if fresh.reserved:
+                    engine.executor.unreserve(fresh.group)   # the reservation binds it again at start
+                    fresh = engine.ledger().held(fresh.group)
+                try:
+                    engine.release_group(fresh)
+                except HostdevError as e:
+                    report.errors.append(f"group {fresh.group}: releasing the claim of an earlier boot failed: {e}")
+                    continue
+        report.released.append({"group": claim.group, "owner": claim.owner.name,
+                                "reason": f"claim from an earlier boot ({claim.boot_id})"})
+        log_action(log, logging.WARNING, "reconcile", "released group %s of %s: claimed before the host "
+                   "rebooted (boot %s)", claim.group, claim.owner.label(), claim.boot_id, group=claim.group,
+                   owner=claim.owner, action="reconcile", result="stale-boot")
+
+
 # --------------------------------------------------------------------------- 1. interrupted work
 
 
@@ -365,6 +429,7 @@ def reconcile(engine: Engine, running: list[RunningDomain] | None, *, listed_at:
     report = ReconcileReport(libvirt=running is not None)
     guard = guard or _no_guard
     steps: list[tuple[str, Callable[[], None]]] = [
+        ("claims from an earlier boot", lambda: release_stale_boot(engine, report, guard)),
         ("interrupted operations", lambda: recover_interrupted(engine, running, report, guard))]
     if running is not None:
         steps.append(("gone domains", lambda: release_gone(engine, running, report, listed_at=listed_at,

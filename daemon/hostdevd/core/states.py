@@ -109,6 +109,8 @@ DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
     }),
     _D.VFIO: frozenset({
         _D.RESTORING,   # executor._restore: release, rollback
+        _D.BINDING,     # executor._bind_step: a prepare converging on the kernel found the device
+                        # off vfio-pci (a reboot, someone else's unbind) and binds it again
     }),
     _D.RESTORING: frozenset({
         _D.HOST,        # executor._restore: back on the recorded driver

@@ -7,6 +7,7 @@ A Topology is a value: the planner reads it and never changes it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -75,10 +76,11 @@ class Topology:
 _KEPT_FROM_SCAN = ("bridge", "group", "name", "header_type")
 
 
-def from_sysfs(sysfs: Sysfs, with_critical: bool = True) -> Topology:
+def from_sysfs(sysfs: Sysfs, with_critical: bool = True, listed_critical: Sequence[str] = ()) -> Topology:
+    """The live host; ``listed_critical`` is policy.critical (see :meth:`Sysfs.host_critical`)."""
     devices: dict[PciAddress, Device] = {addr: sysfs.read_device(addr) for addr in sysfs.device_addresses()}
     active = sysfs.iommu_active() or any(d.group is not None for d in devices.values())
-    critical = sysfs.host_critical() if with_critical else {}
+    critical = sysfs.host_critical(listed_critical) if with_critical else {}
     vfio_groups = {d.group for d in devices.values() if d.group is not None and d.on_vfio}
     users = {g: n for g in sorted(vfio_groups) if (n := sysfs.vfio_group_users(g))}
     return Topology(devices=devices, iommu_active=active, source="sysfs", critical=critical,

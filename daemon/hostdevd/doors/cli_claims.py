@@ -54,6 +54,8 @@ def cmd_plan(ctx: Context, out: Out) -> int:
                             else Policy.from_config(ctx.config), warnings, net_requests=_net_requests(ctx))
     data = plan.to_json()
     data["source"] = topo.source
+    if ctx.unparsed is not None:
+        data["unparsed"] = ctx.unparsed
     data["notes"] = notes
     print_plan(ctx, data, out, "release plan" if ctx.args.release else "plan")
     return EXIT_OK if plan.ok else EXIT_PROBLEM

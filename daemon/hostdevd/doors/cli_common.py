@@ -51,6 +51,8 @@ class Context:
         self._netlink = netlink          # tests: a sim.fakenetlink.FakeNetlink; None: pyroute2 on a real host
         self._config: Config | None = None
         self._engine: Engine | None = None
+        # --listing: the lines it did not understand, for the output's "unparsed" (None otherwise).
+        self.unparsed: dict | None = None
 
     @property
     def config(self) -> Config:
@@ -84,9 +86,13 @@ class Context:
         """The topology to work on, and class cautions (listing only)."""
         a = self.args
         if getattr(a, "listing", None):
-            from ..core.listing import class_warnings, parse_listing
-            topo = parse_listing(read_text(a.listing))
-            return topo, class_warnings(topo)
+            from ..core.listing import class_warnings, read_listing
+            listing = read_listing(read_text(a.listing))
+            self.unparsed = listing.unparsed.to_json()
+            said = listing.unparsed.message()
+            if said:
+                print(f"hostdevctl: warning: {said}", file=sys.stderr)
+            return listing.topology, class_warnings(listing.topology)
         if getattr(a, "snapshot", None):
             return from_snapshot(read_text(a.snapshot)), {}
         return self.engine.topology(), {}
@@ -166,6 +172,13 @@ def domain_ref(owner: Owner) -> dict:
 
 
 # ---------------------------------------------------------------- output
+def refusal_text(r: dict) -> str:
+    """A refusal from a plan's JSON as one phrase naming its device once: the planner's reasons
+    do not repeat the device ("is a PCI bridge; ..."), other refusals may already start with it."""
+    device, reason = str(r.get("device") or "-"), str(r.get("reason") or "refused")
+    return reason if device == "-" or reason.startswith(device) else f"{device} {reason}"
+
+
 def print_plan(ctx: Context, plan_json: dict, out: Out, title: str) -> None:
     if ctx.args.json:
         out(json.dumps(plan_json, indent=2))
@@ -181,8 +194,9 @@ def print_plan(ctx: Context, plan_json: dict, out: Out, title: str) -> None:
             target = s["address"] or s.get("name") or f"group {s['group']}"
             out(f"    {s['action']:<8} {target}" + (f"  {s['detail']}" if s["detail"] else ""))
     for r in plan_json.get("refusals", []):
-        out(f"  refused: {r['reason']}")
-        out(f"    fix: {r['hint']}")
+        out(f"  refused: {refusal_text(r)}")
+        if r.get("hint"):
+            out(f"    fix: {r['hint']}")
     for w in plan_json.get("warnings", []):
         out(f"  warning: {w}")
     for n in plan_json.get("notes", []):

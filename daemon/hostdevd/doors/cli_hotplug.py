@@ -7,7 +7,18 @@ from typing import Any
 from ..core.address import PciAddress
 from ..core.errors import HostdevError, UsageError
 from ..core.ledger import Owner
-from .cli_common import EXIT_OK, EXIT_PROBLEM, Context, Out, ask_daemon, daemon_socket, read_text, refused_status, table
+from .cli_common import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    Context,
+    Out,
+    ask_daemon,
+    daemon_socket,
+    read_text,
+    refusal_text,
+    refused_status,
+    table,
+)
 
 
 def _hotplug(ctx: Context, out: Out, op: str) -> int:
@@ -74,7 +85,7 @@ def _hotplug_failed(ctx: Context, request: dict, reply: dict, out: Out, title: s
         out(f"{title} {', '.join(request.get('addresses') or []) or 'the device'} "
             f"{'to' if title == 'attach' else 'from'} {request['domain']['name']}: FAILED")
         for r in err.get("refusals") or [{"reason": err.get("message", "failed"), "hint": err.get("hint")}]:
-            out(f"  {r['reason']}")
+            out(f"  {refusal_text(r)}")
             if r.get("hint"):
                 out(f"    fix: {r['hint']}")
     return refused_status(err)

@@ -25,6 +25,8 @@ def cmd_groups(ctx: Context, out: Out) -> int:
     topo, _ = ctx.topology()
     ledger = ctx.ledger() if topo.source == "sysfs" else Ledger()
     data = topo.to_json()
+    if ctx.unparsed is not None:
+        data["unparsed"] = ctx.unparsed
     for g in data["groups"]:
         for d in g["devices"]:
             d["owner"] = _owner_label(ledger, PciAddress.parse(d["address"]))
@@ -100,7 +102,7 @@ def _daemon_drift(ctx: Context) -> list[dict]:
 
 
 def cmd_check(ctx: Context, out: Out) -> int:
-    results = run_checks(ctx.sysfs, ctx.ledger())
+    results = run_checks(ctx.sysfs, ctx.ledger(), ctx.config.policy.critical)
     failed = any(r.status == "fail" for r in results)
     if ctx.args.json:
         out(json.dumps({"ok": not failed, "checks": [r.to_json() for r in results]}, indent=2))

@@ -83,6 +83,7 @@ import posixpath
 import re
 import threading
 import tomllib
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,6 +210,9 @@ class SimKernel:
         self.unsafe_interrupts = False
         self.iommu_group_type = "DMA"
         self.cmdline = ""
+        # /proc/sys/kernel/random/boot_id: new for every SimKernel, so a kernel built again from
+        # the same spec is the same host after a reboot (devices on their spec drivers).
+        self.boot_id = str(uuid.uuid4())
         self.kvm = True
         self.open_group_unbind = "ebusy"
         self.dm: list[tuple[SimBlock, list[str]]] = []
@@ -345,6 +349,7 @@ class SimKernel:
                 "net/route": self._proc_route,
                 "net/ipv6_route": self._proc_ipv6_route,
                 "cmdline": lambda: self.cmdline + "\n",
+                "sys/kernel/random/boot_id": lambda: self.boot_id + "\n",
                 "modules": self._proc_modules,
             }.get(rel.strip("/"))
             if gen is None:
