@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "daemon"))
 
-from hostdevd import wire  # noqa: E402
+from hostdevd.doors import wire  # noqa: E402
 from hostdevd.doors.daemon_main import hook_script  # noqa: E402
 
 NIC = "0000:01:00.0"  # lab topology: the singleton e1000e

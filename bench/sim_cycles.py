@@ -2,7 +2,7 @@
 """Quick benchmark on the simulated kernel: hostdevd's per-cycle overhead, no VM.
 
 In one process, runs N (default 1,000) prepare/release cycles of one device
-through :class:`hostdevd.engine.Engine` on
+through :class:`hostdevd.core.engine.Engine` on
 ``SimKernel.from_file('tests/topologies/lab.json')`` and compares the
 per-cycle median with a baseline that does the same sysfs writes raw on the
 simulated kernel (driver_override, unbind, drivers_probe, read the driver

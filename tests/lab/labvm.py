@@ -217,7 +217,8 @@ class LabVM:
 
     def _env(self) -> dict:
         return _script_env({"L1_NAME": self.name, "L1_MEM": self.mem, "L1_SMP": str(self.smp),
-                            "L1_OWNER": str(os.getpid())})
+                            "L1_OWNER": str(os.getpid()),
+                            "L1_REUSE_DISK": "1" if getattr(self, "_reuse_disk", False) else "0"})
 
     # ------------------------------------------------------------------ lifecycle
     def boot(self, share_dir: str | os.PathLike = REPO_ROOT, timeout: float = 300) -> float:
@@ -227,6 +228,7 @@ class LabVM:
         if not image_ready():
             raise LabError(f"no lab image in {lab_dir()}; run tests/lab/build-image.sh")
         self._take_host_lock()
+        self._share_dir = share_dir
         reap_stale_instances()
         env = self._env()
         env["L1_TIMEOUT"] = str(int(timeout))
@@ -253,6 +255,29 @@ class LabVM:
         threading.Thread(target=self._watch_stalls, name="l1-stall-watch", daemon=True).start()
         _log(f"L1 '{self.name}' up after {self.boot_seconds:.1f}s (run dir {self.run_dir})")
         return self.boot_seconds
+
+    def restart(self, power_cut: bool = False, timeout: float = 300) -> float:
+        """Boot L1 again on the same disk: a clean reboot (``systemctl reboot``; QEMU runs with
+        -no-reboot, so the reset ends it) or a power cut (QEMU killed, nothing flushed).
+        Returns seconds until the agent answered in the new boot."""
+        pid_file = self.run_dir / "qemu.pid"
+        pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
+        if power_cut and pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            self.run("systemd-run --no-block systemctl reboot", timeout=60, check=False)
+        deadline = time.monotonic() + 180
+        while pid is not None and _pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise LabError(f"L1 '{self.name}' did not go down within 180 s")
+            time.sleep(1)
+        self.running = False
+        self._close()
+        self._reuse_disk = True
+        try:
+            return self.boot(self._share_dir, timeout=timeout)
+        finally:
+            self._reuse_disk = False
 
     def _take_host_lock(self) -> None:
         """One L1 at a time on this host: two TCG guests on 2 cores starve each other's

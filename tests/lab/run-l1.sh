@@ -15,6 +15,7 @@
 #   L1_NVME_SIZE   size of each emulated NVMe backing file (default 256M)
 #   L1_SHARE_RW    1: share SHARE_DIR read-write (default 0: read-only)
 #   L1_OWNER       pid recorded in $RUN/owner (labvm.py reaps instances whose owner died)
+#   L1_REUSE_DISK  1: boot the disk of the last run of this instance again (reboot, power cut)
 # Prints shell-style variables (L1_QGA=..., L1_QMP=..., ...) on success.
 set -eu
 
@@ -42,16 +43,28 @@ command -v "$QEMU" >/dev/null || die "$QEMU not found (apt-get install qemu-syst
 if [ -s "$RUN/qemu.pid" ] && kill -0 "$(cat "$RUN/qemu.pid")" 2>/dev/null; then
     die "instance '$NAME' already running (pid $(cat "$RUN/qemu.pid")); stop-l1.sh first"
 fi
-rm -rf "$RUN"
-mkdir -p "$RUN"
+if [ "${L1_REUSE_DISK:-0}" = 1 ] && [ -s "$RUN/overlay.qcow2" ]; then
+    # The same disk booted again: a reboot or a power cut in the reliability tests. The old
+    # serial log is kept aside (the stall watcher reads only this boot's).
+    n=1; while [ -e "$RUN/serial.log.$n" ]; do n=$((n + 1)); done
+    [ ! -e "$RUN/serial.log" ] || mv "$RUN/serial.log" "$RUN/serial.log.$n"
+    rm -f "$RUN"/*.sock "$RUN/qemu.pid" "$RUN/boot_seconds"
+    REUSE=1
+else
+    rm -rf "$RUN"
+    mkdir -p "$RUN"
+    REUSE=0
+fi
 # pid of the process that owns this instance (labvm.py stops instances whose owner died)
 [ -z "${L1_OWNER:-}" ] || echo "$L1_OWNER" > "$RUN/owner"
 # unix socket paths are limited to 107 bytes
 [ ${#RUN} -lt 90 ] || die "run dir path too long for unix sockets: $RUN (use a shorter LAB_DIR)"
 
-# fresh overlay on the read-only base every run; fresh NVMe backing files
-qemu-img create -q -f qcow2 -F raw -b "$IMG/l1-base.raw" "$RUN/overlay.qcow2"
-truncate -s "$NVME_SIZE" "$RUN/nvme1.img" "$RUN/nvme2.img"
+# fresh overlay on the read-only base every run (unless L1_REUSE_DISK=1); fresh NVMe backing files
+if [ "$REUSE" = 0 ]; then
+    qemu-img create -q -f qcow2 -F raw -b "$IMG/l1-base.raw" "$RUN/overlay.qcow2"
+    truncate -s "$NVME_SIZE" "$RUN/nvme1.img" "$RUN/nvme2.img"
+fi
 
 APPEND="console=ttyS0 root=/dev/vda rw intel_iommu=on"
 [ "${L1_IOMMU_PT:-1}" = 1 ] && APPEND="$APPEND iommu=pt"

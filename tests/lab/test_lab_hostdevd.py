@@ -143,3 +143,74 @@ def test_l2_domain_not_viable_without_hostdevd_and_starts_with_it(lab, clean_led
     finally:
         lab.run("virsh -q destroy l2mf; virsh -q undefine l2mf", timeout=120, check=False)
         hctl(lab, "release", "/root/l2mf.xml", check=False)
+
+
+# What L1 itself depends on, read straight from its sysfs and /proc (not through hostdevd):
+# the 9p share's virtio device (by mount_tag), the guest agent's virtio-serial device (by port
+# name), the kernel command line and where ttyS0 sits.
+_L1_FACTS = r"""
+import json, os
+out = {"tags": {}, "ports": {}}
+for v in os.listdir("/sys/bus/virtio/devices"):
+    p = "/sys/bus/virtio/devices/" + v
+    try:
+        tag = open(p + "/mount_tag", "rb").read().rstrip(b"\0\n").decode()
+    except OSError:
+        continue
+    out["tags"][tag] = os.path.basename(os.path.dirname(os.path.realpath(p)))
+for v in os.listdir("/sys/class/virtio-ports"):
+    p = "/sys/class/virtio-ports/" + v
+    try:
+        name = open(p + "/name").read().strip()
+    except OSError:
+        continue
+    out["ports"][name] = os.path.realpath(p).split("/")[-4]   # .../<bdf>/virtioN/virtio-ports/vportNpM
+out["ttyS0"] = os.path.realpath("/sys/class/tty/ttyS0")
+out["cmdline"] = open("/proc/cmdline").read()
+out["mounts"] = [[l.split(" - ")[1].split()[0], l.split(" - ")[1].split()[1], l.split()[4]]
+                 for l in open("/proc/self/mountinfo")]
+print(json.dumps(out))
+"""
+
+
+def test_host_critical_share_and_agent_channel(lab):
+    """Issue 12 item 5 on L1: the virtio-9p device behind /mnt/src and the virtio-serial device
+    of the guest agent (the harness's only way in) are host-critical with their reasons;
+    console=ttyS0 is the ISA port on the LPC (no PCI function), so it marks nothing;
+    policy.critical adds a device by interface name."""
+    import re
+    facts = json.loads(lab.run(["python3", "-c", _L1_FACTS], timeout=60).stdout)
+    assert ["9p", "src", "/mnt/src"] in facts["mounts"], facts["mounts"]
+    ninep = facts["tags"]["src"]
+    agent = facts["ports"]["org.qemu.guest_agent.0"]
+    bdf = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+    assert bdf.match(ninep) and bdf.match(agent) and ninep != agent, facts
+    assert "console=ttyS0" in facts["cmdline"]
+    assert not re.search(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]", facts["ttyS0"]), facts["ttyS0"]
+
+    critical = json.loads(hctl(lab, "groups", "--json").stdout)["critical"]
+    assert critical.get(ninep) == "virtio device of the mounted 9p share 'src' (/mnt/src)", critical
+    assert critical.get(agent) == "virtio-serial channel org.qemu.guest_agent.0 (host agent)", critical
+    assert not any("console=" in reason for reason in critical.values()), critical
+    topo = lab.topology()
+    assert not set(critical) & set(topo.values()), critical        # no test device is marked
+
+    for dev, reason in ((ninep, "9p share 'src'"), (agent, "org.qemu.guest_agent.0 (host agent)")):
+        r = hctl(lab, "plan", "--json", "--device", dev, "--owner", "lab-critical", check=False)
+        plan = json.loads(r.stdout)
+        assert r.rc != 0 and not plan["ok"], plan
+        assert any("host-critical" in x["reason"] and reason in x["reason"] for x in plan["refusals"]), plan
+
+    nic1 = topo["nic1"]
+    ifname = lab.run(f"ls {SYS}/{nic1}/net", timeout=30).stdout.split()[0]
+    lab.write_text("/root/critical.toml", f'[policy]\ncritical = ["net:{ifname}"]\n')
+    try:
+        r = hctl(lab, "--config", "/root/critical.toml", "plan", "--json", "--device", nic1,
+                 "--owner", "lab-critical", check=False)
+        plan = json.loads(r.stdout)
+        assert not plan["ok"] and any(f"listed in policy.critical (net:{ifname})" in x["reason"]
+                                      for x in plan["refusals"]), plan
+        r = hctl(lab, "plan", "--json", "--device", nic1, "--owner", "lab-critical", check=False)
+        assert json.loads(r.stdout)["ok"], r.stdout
+    finally:
+        lab.run("rm -f /root/critical.toml", timeout=30, check=False)

@@ -81,7 +81,7 @@ def wait_for(what, pred, timeout=60.0, interval=1.0):
 
 def daemon_status(lab):
     r = lab.run(["/opt/hostdevd/bin/python", "-c",
-                 "import json,hostdevd.wire as w; print(json.dumps(w.call(w.DEFAULT_SOCKET, {'op':'status'})))"],
+                 "import json,hostdevd.doors.wire as w; print(json.dumps(w.call(w.DEFAULT_SOCKET, {'op':'status'})))"],
                 timeout=60)
     return json.loads(r.stdout)
 

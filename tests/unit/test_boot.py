@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 
-from .conftest import TOPOLOGIES, load_sim, make_engine
-
 from hostdevd.core.address import PciAddress
 from hostdevd.core.engine import DomainPrepare
 from hostdevd.core.ledger import Owner
 from hostdevd.core.states import ClaimState, DeviceState
 from hostdevd.sim.simkernel import SimKernel
+
+from .conftest import TOPOLOGIES, load_sim, make_engine
 
 PAIR, PAIR_B = PciAddress.parse("0000:04:00.0"), PciAddress.parse("0000:04:00.1")
 VM1 = Owner(name="vm1", uuid="11111111-1111-1111-1111-111111111111")

@@ -68,6 +68,42 @@ def test_plan_listing_refusal_and_warning():
     assert d["groups"] == []
 
 
+REDDIT = str(LISTINGS / "reddit_b550_rx6700xt_noise.txt")
+
+
+@pytest.mark.parametrize("argv", [["groups"], ["plan", "--device", "0c:00.0"]])
+def test_listing_lines_not_understood_are_reported(argv, capsys):
+    rc, out = run([*argv, "--listing", REDDIT, "--json"])
+    assert rc == 0
+    unparsed = json.loads(out)["unparsed"]
+    assert unparsed["count"] == 3 and [u["line"] for u in unparsed["lines"]] == [1, 2, 42]
+    assert unparsed["lines"][2] == {"line": 42, "text": "Edit: kernel 6.1, amd_iommu=on iommu=pt in the cmdline."}
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "hostdevctl: warning: 3 lines of the listing not understood, skipped: line 1 'Trying to pass my 6700 XT")
+    assert err[0].endswith("if one is a device, paste it as `lspci -nn` prints it")
+    rc, out = run([*argv, "--listing", REDDIT])              # the table too: the same line on stderr
+    assert rc == 0 and "unparsed" not in out and len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_clean_listing_reports_nothing_unparsed(capsys):
+    rc, out = run(["groups", "--listing", GTX, "--json"])
+    assert rc == 0 and json.loads(out)["unparsed"] == {"count": 0, "lines": []}
+    assert capsys.readouterr().err == ""
+
+
+def test_plan_prints_each_refusal_naming_the_device_once():
+    rc, out = run(["plan", "--listing", GTX, "--device", "0000:00:1b.0", "--device", "0000:09:00.0"])
+    assert rc == 1
+    assert "  refused: 0000:09:00.0 does not exist on this host" in out.splitlines()
+    assert "  refused: 0000:00:1b.0 is a PCI bridge; bridges are never bound to vfio-pci" in out.splitlines()
+    assert out.count("0000:00:1b.0") == 1
+    many = [f"--device=0000:40:{i // 8:02x}.{i % 8}" for i in range(40)]
+    rc, out = run(["plan", "--listing", GTX, *many])
+    assert rc == 1 and [line for line in out.splitlines() if "refused" in line] == [
+        "  refused: 40 requested devices do not exist on this host: 0000:40:00.0, 0000:40:00.1, 0000:40:00.2, \u2026"]
+
+
 def test_groups_sim_table_and_owner(state):
     sim = load_sim("lab")
     rc, out = run(state + ["groups"], sim)

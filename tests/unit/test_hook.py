@@ -101,6 +101,9 @@ def test_prepare_refusal_and_release(daemon):
         assert rc == 1 and err.count("\n") == 1, err
         assert err.startswith("hostdevd: refused to prepare vm2: ")
         assert f"held by domain vm1 ({uuid_for(1)})" in err and "stop vm1" in err
+        assert err.startswith("hostdevd: refused to prepare vm2: 0000:04:00.1 is in IOMMU group 15, held by domain "
+                              f"vm1 ({uuid_for(1)}) (stop vm1 "), err
+        assert err.count("0000:04:00.1") == 1, "the line names the device once"
 
         rc, out, err, _ = run_hook(hook, "vm1", "release", "end", "-", xml=xml1, label="release end (restore)")
         assert (rc, err) == (0, "")

@@ -6,6 +6,7 @@ and whether it is a bridge.
 """
 from __future__ import annotations
 
+import html
 import json
 import random
 import re
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from hostdevd.core.address import PciAddress
 from hostdevd.core.errors import ListingError
-from hostdevd.core.listing import class_warnings, parse_listing
+from hostdevd.core.listing import UNPARSED_SHOWN, Listing, class_warnings, parse_listing, read_listing
 from hostdevd.core.topology import Device, Topology, from_snapshot
 
 LISTINGS = Path(__file__).resolve().parent.parent / "listings"
@@ -278,10 +279,33 @@ def test_fixture_parses_to_exact_groups(name):
         assert d.bridge == (d.class_code in ("0604", "0609"))
 
 
+# Forum markup around a fixture above: each must parse to exactly the clean fixture's devices
+# (groups, IDs, names, drivers). Value: (clean fixture, the lines left not understood).
+MARKUP = {
+    "markup_bbcode_xenforo_z390": ("z390_header_tabs", [45]),   # [QUOTE] [SPOILER] [CODE] [COLOR] [B] [FONT] [SIZE]
+    "markup_bbcode_phpbb_gtx1080": ("gtx1080_z270_inline_unsorted", []),  # [code=text] [color] [size] [i]
+    "markup_markdown_backticks_rtx3080": ("rtx3080_z690_nnk_drivers", [81]),  # ```console, > quoted ```
+    "markup_markdown_tildes_x570": ("x570_rx580_inline", []),           # ~~~bash and ~~~, **bold**
+    "markup_html_pre_turing": ("turing_b450_domain_header", [46]),      # <pre><code>, &nbsp; &amp; &#63;, <span style>
+    "markup_html_br_w2145": ("w2145_first_on_header_line", []),         # one source line, <br />, <div>, <b>
+}
+
+
+@pytest.mark.parametrize("name", sorted(MARKUP))
+def test_markup_fixture_parses_like_the_clean_one(name):
+    clean, unparsed = MARKUP[name]
+    listing = read_listing(read(name))
+    assert rows(listing.topology) == table(EXPECTED[clean])
+    assert listing.topology.devices == parse_listing(read(clean)).devices
+    # the markup itself is never reported; the prose left in the post is (its line numbers are the paste's)
+    assert [n for n, _ in listing.unparsed.lines] == unparsed and listing.unparsed.count == len(unparsed)
+
+
 def test_every_fixture_is_covered():
     names = {p.stem for p in LISTINGS.glob("*.txt")}
-    assert names == set(EXPECTED) | {n for n in names if n.startswith("error_")}
+    assert names == set(EXPECTED) | set(MARKUP) | {n for n in names if n.startswith("error_")}
     assert len(EXPECTED) >= 10
+    assert {clean for clean, _ in MARKUP.values()} <= set(EXPECTED)
 
 
 # --- shape by shape ------------------------------------------------------------------------
@@ -486,6 +510,118 @@ def test_malformed_line_outside_any_group_is_ignored():
             + "00:20.0 PCI bridge [0604]: Intel Corporation Device [8086:1901]\n"
             + "\tKernel driver in use: vfio-pci\n")
     assert parse_listing(text).devices == parse_listing(read("gtx1080_z270_inline_unsorted")).devices
+    # ignored, but not without a word: both device-like lines are reported (the driver line is theirs)
+    assert read_listing(text).unparsed.lines == [
+        (23, "01:00.0 VGA compatible controller: NVIDIA Corporation GP104 [GeForce GTX 1080] (rev a1)"),
+        (24, "00:20.0 PCI bridge [0604]: Intel Corporation Device [8086:1901]")]
+
+
+# --- lines not understood ------------------------------------------------------------------
+
+def test_corpus_lines_not_understood_are_the_reddit_posts_prose_only():
+    found = {name: read_listing(read(name)).unparsed for name in EXPECTED}
+    assert {n: u.count for n, u in found.items() if u.count} == {"reddit_b550_rx6700xt_noise": 3}
+    assert [n for n, _ in found["reddit_b550_rx6700xt_noise"].lines] == [1, 2, 42]
+    assert found["reddit_b550_rx6700xt_noise"].lines[2] == (
+        42, "Edit: kernel 6.1, amd_iommu=on iommu=pt in the cmdline.")
+    for name in EXPECTED:   # lspci -v/-k lines, prompts, "...", headers and fences are all understood
+        assert found[name].count == 0 or name.startswith("reddit")
+
+
+def test_unparsed_lines_are_counted_and_the_first_few_kept():
+    junk = [f"IOMMU Grupo {i} 01:00.{i} VGA [0300]: NVIDIA [10de:1b80]" for i in range(8)]
+    text = read("gtx1080_z270_inline_unsorted") + "\n".join(junk) + "\n" + "x" * 5000 + "\n"
+    u = read_listing(text).unparsed
+    assert u.count == 9 and len(u.lines) == UNPARSED_SHOWN == 5
+    assert u.lines[0] == (22, junk[0])
+    data = u.to_json()
+    assert data == {"count": 9, "lines": [{"line": n, "text": t} for n, t in u.lines]}
+    json.dumps(data)
+    message = u.message()
+    assert message is not None and "\n" not in message and len(message) < 400
+    assert message.startswith("9 lines of the listing not understood, skipped: line 22 'IOMMU Grupo 0 ")
+    assert message.endswith("and 6 more: if one is a device, paste it as `lspci -nn` prints it")
+    assert read_listing(read("gtx1080_z270_inline_unsorted")).unparsed.message() is None
+
+
+def test_a_long_unparsed_line_is_cut():
+    text = "IOMMU Group 1 01:00.0 VGA compatible controller [0300]: NVIDIA GP104 [10de:1b80]\n" + "y" * 10000
+    (n, shown), = read_listing(text).unparsed.lines
+    assert n == 2 and len(shown) == 120 and shown.endswith("\u2026")
+
+
+@pytest.mark.parametrize("line", [
+    "...", "\u2026", "[...]", "(...)", "<snip>", "[snip]", "snip",                  # trim marks
+    "$ lspci -nnk", "root@pve:~# ./iommu.sh", "And the -nnk output:",          # breaks
+    "IOMMU Group 7 (2 devices)", "### Group 3 ###", "```text", "~~~",           # headers, fences
+    "\tKernel driver in use: vfio-pci",
+])
+def test_understood_lines_are_not_reported(line):
+    text = f"IOMMU Group 1 01:00.0 VGA compatible controller [0300]: NVIDIA GP104 [10de:1b80]\n{line}\n"
+    assert read_listing(text).unparsed.count == 0
+
+
+def test_lspci_v_lines_that_lost_their_indentation_are_understood_after_a_device_only():
+    dev = "IOMMU Group 1 01:00.0 VGA compatible controller [0300]: NVIDIA GP104 [10de:1b80]"
+    fields = ["Subsystem: eVga.com. Corp. Device [3842:3897]", "Flags: bus master, fast devsel, latency 0",
+              "Memory at a0000000 (32-bit, non-prefetchable) [size=16M]", "I/O ports at e000 [size=128]",
+              "Capabilities: <access denied>", "Kernel modules: nouveau, nvidia", "Kernel driver in use: nvidia"]
+    listing = read_listing("\n".join([dev, *fields]))
+    assert listing.unparsed.count == 0 and listing.topology.get(A("01:00.0")).driver == "nvidia"
+    # prose breaks the device's block: what follows it is reported, indented or not
+    listing = read_listing("\n".join([dev, "Edit: it works now", *fields[:2]]))
+    assert [n for n, _ in listing.unparsed.lines] == [2, 3, 4]
+
+
+# --- forum markup --------------------------------------------------------------------------
+
+GPU = "IOMMU Group 1 01:00.0 VGA compatible controller [0300]: NVIDIA Corporation GP104 [GeForce GTX 1080] [10de:1b80]"
+AUDIO = "IOMMU Group 1 01:00.1 Audio device [0403]: NVIDIA Corporation GP104 HDMI Audio [10de:10f0]"
+
+
+@pytest.mark.parametrize("text", [
+    f"[CODE]{GPU}\n{AUDIO}[/CODE]",
+    f"[code=text]\n{GPU}\n{AUDIO}\n[/code]",
+    f"[COLOR=rgb(226, 80, 65)]{GPU}[/COLOR]\n[color=#00ff00]{AUDIO}[/color]",
+    f"[QUOTE=\"alex, post: 1\"][SPOILER=\"groups\"][B]{GPU}[/B]\n[I]{AUDIO}[/I][/SPOILER][/QUOTE]",
+    f"[FONT=Courier New][SIZE=2]{GPU}\n{AUDIO}[/SIZE][/FONT]",
+    f"```\n{GPU}\n{AUDIO}\n```", f"```text\n{GPU}\n{AUDIO}\n```", f"~~~\n{GPU}\n{AUDIO}\n~~~",
+    f"~~~ console\n{GPU}\n{AUDIO}\n~~~", f"> ```\n> {GPU}\n> {AUDIO}\n> ```",
+    f"<pre>{GPU}\n{AUDIO}</pre>", f"<pre><code>{GPU}<br>{AUDIO}</code></pre>", f"{GPU}<br/>{AUDIO}<BR />",
+    f'<span style="color: red">{GPU}</span>\n<p>{AUDIO}</p>',
+    f"<code>{GPU}</code>\n<code>{AUDIO}</code>",
+    f"&gt; {GPU}\n&gt; {AUDIO}",
+    f"IOMMU Group 1:<br>&nbsp;&nbsp;&nbsp;&nbsp;{GPU[14:]}<br>&nbsp;&nbsp;&nbsp;&nbsp;{AUDIO[14:]}",
+])
+def test_forum_markup_is_read_through(text):
+    listing = read_listing(text)
+    assert listing.topology.devices == parse_listing(f"{GPU}\n{AUDIO}\n").devices
+    assert listing.unparsed.count == 0
+
+
+def test_markup_keeps_lspci_brackets_and_entities_in_names():
+    text = ('IOMMU Group 15 09:00.0 VGA compatible controller [0300]: Advanced Micro Devices, Inc. [AMD/ATI] '
+            "Ellesmere [Radeon RX 470/480/570/570X/580/580X/590] [1002:67df] (rev e7)\n"
+            "IOMMU Group 9 00:07.1 PCI bridge [0604]: Advanced Micro Devices, Inc. [AMD] Starship/Matisse Internal "
+            "PCIe GPP Bridge 0 to bus[E:B] [1022:1484]\n"
+            "IOMMU Group 3 03:00.0 Ethernet controller [0200]: AT&amp;T &lt;Labs&gt; Device [1234:5678]\n")
+    topo = parse_listing(text)
+    assert topo.get(A("09:00.0")).name == ("Advanced Micro Devices, Inc. [AMD/ATI] Ellesmere "
+                                           "[Radeon RX 470/480/570/570X/580/580X/590]")
+    assert topo.get(A("00:07.1")).name.endswith("to bus[E:B]")
+    assert topo.get(A("03:00.0")).name == "AT&T <Labs> Device"
+
+
+def test_a_closing_code_tag_ends_the_section_after_its_line():
+    text = (f"[CODE]IOMMU Group 1:\n\t{GPU[14:]}[/CODE]\n"
+            "[CODE]01:00.1 Audio device [0403]: NVIDIA Corporation GP104 HDMI Audio [10de:10f0][/CODE]\n")
+    topo = parse_listing(text)
+    assert topo.get(A("01:00.0")).group == 1 and topo.get(A("01:00.1")).group is None
+
+
+def test_br_keeps_the_line_numbers_of_the_paste():
+    with pytest.raises(ListingError, match="^line 2: "):
+        parse_listing("<p>groups:</p>\nIOMMU Group 1:<br>01:00.0 VGA compatible controller: NVIDIA GP104<br>")
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -681,6 +817,50 @@ def test_fuzz_listing_like_text_only_raises_listing_error(parts):
     from_snapshot(json.dumps(topo.to_json()))
 
 
+MARKUP_FRAGMENTS = [
+    "[CODE]", "[/CODE]", "[code=text]", "[COLOR=#ff0000]", "[COLOR=rgb(1, 2, 3)]", "[/COLOR]", "[B]", "[/b]",
+    '[QUOTE="a, post: 1"]', "[/QUOTE]", "[SPOILER]", "[/SPOILER]", "[FONT=Courier New]", "[SIZE=2]", "[/SIZE]",
+    "[COLOR=", "[SIZE=", "[", "[/", "```", "```text", "~~~", "~~~ bash", "<pre>", "</pre>", "<code>", "</code>",
+    "<br>", "<br />", "<BR/>", '<span style="color: red">', "</span>", "<p>", "</div>", "<span ", "<", ">",
+    "&gt;", "&amp;", "&nbsp;", "&#63;", "&#x3e;", "&", "&#", "&#99999999999;", "&bogus;", "<access denied>",
+]
+
+
+def _one_line_error(text: str) -> Listing | None:
+    try:
+        listing = read_listing(text)
+    except ListingError as e:
+        assert "\n" not in str(e) and "\r" not in str(e) and e.message
+        return None
+    u = listing.unparsed
+    assert 0 <= len(u.lines) <= min(u.count, UNPARSED_SHOWN)
+    assert all("\n" not in t and "\r" not in t and len(t) <= 120 for _, t in u.lines)
+    assert u.message() is None if not u.count else "\n" not in (u.message() or "\n")
+    json.dumps(u.to_json())
+    return listing
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.sampled_from(FRAGMENTS + MARKUP_FRAGMENTS), st.text(max_size=4)), max_size=80))
+def test_fuzz_markup_and_garbage_give_a_topology_or_one_line_error(parts):
+    listing = _one_line_error("".join(parts))
+    if listing is not None:
+        assert listing.topology.devices and listing.topology.iommu_active
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet=st.sampled_from("[]<>/&#;=\"'` \t\n\r>*~:.0123456789abcdefBCOLRpre"), max_size=300))
+def test_fuzz_bracket_soup_gives_a_topology_or_one_line_error(text):
+    _one_line_error(text)
+
+
+def test_hostile_markup_is_fast():
+    # unclosed tags and entities by the hundred thousand: no quadratic scans
+    for text in ("[COLOR=" * 200_000, "<span " * 200_000, "&#" * 400_000, "[/" * 400_000, "<br>" * 200_000):
+        with pytest.raises(ListingError):
+            parse_listing(text)
+
+
 _hex4 = st.integers(0, 0xFFFF).map(lambda v: f"{v:04x}")
 _classes = st.sampled_from(["0600", "0604", "0609", "0601", "0300", "0380", "0403", "0c03", "0108", "0200", "ff00"])
 
@@ -736,3 +916,30 @@ def test_rendered_listings_parse_back_exactly(topo, style, domain, upper, eol, r
                 out += ["\t\t" + text.lstrip("\t") for text in lines[1:]]
     back = parse_listing(eol.join(out) + eol)
     assert back.devices == topo.devices
+
+
+_WRAPS = {
+    "bbcode": lambda lines, rnd: ["[CODE]"] + [rnd.choice(["{}", "[COLOR=#e25041]{}[/COLOR]", "[B]{}[/B]",
+                                                          "[FONT=Courier New]{}[/FONT]", "[SIZE=2]{}[/SIZE]"]).format(x)
+                                               for x in lines] + ["[/CODE]"],
+    "quote": lambda lines, rnd: ['[QUOTE="op"][SPOILER="groups"]'] + lines + ["[/SPOILER][/QUOTE]"],
+    "markdown": lambda lines, rnd: [rnd.choice(["```", "```text", "~~~", "~~~console"])] + lines + ["```"],
+    "html": lambda lines, rnd: ["<pre><code>"] + [
+        rnd.choice(["{}", '<span style="color: #c0392b">{}</span>', "<b>{}</b>"]).format(
+            html.escape(x, quote=False).replace("\t", "&nbsp;&nbsp;&nbsp;&nbsp;")) for x in lines] + ["</code></pre>"],
+    "html-br": lambda lines, rnd: ["<p>" + "<br />".join(html.escape(x, quote=False) for x in lines) + "</p>"],
+}
+
+
+@settings(max_examples=200)
+@given(topologies(), st.sampled_from(sorted(_WRAPS)), st.randoms())
+def test_rendered_listings_in_markup_parse_back_exactly(topo, wrap, rnd):
+    out: list[str] = []
+    for g, ms in topo.groups.items():
+        out.append(f"IOMMU Group {g}:")
+        for d in ms:
+            out.append(f"\t{d.address} Some class [{d.class_code}]: {d.name} [{d.vendor}:{d.device}] (rev a1)")
+            out += [f"\tKernel driver in use: {d.driver}"] if d.driver else []
+    listing = read_listing("\n".join(_WRAPS[wrap](out, rnd)) + "\n")
+    assert listing.topology.devices == topo.devices
+    assert listing.unparsed.count == 0

@@ -259,14 +259,20 @@ def test_stop_keeps_devices_bound_and_claims_recorded():
             call(path, {"op": "ping"}, timeout=1)
 
 
-def test_unreadable_ledger_stops_the_start():
+def test_unreadable_ledger_without_a_good_generation_starts_read_only():
+    """Never from an empty ledger: read-only, every change refused (tests/unit/test_storage_faults.py)."""
     with running_daemon("lab", start=False) as (d, sim, path):
         state = d.engine.store.path
         state.parent.mkdir(parents=True, exist_ok=True)
         state.write_text("{broken")
-        with pytest.raises(LedgerError):
-            d.start()
-        assert not d.server.alive
+        d.start()
+        try:
+            assert d.server.alive and d.status_line().startswith("read-only")
+            with pytest.raises(LedgerError, match="read-only"):
+                d.engine.prepare([A.parse(NIC1)], Owner(name="vm1"))
+            assert state.read_text() == "{broken"
+        finally:
+            d.stop(1)
 
 
 def test_status_line_and_health(fake):

@@ -105,7 +105,8 @@ CRITICAL = {
     "dual_port_nic.json": {"0000:02:00.0": "mounted", "0000:00:1f.6": "default route", "0000:00:02.0": "boot VGA"},
     "sriov_pf.json": {"0000:02:00.0": "mounted", "0000:00:1f.6": "default route"},
     "no_iommu.json": {"0000:00:17.0": "mounted", "0000:00:19.0": "default route", "0000:01:00.0": "boot VGA"},
-    "lab.json": {"0000:00:10.0": "mounted", "0000:00:11.0": "default route"},
+    "lab.json": {"0000:00:10.0": "mounted", "0000:00:11.0": "default route", "0000:00:12.0": "host agent",
+                 "0000:00:13.0": "9p share 'src'"},
 }
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .ledger import Ledger
+from .ledger import Ledger, LedgerHealth
 from .states import ClaimState
 from .sysfs import Sysfs
 from .topology import VFIO, from_sysfs
@@ -25,7 +25,33 @@ class Check:
         return {"name": self.name, "status": self.status, "message": self.message, "hint": self.hint}
 
 
-def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = ()) -> list[Check]:
+def ledger_file_check(health: LedgerHealth) -> Check | None:
+    """The ledger's files (README "Storage faults"): a damaged ledger, the generation in use, the
+    damaged files kept. None when there is nothing to say."""
+    name = health.path.name
+    if health.damaged is not None and health.generation is None:
+        return Check("ledger", "fail", f"{health.damaged}, and no earlier generation is readable "
+                                       f"({health.unusable_bak or 'none tried'}): hostdevd runs read-only and "
+                                       "refuses new claims",
+                     f"check `hostdevctl groups` for devices on vfio-pci, repair {health.path} or move it aside, "
+                     "then `systemctl restart hostdevd`")
+    if health.damaged is not None:
+        return Check("ledger", "fail", f"{health.damaged}; the previous generation {health.generation} is "
+                                       f"readable ({len(health.ledger.claims)} claims)",
+                     f"`systemctl restart hostdevd`: it goes on from {health.generation} and keeps the damaged "
+                     f"file as {name}.damaged-TIME")
+    if health.kept:
+        return Check("ledger", "warn", f"{name} was damaged and is kept as {', '.join(health.kept)}; hostdevd "
+                                       f"went on from the previous generation ({name}.bak): claims recorded "
+                                       "only in the damaged file are missing",
+                     "compare the damaged file with `hostdevctl status`, release or prepare what differs, "
+                     "then delete the damaged file")
+    return None
+
+
+def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = (),
+               health: LedgerHealth | None = None) -> list[Check]:
+    """``health``: what the ledger's files say (LedgerStore.inspect); ``ledger`` is the generation in use."""
     topo = from_sysfs(sysfs, listed_critical=listed_critical)
     out: list[Check] = []
     units = sysfs.iommu_units()
@@ -83,6 +109,9 @@ def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = ()
         out.append(Check("critical-groups", "ok", f"{len(topo.critical)} host-critical devices, none shares "
                                                   "a group with another endpoint"))
 
+    files = ledger_file_check(health) if health is not None else None
+    if files is not None:
+        out.append(files)
     drift = []
     for claim in ledger.claims.values():
         for rec in claim.devices:

@@ -267,7 +267,10 @@ class Engine:
 
     def reconcile(self, running: list[RunningDomain] | None, *, listed_at: datetime | None = None,
                   guard: Guard | None = None) -> ReconcileReport:
-        """Ledger vs sysfs vs libvirt's running domains (None: libvirt unreachable)."""
+        """Ledger vs sysfs vs libvirt's running domains (None: libvirt unreachable). Not while the
+        ledger is read-only (no readable generation): there is nothing to compare, nothing to record."""
+        if self.store.read_only is not None:
+            return ReconcileReport(libvirt=running is not None, skipped=[f"read-only: {self.store.read_only}"])
         return reconcile(self, running, listed_at=listed_at, guard=guard)
 
     def adopt_domain(self, dom: RunningDomain, report: ReconcileReport | None = None) -> list[int]:

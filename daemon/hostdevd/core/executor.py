@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .address import PciAddress
-from .errors import ExecutionFailed, HostdevError, Refused
+from .errors import ExecutionFailed, HostdevError, LedgerError, LedgerSaveFailed, Refused
 from .executor_base import ExecutorBase, wait_until
 from .executor_host import HostActionSteps, Runner, RunResult, default_runner
 from .executor_sriov import SriovSteps
@@ -86,6 +86,7 @@ class Executor(HostActionSteps, SriovSteps):
         """Apply a prepare plan; raise Refused/ExecutionFailed after rolling back."""
         if not plan.ok:
             raise plan.refused()
+        self.store.refuse_if_read_only()     # no readable ledger at start: nothing new is claimed
         undo: list[tuple[str, Callable[[], None]]] = []
         result = Result(ok=True)
         try:
@@ -109,15 +110,25 @@ class Executor(HostActionSteps, SriovSteps):
                            group=gp.group, owner=plan.owner, action="prepare", result="ok")
                 result.groups.append(gp.group)
         except Exception as e:
-            failures = self._rollback(plan, undo)
+            changed = any(not name.startswith("claim:") for name, _ in undo)
+            failures, unrecorded = self._rollback(plan, undo)
             msg = str(e)
             if failures:
                 msg += "; rollback incomplete: " + "; ".join(failures)
+            if unrecorded:
+                msg += "; rolled back on the host, but the ledger could not record it: " + "; ".join(unrecorded)
             log_action(log, logging.ERROR, "rollback", "prepare for %s failed, rolled back: %s",
                        plan.owner.label(), msg, owner=plan.owner, action="prepare", result="failed")
-            if isinstance(e, HostdevError) and not failures:
+            if isinstance(e, LedgerSaveFailed) and not failures and not unrecorded:
+                e.hint = f"{e.hint}; {'what was done was undone' if changed else 'nothing was bound'}"
+            if isinstance(e, HostdevError) and not failures and not unrecorded:
                 raise
-            raise ExecutionFailed(msg, getattr(e, "hint", None)) from e
+            hint = getattr(e, "hint", None)
+            if unrecorded and not failures:
+                hint = (f"{hint}; then " if hint else "") + (
+                    f"`hostdevctl release --owner {plan.owner.name}`: the devices are back with the host, "
+                    "the ledger still shows the claim")
+            raise ExecutionFailed(msg, hint) from e
         return result
 
     def _run_prepare_steps(self, plan: Plan, gp: GroupPlan, steps: list[Step], undo: list) -> None:
@@ -301,8 +312,12 @@ class Executor(HostActionSteps, SriovSteps):
         with self.store.transaction() as ledger:
             ledger.drop(group)
 
-    def _rollback(self, plan: Plan, undo: list) -> list[str]:
+    def _rollback(self, plan: Plan, undo: list) -> tuple[list[str], list[str]]:
+        """Undo in reverse. Returns what could not be undone, and what was undone on the host
+        but could not be recorded (a ledger save failed: the claim stays in the ledger)."""
         failures: list[str] = []
+        unrecorded: list[str] = []
+        claim_kept = False
         # Modules come back first: a device can only return to a driver that is loaded.
         modules = [u for u in undo if u[0].startswith("unload_module:")]
         for name, fn in list(reversed(modules)) + [u for u in reversed(undo) if u not in modules]:
@@ -311,21 +326,33 @@ class Executor(HostActionSteps, SriovSteps):
             try:
                 fn()
             except Exception as e:  # keep undoing the rest
+                if isinstance(e, LedgerSaveFailed) and name.startswith(("claim:", "bind:")):
+                    # _restore gave the device back whatever the ledger says (sysfs is the truth);
+                    # a claim's drop has nothing on the host to undo: only the record failed.
+                    unrecorded.append(e.message if name.startswith("bind:") else
+                                      f"the claim of group {name.split(':')[1]} stays: {e.message}")
+                    claim_kept = claim_kept or name.startswith("claim:")
+                    continue
                 failures.append(f"{name}: {e}")
                 log_action(log, logging.ERROR, "step_failed", "undo of %s failed: %s", name, e,
                            owner=plan.owner, action="rollback", result="failed")
+        if not failures and not claim_kept:
+            unrecorded = []     # every claim was dropped: its device records went with it
         if failures:
             # Keep what could not be undone visible, never silently forgotten.
             groups = {int(n.split(":")[1]) for n, _ in undo if n.startswith("claim:")}
-            with self.store.transaction() as ledger:
-                for g in groups:
-                    claim = ledger.claim_for_group(g)
-                    if claim is None:
-                        continue
-                    claim.move_to(ClaimState.FAILED)
-                    claim.notes.append("rollback incomplete: " + "; ".join(failures))
-                    ledger.put(claim)
-        return failures
+            try:
+                with self.store.transaction() as ledger:
+                    for g in groups:
+                        claim = ledger.claim_for_group(g)
+                        if claim is None:
+                            continue
+                        claim.move_to(ClaimState.FAILED)
+                        claim.notes.append("rollback incomplete: " + "; ".join(failures + unrecorded))
+                        ledger.put(claim)
+            except LedgerError as e:
+                unrecorded.append(f"the claim could not be marked failed: {e.message}")
+        return failures, unrecorded
 
     # ------------------------------------------------------------------ host actions
 
@@ -352,11 +379,13 @@ class Executor(HostActionSteps, SriovSteps):
                        address=addr, group=group, action="restore", result="vanished")
             self._forget_device(group, addr)
             return
-        self._set_state(group, addr, state=DeviceState.RESTORING)
+        # Intent first, but the device goes back even when this save fails: sysfs is the truth,
+        # and the record on disk still names the original driver, so nothing is forgotten.
+        unsaved = self._try_state(group, addr, state=DeviceState.RESTORING) is not None
         want = rec.original_driver
         # Read before writing: after a reboot (or a hand's rebind) the device may be back already.
         if self.sysfs.driver(addr) == want and self.sysfs.driver_override(addr) == rec.original_override:
-            self._set_state(group, addr, state=DeviceState.HOST, bound_by_us=False)
+            self._restored(group, addr, want, unsaved)
             log_action(log, logging.INFO, "restore", "%s is on %s already; nothing to write", addr,
                        want or "no driver", address=addr, group=group, action="restore", result="ok")
             return
@@ -379,9 +408,30 @@ class Executor(HostActionSteps, SriovSteps):
                 raise ExecutionFailed(f"{addr} did not return to {want} (driver is now "
                                       f"{self.sysfs.driver(addr) or 'none'})",
                                       "check `dmesg`; bind it by hand with driverctl or sysfs")
-        self._set_state(group, addr, state=DeviceState.HOST, bound_by_us=False)
+        self._restored(group, addr, want, unsaved)
         log_action(log, logging.INFO, "restore", "returned %s to %s", addr, want or "no driver",
                    address=addr, group=group, action="restore", result="ok")
+
+    def _try_state(self, group: int, addr: PciAddress, **changes: object) -> LedgerSaveFailed | None:
+        """_set_state, returning the save's failure instead of raising it."""
+        try:
+            self._set_state(group, addr, **changes)
+        except LedgerSaveFailed as e:
+            return e
+        return None
+
+    def _restored(self, group: int, addr: PciAddress, want: str | None, unsaved: bool) -> None:
+        """Record a device given back (``unsaved``: its move to restoring was never saved: that
+        first, the state table wants it); a failed save is raised after the fact, naming both."""
+        err = self._try_state(group, addr, state=DeviceState.RESTORING) if unsaved else None
+        if err is None:
+            err = self._try_state(group, addr, state=DeviceState.HOST, bound_by_us=False)
+        if err is not None:
+            log_action(log, logging.ERROR, "restore", "returned %s to %s, but the ledger could not record it: %s",
+                       addr, want or "no driver", err.message, address=addr, group=group, action="restore",
+                       result="unrecorded")
+            raise LedgerSaveFailed(f"{addr} is back on {want or 'no driver'}, but the ledger could not record it: "
+                                   f"{err.message}", err.hint, err=err.errno)
 
     def _forget_device(self, group: int, addr: PciAddress) -> None:
         with self.store.transaction() as ledger:
@@ -487,14 +537,17 @@ class Executor(HostActionSteps, SriovSteps):
             return msg
         failures = self._run_release_steps(plan, group, steps)
         self._boundary(f"drop:{group}")
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if not failures:
-                ledger.drop(group)
-            elif claim is not None:
-                claim.move_to(ClaimState.FAILED)
-                claim.notes.append("release incomplete: " + "; ".join(failures))
-                ledger.put(claim)
+        try:
+            with self.store.transaction() as ledger:
+                claim = ledger.claim_for_group(group)
+                if not failures:
+                    ledger.drop(group)
+                elif claim is not None:
+                    claim.move_to(ClaimState.FAILED)
+                    claim.notes.append("release incomplete: " + "; ".join(failures))
+                    ledger.put(claim)
+        except LedgerSaveFailed as e:   # the devices went back; only the record of it failed
+            failures.append(f"the ledger could not record the release: {e.message}")
         if failures:
             return f"group {group}: " + "; ".join(failures)
         log_action(log, logging.INFO, "release", "released group %s of %s", group, plan.owner.label(),

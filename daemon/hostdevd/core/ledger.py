@@ -321,8 +321,8 @@ class LedgerStore:
         truncated or garbage, LedgerError when it cannot be read or is of another version."""
         try:
             raw = path.read_bytes()
-        except FileNotFoundError:
-            raise
+        except (FileNotFoundError, PermissionError):
+            raise                        # PermissionError: not root (hostdevctl shows the host without owners)
         except OSError as e:
             raise LedgerError(f"cannot read ledger {path}: {e.strerror}") from e
         try:
@@ -352,8 +352,10 @@ class LedgerStore:
             return Ledger()
 
     def inspect(self) -> LedgerHealth:
-        """What the files say, changing nothing and taking no lock (`hostdevctl check`, the start)."""
-        kept = sorted(p.name for p in self.dir.glob(f"{LEDGER_FILE}{DAMAGED_INFIX}*")) if self.dir.is_dir() else []
+        """What the files say, changing nothing and taking no lock (`hostdevctl check`, the start).
+        PermissionError when the state dir cannot be read (not root)."""
+        kept = sorted(n for n in os.listdir(self.dir) if n.startswith(LEDGER_FILE + DAMAGED_INFIX)) \
+            if self.dir.is_dir() else []
         health = LedgerHealth(path=self.path, kept=kept)
         try:
             health.ledger = self._load_file(self.path)

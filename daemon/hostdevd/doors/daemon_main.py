@@ -8,7 +8,14 @@ once the socket is listening, pings the watchdog (WATCHDOG=1) from the main
 loop while the socket server and the event worker are alive, and keeps
 STATUS= current. SIGTERM (also at host shutdown) stops serving and closes the
 ledger; nothing is rebound. Exit status: 0 clean stop, 1 could not start or
-became unhealthy, 2 usage or configuration error.
+became unhealthy, 2 usage or configuration error (also a config file, state dir
+or ledger that others than root could change: core/strictmodes.py).
+
+A damaged ledger with a readable previous generation is no reason not to start
+(the daemon goes on from ledger.json.bak). With no readable generation it starts
+*read-only*: READY=1 all the same (the socket serves status, and a failed start
+would only make systemd restart it into the same state), with STATUS= beginning
+"read-only" and every change refused until an operator repairs the ledger.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from pathlib import Path
 from .. import __version__
 from ..core.config import DEFAULT_PATH, Config, load_config
 from ..core.errors import HostdevError
+from ..core.strictmodes import check_files
 from ..core.sysfs import Sysfs
 from .wire import socket_path
 from .wiring import host_engine
@@ -295,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     except HostdevError as e:
         print(f"hostdevd: {e}", file=sys.stderr)
         return 2
+    if args.command != "install":
+        try:
+            # StrictModes: a config or ledger others could change decides what hostdevd binds.
+            check_files(args.config or DEFAULT_PATH, config.state_dir)
+        except HostdevError as e:
+            print(f"hostdevd: {e}", file=sys.stderr)
+            return 2
     if args.command == "install":
         try:
             return install(args.prefix, config, args.config, not args.no_reload)

@@ -97,16 +97,19 @@ class Daemon:
     def start(self) -> None:
         """Check the ledger, finish interrupted work, then serve the socket and watch libvirt.
 
-        Raises LedgerError for an unreadable ledger: running without knowing what
+        A damaged ledger falls back to its previous generation (ledger.json.bak); with no
+        readable generation the daemon serves read-only (status works, every change is
+        refused) rather than start from an empty ledger: running without knowing what
         hostdevd bound earlier is how original drivers get lost.
         """
-        self.engine.ledger()
-        self.worker.recorded(self.engine.reconcile(None))   # crash recovery needs no libvirt
-        # Reservations are bound before the socket serves and before READY=1, so before
-        # libvirtd (ordered after hostdevd) autostarts any domain.
-        # SR-IOV first: a reserved device may be a VF that only exists once its PF has VFs.
-        self.sriov = self.engine.apply_sriov_config()
-        self.reservations = self.engine.apply_reservations()
+        self.engine.store.recover()
+        if self.engine.store.read_only is None:
+            self.worker.recorded(self.engine.reconcile(None))   # crash recovery needs no libvirt
+            # Reservations are bound before the socket serves and before READY=1, so before
+            # libvirtd (ordered after hostdevd) autostarts any domain.
+            # SR-IOV first: a reserved device may be a VF that only exists once its PF has VFs.
+            self.sriov = self.engine.apply_sriov_config()
+            self.reservations = self.engine.apply_reservations()
         self.worker.start()
         if self.udev is not None:
             self.udev_watching = self.udev.start(self.worker.on_pci_event)
@@ -145,13 +148,18 @@ class Daemon:
         return self.server.alive and self.worker.alive and bool(adapter_ok) and bool(udev_ok)
 
     def status_line(self) -> str:
+        """systemd's STATUS=; it starts with "read-only" while no ledger generation is readable."""
         try:
             claims: int | str = len(self.engine.ledger().claims)
         except HostdevError:
             claims = "?"
         lv = ("libvirt connected" if self.libvirt_connected else
               "libvirt not used" if self.adapter is None else "libvirt disconnected")
-        return f"{claims} claims, {lv}, {self.server.served} requests served"
+        line = f"{claims} claims, {lv}, {self.server.served} requests served"
+        if self.engine.store.read_only is not None:
+            line = f"read-only (the ledger is damaged, no generation readable; new claims refused, see " \
+                   f"`hostdevctl check`): {lv}, {self.server.served} requests served"
+        return line
 
     @property
     def libvirt_connected(self) -> bool:
@@ -235,6 +243,7 @@ class Daemon:
         return {
             "daemon": {"version": __version__, "pid": os.getpid(), "started": self.started_at,
                        "libvirt": lv, "requests_served": self.server.served, **self.worker.state()},
+            "ledger": self.engine.store.state(),
             "claims": [c.model_dump() for _, c in sorted(ledger.claims.items(), key=lambda kv: int(kv[0]))],
             "reservations": list(ledger.reservations),
             "drift": self.worker.pci.drift(),

@@ -16,13 +16,24 @@ Layout (relative to /sys, as the kernel builds it):
   virtioN/ (while bound to virtio-pci: its net and block devices live under it, so
   ``class/net/<if>/device`` points at ``virtioN`` as on a real VM), vfio-dev/vfioN
   (while bound to vfio-pci or a vfio variant driver, kernel 6.1+).
+* virtio: ``bus/virtio/devices/virtioN`` (with ``device``, the virtio type from the PCI id, and
+  a ``driver`` link: virtio_net, virtio_blk, virtio_console, 9pnet_virtio, virtiofs, ...),
+  9p's ``mount_tag`` (the tag and a NUL, as Linux 6.1 shows it), virtiofs's
+  ``fs/virtiofs/N/{tag,device}`` (6.9+), virtio-serial ports under
+  ``virtioN/virtio-ports/vportNpM/{name,dev}`` with ``class/virtio-ports`` links, and a
+  parentless ``devices/virtual/tty/hvcK`` per console port.
+* ``class/tty``: ttyS0-3 on ``platform/serial8250`` (no PCI), a PCI serial card's ports under
+  it. Software iSCSI: ``platform/hostH/sessionS/{connectionS:0,targetH:0:0/...}`` with the
+  disks, ``class/iscsi_session``, ``class/iscsi_connection`` (address, persistent_address).
 * ``bus/pci/drivers/<name>/{bind,unbind,new_id,remove_id,module,<bdf>}``,
   ``bus/pci/drivers_probe``; ``kernel/iommu_groups/N/{devices/<bdf>,type}``;
   ``class/iommu/<unit>``; ``module/<name>`` (vfio_iommu_type1 has
   ``parameters/allow_unsafe_interrupts``); ``class/net/<if>``, ``class/block/<name>``,
   ``dev/block/MAJ:MIN`` links into ``devices/``.
 * /proc (``proc_read``): interrupts (IR-PCI-MSI iff interrupt remapping),
-  self/mountinfo, mounts, swaps, net/route, net/ipv6_route, cmdline, modules.
+  self/mountinfo (super options; btrfs with an anonymous MAJ:MIN), mounts, swaps,
+  net/route and net/ipv6_route (the default routes and the spec's ``routes``, IPv4 numbers in
+  host byte order as the kernel prints them), cmdline, modules.
 * /dev (``dev_exists``): ``vfio/N`` while a member of group N is on a vfio driver,
   ``vfio/vfio`` while vfio is loaded, block device nodes, ``kvm``.
 
@@ -81,6 +92,7 @@ import json
 import os
 import posixpath
 import re
+import sys
 import threading
 import tomllib
 import uuid
@@ -92,6 +104,7 @@ from typing import Any
 from ..core.address import PciAddress
 from ..core.errors import ConfigError
 from .simspec import (
+    LEGACY_TTYS,
     PCI_STUB,
     PCIEPORT,
     VFIO_DEPS,
@@ -100,6 +113,9 @@ from .simspec import (
     SimBlock,
     SimDevice,
     SimDriver,
+    SimIscsi,
+    SimRoute,
+    SimVirtio,
     SpecLoader,
     errno_value,
     lowest_free,
@@ -216,6 +232,9 @@ class SimKernel:
         self.kvm = True
         self.open_group_unbind = "ebusy"
         self.dm: list[tuple[SimBlock, list[str]]] = []
+        self.dm_names: dict[str, str] = {}                   # dm-N -> its /dev/mapper name
+        self.iscsi: list[SimIscsi] = []
+        self.routes: list[SimRoute] = []
         self.virtual_net: dict[str, dict[str, list[str]]] = {}
         self.mounts: list[dict[str, str]] = []
         self.swaps: list[str] = []
@@ -588,7 +607,7 @@ class SimKernel:
 
     def _present_blocks(self) -> list[SimBlock]:
         out = [b for d in self.devices.values() if self._host_bound(d) for b in d.block]
-        return out + [b for b, _ in self.dm]
+        return out + [b for s in self.iscsi for b in s.block] + [b for b, _ in self.dm]
 
     def _present_netdevs(self) -> set[str]:
         names = {n for d in self.devices.values() if self._host_bound(d) for n in d.net}
@@ -890,6 +909,7 @@ class SimKernel:
     # ----- internals: /proc ----------------------------------------------------------------
     def _block_by_name(self) -> dict[str, SimBlock]:
         out = {b.name: b for d in self.devices.values() for b in d.block}
+        out.update({b.name: b for s in self.iscsi for b in s.block})
         out.update({b.name: b for b, _ in self.dm})
         return out
 
@@ -907,33 +927,42 @@ class SimKernel:
                 irq += 1
         return "\n".join(lines) + "\n"
 
-    def _mount_rows(self) -> list[tuple[str, str, str, str]]:
-        """(maj:min, mountpoint, fstype, source) including the usual virtual filesystems."""
+    def _mount_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(maj:min, mountpoint, fstype, source, super options) including the usual virtual
+        filesystems. btrfs and bcachefs report an anonymous MAJ:MIN (as the kernel does) with
+        the /dev node as the source; device-mapper sources are /dev/mapper/NAME."""
         blocks = self._block_by_name()
-        rows = [("0:22", "/sys", "sysfs", "sysfs"), ("0:23", "/proc", "proc", "proc"),
-                ("0:5", "/dev", "devtmpfs", "udev"), ("0:25", "/run", "tmpfs", "tmpfs")]
+        rows = [("0:22", "/sys", "sysfs", "sysfs", "rw"), ("0:23", "/proc", "proc", "proc", "rw"),
+                ("0:5", "/dev", "devtmpfs", "udev", "rw"), ("0:25", "/run", "tmpfs", "tmpfs", "rw")]
         extra = 40
         for m in self.mounts:
+            opts = m.get("options", "rw")
             if m.get("block"):
                 b = blocks[m["block"]]
-                rows.append((b.dev, m["mountpoint"], m.get("fstype", "ext4"), f"/dev/{b.name}"))
+                fs = m.get("fstype", "ext4")
+                src = f"/dev/mapper/{self.dm_names[b.name]}" if b.name in self.dm_names else f"/dev/{b.name}"
+                if fs in ("btrfs", "bcachefs"):
+                    rows.append((f"0:{extra}", m["mountpoint"], fs, src, opts))
+                    extra += 1
+                else:
+                    rows.append((b.dev, m["mountpoint"], fs, src, opts))
             else:
-                rows.append((f"0:{extra}", m["mountpoint"], m.get("fstype", "tmpfs"), m.get("source", "none")))
+                rows.append((f"0:{extra}", m["mountpoint"], m.get("fstype", "tmpfs"), m.get("source", "none"), opts))
                 extra += 1
         root = [r for r in rows if r[1] == "/"]
         return root + [r for r in rows if r[1] != "/"]
 
     def _proc_mountinfo(self) -> str:
         out = []
-        for i, (dev, mp, fs, src) in enumerate(self._mount_rows()):
+        for i, (dev, mp, fs, src, opts) in enumerate(self._mount_rows()):
             mid = 21 + i
             parent = 1 if mp == "/" else 21
-            mount_point = mp.replace(" ", "\\040")
-            out.append(f"{mid} {parent} {dev} / {mount_point} rw,relatime shared:{i + 1} - {fs} {src} rw")
+            mount_point = mp.replace("\\", "\\134").replace(" ", "\\040")
+            out.append(f"{mid} {parent} {dev} / {mount_point} rw,relatime shared:{i + 1} - {fs} {src} {opts}")
         return "\n".join(out) + "\n"
 
     def _proc_mounts(self) -> str:
-        return "".join(f"{src} {mp} {fs} rw,relatime 0 0\n" for _, mp, fs, src in self._mount_rows())
+        return "".join(f"{src} {mp} {fs} rw,relatime 0 0\n" for _, mp, fs, src, _ in self._mount_rows())
 
     def _proc_swaps(self) -> str:
         lines = ["Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority"]
@@ -948,6 +977,12 @@ class SimKernel:
             i = self.default_route
             lines.append(f"{i}\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0")
             lines.append(f"{i}\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0")
+        present = self._present_netdevs()
+        for r in self.routes:
+            if r.dest.version == 4 and r.dev in present:
+                flags = 0x0001 | (0x0002 if r.via is not None else 0)        # RTF_UP | RTF_GATEWAY
+                lines.append(f"{r.dev}\t{_native(r.dest.network_address)}\t{_native(r.via)}\t{flags:04X}\t0\t0\t"
+                             f"{r.metric}\t{_native(r.dest.netmask)}\t0\t0\t0")
         return "\n".join(lines) + "\n"
 
     def _proc_ipv6_route(self) -> str:
@@ -956,12 +991,24 @@ class SimKernel:
         if self.default_route6 and self.default_route6 in self._present_netdevs():
             lines.append(f"{z} 00 {z} 00 fe800000000000000000000000000001 00000400 00000001 00000000 00450003 "
                          f"{self.default_route6:>8}")
+        present = self._present_netdevs()
+        for r in self.routes:
+            if r.dest.version == 6 and r.dev in present:
+                flags = 0x0001 | (0x0002 if r.via is not None else 0)
+                via = f"{int(r.via):032x}" if r.via is not None else z
+                lines.append(f"{int(r.dest.network_address):032x} {r.dest.prefixlen:02x} {z} 00 {via} "
+                             f"{r.metric:08x} 00000001 00000000 {flags:08x} {r.dev:>8}")
         lines.append(f"{z[:-1]}1 80 {z} 00 {z} 00000000 00000002 00000000 80200001       lo")
         lines.append(f"{z} 00 {z} 00 {z} ffffffff 00000001 00000000 00200200       lo")
         return "\n".join(lines) + "\n"
 
     def _proc_modules(self) -> str:
         return "".join(f"{m} 16384 0 - Live 0x0000000000000000\n" for m in sorted(self._loaded_modules()))
+
+
+def _native(ip: Any) -> str:
+    """An IPv4 address as /proc/net/route prints it: the __be32 as a host-order number."""
+    return f"{int.from_bytes(ip.packed, sys.byteorder) if ip is not None else 0:08X}"
 
 
 def _addr(address: str | PciAddress) -> PciAddress:
@@ -976,6 +1023,7 @@ class _TreeBuilder:
         self.k = k
         self.root = _Dir()
         self.dirs: dict[PciAddress, str] = {}
+        self.hvc = 0                                   # next hvcN for a virtio console port
 
     def mkdir(self, path: str) -> _Dir:
         cur = self.root
@@ -1030,8 +1078,11 @@ class _TreeBuilder:
         k = self.k
         for p in ("bus/pci/devices", "bus/pci/drivers", "bus/pci/slots", "kernel/iommu_groups",
                   "class/iommu", "class/net", "class/block", "dev/block", "dev/char", "module",
-                  "devices/virtual/net", "devices/system"):
+                  "devices/virtual/net", "devices/system", "class/tty", "bus/virtio/devices",
+                  "bus/virtio/drivers"):
             self.mkdir(p)
+        for tty in LEGACY_TTYS:                       # 8250's legacy ports: no PCI device above them
+            self.tty(tty, "devices/platform/serial8250")
         self.rw("bus/pci/drivers_probe", None, k._w_drivers_probe)
         self.rw("bus/pci/drivers_autoprobe", lambda: "1\n", lambda data: None)
         self.rw("bus/pci/rescan", None, lambda data: None)
@@ -1052,9 +1103,12 @@ class _TreeBuilder:
             self.driver(drv)
         for _, dev in sorted(k.devices.items()):
             self.device(dev)
+        for session in k.iscsi:
+            self.iscsi(session)
         for blk, _ in k.dm:
             path = f"devices/virtual/block/{blk.name}"
             self.ro(f"{path}/dev", blk.dev + "\n")
+            self.ro(f"{path}/dm/name", k.dm_names.get(blk.name, blk.name) + "\n")
             self.mkdir(f"{path}/holders")
             self.mkdir(f"{path}/slaves")
             self.link(f"class/block/{blk.name}", path)
@@ -1173,12 +1227,71 @@ class _TreeBuilder:
             sub = f"{d}/virtio{dev.virtio_index}"
             self.ro(f"{sub}/vendor", f"0x{dev.vendor:04x}\n")
             self.ro(f"{sub}/status", "0x0000000f\n")
+            if dev.virtio is not None:
+                self.virtio(dev.virtio, sub, dev.virtio_index)
         for name in dev.net:
             self.netdev(name, f"{sub}/net/{name}", sub)
-        disks = {b.name: b for b in dev.block if b.disk is None}
-        for b in dev.block:
+        for name in dev.tty:
+            self.tty(name, d)
+        self.blocks(dev.block, lambda disk: f"{sub}/{self.disk_subpath(disk)}")
+
+    def tty(self, name: str, device_dir: str) -> None:
+        path = f"{device_dir}/tty/{name}"
+        self.ro(f"{path}/dev", "4:64\n")
+        self.link(f"{path}/device", device_dir)
+        self.link(f"class/tty/{name}", path)
+
+    def virtio(self, v: SimVirtio, sub: str, index: int) -> None:
+        """virtioN on the virtio bus: its driver, and what 9p, virtiofs and virtio-serial show."""
+        name = f"virtio{index}"
+        self.ro(f"{sub}/device", f"0x{v.id:04x}\n")
+        self.link(f"{sub}/subsystem", "bus/virtio")
+        self.link(f"bus/virtio/devices/{name}", sub)
+        if v.driver is not None:
+            self.link(f"{sub}/driver", f"bus/virtio/drivers/{v.driver}")
+            self.link(f"bus/virtio/drivers/{v.driver}/{name}", sub)
+        if v.mount_tag is not None:
+            # p9_mount_tag_show() (Linux 6.1): the tag and its NUL, no newline
+            self.ro(f"{sub}/mount_tag", v.mount_tag + "\0")
+        if v.fs_tag is not None:
+            # Linux 6.9+: /sys/fs/virtiofs/<vdev index>/{tag,device}
+            self.ro(f"fs/virtiofs/{index}/tag", v.fs_tag + "\n")
+            self.link(f"fs/virtiofs/{index}/device", sub)
+        for port in v.ports:
+            path = f"{sub}/virtio-ports/vport{index}p{port.id}"
+            self.ro(f"{path}/dev", f"251:{port.id}\n")
+            if port.name is not None:
+                self.ro(f"{path}/name", port.name + "\n")
+            self.link(f"class/virtio-ports/vport{index}p{port.id}", path)
+            if port.console:
+                # hvc devices have no parent: nothing in sysfs leads from hvcN to its port
+                hvc = f"hvc{self.hvc}"
+                self.hvc += 1
+                self.ro(f"devices/virtual/tty/{hvc}/dev", f"229:{self.hvc - 1}\n")
+                self.link(f"class/tty/{hvc}", f"devices/virtual/tty/{hvc}")
+
+    def iscsi(self, s: SimIscsi) -> None:
+        """A software iSCSI session: platform/hostH/sessionS with its connection and disks."""
+        base = f"devices/platform/host{s.host}/session{s.session}"
+        conn = f"connection{s.session}:0"
+        cpath = f"{base}/{conn}/iscsi_connection/{conn}"
+        self.ro(f"{cpath}/address", s.address + "\n")
+        self.ro(f"{cpath}/port", f"{s.port}\n")
+        self.ro(f"{cpath}/persistent_address", s.persistent_address + "\n")
+        self.ro(f"{cpath}/persistent_port", f"{s.port}\n")
+        self.link(f"class/iscsi_connection/{conn}", cpath)
+        spath = f"{base}/iscsi_session/session{s.session}"
+        self.ro(f"{spath}/targetname", f"iqn.2003-01.org.linux-iscsi.sim:{s.session}\n")
+        self.link(f"class/iscsi_session/session{s.session}", spath)
+        h = s.host
+        self.blocks(s.block, lambda disk: f"{base}/target{h}:0:0/{h}:0:0:0/block/{disk}")
+
+    def blocks(self, blocks: list[SimBlock], disk_path: Callable[[str], str]) -> None:
+        """Disks (at ``disk_path(name)``) with their partitions inside, class/block and dev/block links."""
+        disks = {b.name: b for b in blocks if b.disk is None}
+        for b in blocks:
             disk = disks[b.disk] if b.disk else b
-            path = f"{sub}/{self.disk_subpath(disk.name)}"
+            path = disk_path(disk.name)
             if b.disk:
                 path = f"{path}/{b.name}"
                 self.ro(f"{path}/partition", f"{b.minor - disk.minor}\n")

@@ -31,22 +31,32 @@ Spec (JSON or TOML; unknown keys are errors)::
         "secondary_bus": 1,                          # bridges: children nest under it
         "parent": "0000:00:1c.0",                   # alternative to secondary_bus
         "refuse_drivers": ["nvme"],                  # probes of these drivers fail here
+        "tty": ["ttyS4"],                            # serial ports of a PCI serial card (ttyS0-3 are legacy)
+        "virtio": {"mount_tag": "src"},              # virtio devices (1af4:1000-107f; the type comes from
+                                                     # the PCI id): 9p "mount_tag", virtiofs "tag",
+                                                     # console "ports": ["org.qemu.guest_agent.0",
+                                                     # {"console": true, "id": 0}] (named ports get ids from 1)
         "sriov": {"totalvfs": 8, "numvfs": 0, "vf_device": "1520", "vf_vendor": "8086",
                   "vf_driver": "igbvf", "offset": 1, "stride": 1, "autoprobe": true,
                   "vfs_share_group": false, "vf_ifname": "enp3s0f0v{n}",
                   "vf_refuse_drivers": []}
       }],
-      "dm": [{"name": "dm-0", "slaves": ["nvme0n1p3"], "dev": "253:0"}],
+      "dm": [{"name": "dm-0", "slaves": ["nvme0n1p3"], "dev": "253:0", "dm_name": "vg-root"}],
+      "iscsi": [{"session": 1, "host": 3, "address": "10.0.0.7", "persistent_address": "10.0.0.7",
+                 "block": ["sdb", "sdb1"]}],         # software iSCSI: disks under platform/hostH/sessionS
       "virtual_net": [{"name": "br0", "brif": ["enp1s0"]}, {"name": "bond0", "lower": ["eth1"]}],
       "mounts": [{"block": "nvme0n1p2", "mountpoint": "/", "fstype": "ext4"},
-                 {"source": "src", "mountpoint": "/mnt/src", "fstype": "9p"}],
+                 {"source": "src", "mountpoint": "/mnt/src", "fstype": "9p", "options": "rw,trans=virtio"}],
+                                      # btrfs/bcachefs on a block: MAJ:MIN 0:N, the /dev node as source
       "swaps": ["nvme0n1p3"],
-      "default_route": "enp1s0", "default_route6": null
+      "default_route": "enp1s0", "default_route6": null,
+      "routes": [{"dest": "10.0.0.0/24", "dev": "eth1", "via": null, "metric": 0}]   # IPv4 or IPv6
     }
 """
 from __future__ import annotations
 
 import errno
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -71,6 +81,13 @@ BUILTIN_DRIVERS: dict[str, dict[str, Any]] = {
 VFIO_DEPS = ("vfio", "vfio_pci_core", "vfio_iommu_type1", "irqbypass")
 HEX_RE = re.compile(r"^(?:0[xX])?[0-9a-fA-F]+$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
+TAG_RE = re.compile(r"^[^\s\x00]{1,36}$")
+LEGACY_TTYS = ("ttyS0", "ttyS1", "ttyS2", "ttyS3")       # 8250's nr_uarts ports on platform/serial8250
+# virtio device id -> the driver that binds it (include/uapi/linux/virtio_ids.h)
+VIRTIO_DRIVERS = {1: "virtio_net", 2: "virtio_blk", 3: "virtio_console", 4: "virtio_rng", 5: "virtio_balloon",
+                  8: "virtio_scsi", 9: "9pnet_virtio", 16: "virtio_gpu", 18: "virtio_input", 26: "virtiofs"}
+# transitional PCI device ids (virtio spec 4.1.2.1) whose virtio id is not in the subsystem id
+TRANSITIONAL = {0x1000: 1, 0x1001: 2, 0x1002: 5, 0x1003: 3, 0x1004: 8, 0x1005: 4, 0x1009: 9}
 
 
 
@@ -102,6 +119,45 @@ class SimBlock:
     @property
     def dev(self) -> str:
         return f"{self.major}:{self.minor}"
+
+
+@dataclass
+class SimPort:
+    id: int
+    name: str | None = None
+    console: bool = False
+
+
+@dataclass
+class SimVirtio:
+    """The virtio device on a virtio-pci function (virtioN under it while bound)."""
+    id: int                                          # virtio device id
+    mount_tag: str | None = None                     # 9p
+    fs_tag: str | None = None                        # virtiofs
+    ports: list[SimPort] = field(default_factory=list)   # virtio-serial
+
+    @property
+    def driver(self) -> str | None:
+        return VIRTIO_DRIVERS.get(self.id)
+
+
+@dataclass
+class SimIscsi:
+    """A software iSCSI session (iscsi_tcp): its disks have no PCI device above them."""
+    session: int
+    host: int
+    address: str
+    persistent_address: str
+    port: int = 3260
+    block: list[SimBlock] = field(default_factory=list)
+
+
+@dataclass
+class SimRoute:
+    dest: Any                                        # ipaddress.IPv4Network | IPv6Network
+    dev: str
+    via: Any = None                                  # ipaddress.IPv4Address | IPv6Address | None
+    metric: int = 0
 
 
 @dataclass
@@ -143,12 +199,26 @@ class SimDevice:
     physfn: PciAddress | None = None
     refuse_drivers: set[str] = field(default_factory=set)
     virtio_index: int | None = None
+    virtio: SimVirtio | None = None
+    tty: list[str] = field(default_factory=list)
     vfio_index: int | None = None
     resets: int = 0
 
     @property
     def bridge(self) -> bool:
         return self.header_type != 0
+
+
+def virtio_id(vendor: int, device: int, subsystem_device: int) -> int | None:
+    """The virtio device id of a virtio-pci function (virtio_pci_modern_probe: modern ids are
+    0x1040 + id; transitional ones use the subsystem device id)."""
+    if vendor != 0x1AF4:
+        return None
+    if 0x1040 <= device <= 0x107F:
+        return device - 0x1040
+    if 0x1000 <= device <= 0x103F:
+        return subsystem_device or TRANSITIONAL.get(device)
+    return None
 
 
 def lowest_free(used: set[int], start: int = 0) -> int:
@@ -187,12 +257,13 @@ class SpecLoader:
     TOP = {"format", "description", "comment", "iommu", "iommu_units", "interrupt_remapping",
            "unsafe_interrupts", "iommu_group_type", "cmdline", "kvm", "open_group_unbind", "modules",
            "blacklisted_modules", "drivers", "devices", "dm", "virtual_net", "mounts", "swaps",
-           "default_route", "default_route6"}
+           "default_route", "default_route6", "routes", "iscsi"}
     DRIVER = {"ids", "refuse", "module", "loaded", "sriov_configure", "vfio", "driver_managed_dma",
               "comment"}
     DEVICE = {"address", "name", "comment", "vendor", "device", "subsystem_vendor", "subsystem_device",
               "class", "revision", "header_type", "group", "driver", "driver_override", "boot_vga",
-              "reset_method", "net", "block", "parent", "secondary_bus", "refuse_drivers", "sriov"}
+              "reset_method", "net", "block", "parent", "secondary_bus", "refuse_drivers", "sriov", "tty",
+              "virtio"}
     SRIOV = {"totalvfs", "numvfs", "vf_vendor", "vf_device", "vf_driver", "offset", "stride", "autoprobe",
              "vfs_share_group", "vf_ifname", "vf_refuse_drivers", "vf_reset_method"}
 
@@ -200,7 +271,7 @@ class SpecLoader:
         self.k = k
         self.spec = spec
         self.pending_vfs: list[tuple[SimDevice, int]] = []
-        self.raw_blocks: list[tuple[SimDevice, Any, str]] = []
+        self.raw_blocks: list[tuple[SimDevice | SimIscsi, Any, str]] = []
 
     def fail(self, where: str, msg: str) -> NoReturn:
         raise ConfigError(f"topology spec: {where}: {msg}" if where else f"topology spec: {msg}")
@@ -259,6 +330,7 @@ class SpecLoader:
             self.fail("", "devices must be a list")
         for i, d in enumerate(devs):
             self.device(d, i)
+        self.iscsi(spec.get("iscsi", []))
         self.links()
         self.blocks(spec)
         self.net(spec)
@@ -377,8 +449,17 @@ class SpecLoader:
                    boot_vga=boot_vga, reset_methods=list(rm), supported_resets=list(rm),
                    net=self.names(raw, "net", where), parent=parent, secondary_bus=sec,
                    refuse_drivers=set(self.names(raw, "refuse_drivers", where)))
-        if (dev.net or raw.get("block")) and (driver is None or not k.drivers[driver].host):
-            self.fail(where, "net/block devices need the device bound to a host driver")
+        dev.tty = self.names(raw, "tty", where)
+        if (dev.net or raw.get("block") or dev.tty) and (driver is None or not k.drivers[driver].host):
+            self.fail(where, "net/block/tty devices need the device bound to a host driver")
+        for name in dev.tty:
+            if name in LEGACY_TTYS or any(name in o.tty for o in k.devices.values()):
+                self.fail(where, f"tty {name} is already taken (ttyS0-3 are the legacy 8250 ports)")
+        vid = virtio_id(dev.vendor, dev.device, dev.subsystem_device)
+        if vid is not None:
+            dev.virtio = self.virtio(vid, raw.get("virtio", {}), f"{where}.virtio")
+        elif "virtio" in raw:
+            self.fail(where, "virtio needs a virtio PCI device (vendor 1af4, device 1000-107f)")
         self.raw_blocks.append((dev, raw.get("block", []), where))
         if "sriov" in raw:
             self.sriov(dev, raw["sriov"], where)
@@ -387,6 +468,60 @@ class SpecLoader:
             dev.virtio_index = lowest_free({d.virtio_index for d in k.devices.values() if d.virtio_index is not None})
         if driver is not None and k.drivers[driver].vfio:
             dev.vfio_index = lowest_free({d.vfio_index for d in k.devices.values() if d.vfio_index is not None})
+
+    def virtio(self, vid: int, raw: Any, where: str) -> SimVirtio:
+        raw = self.keys(raw, {"mount_tag", "tag", "ports"}, where)
+        v = SimVirtio(id=vid)
+        for key, want in (("mount_tag", 9), ("tag", 26), ("ports", 3)):
+            if key in raw and vid != want:
+                self.fail(where, f"{key} needs a virtio device of type {want}, this one is {vid}")
+        for key in ("mount_tag", "tag"):
+            tag = raw.get(key)
+            if tag is not None and not (isinstance(tag, str) and TAG_RE.match(tag)):
+                self.fail(where, f"{key} must be 1-36 characters without blanks, got {tag!r}")
+        v.mount_tag, v.fs_tag = raw.get("mount_tag"), raw.get("tag")
+        ports = raw.get("ports", [])
+        if not isinstance(ports, list):
+            self.fail(where, "ports must be a list")
+        used: set[int] = set()
+        for p in ports:
+            if isinstance(p, str):
+                p = {"name": p}
+            p = self.keys(p, {"name", "console", "id"}, f"{where}.ports")
+            name = p.get("name")
+            if name is not None and not (isinstance(name, str) and TAG_RE.match(name)):
+                self.fail(where, f"bad port name {name!r}")
+            console = bool(self.typed(p, "console", (bool,), where, False))
+            pid = self.typed(p, "id", (int,), where)
+            if pid is None:
+                pid = lowest_free(used, 0 if console else 1)
+            if pid in used or not 0 <= pid < 31:
+                self.fail(where, f"port id {pid} is taken or out of range")
+            used.add(pid)
+            v.ports.append(SimPort(pid, name, console))
+        return v
+
+    def iscsi(self, raw: Any) -> None:
+        if not isinstance(raw, list):
+            self.fail("iscsi", "must be a list")
+        for i, s in enumerate(raw):
+            where = f"iscsi[{i}]"
+            s = self.keys(s, {"session", "host", "address", "persistent_address", "port", "block"}, where)
+            sid, host = self.typed(s, "session", (int,), where), self.typed(s, "host", (int,), where)
+            if sid is None or host is None or sid < 1 or host < 0:
+                self.fail(where, "session (>= 1) and host (>= 0) are required integers")
+            if any(o.session == sid for o in self.k.iscsi):
+                self.fail(where, f"duplicate session {sid}")
+            addr = self.typed(s, "address", (str,), where)
+            try:
+                ipaddress.ip_address(addr or "")
+            except ValueError:
+                self.fail(where, f"address must be an IP address, got {addr!r}")
+            sess = SimIscsi(session=sid, host=host, address=addr or "",
+                            persistent_address=self.typed(s, "persistent_address", (str,), where, addr),
+                            port=self.typed(s, "port", (int,), where, 3260))
+            self.k.iscsi.append(sess)
+            self.raw_blocks.append((sess, s.get("block", []), where))
 
     def sriov(self, dev: SimDevice, raw: Any, where: str) -> None:
         where = f"{where}.sriov"
@@ -519,6 +654,10 @@ class SpecLoader:
             names.add(dm)
             maj, mnr = number(dm, None, raw.get("dev", f"253:{i}"), where)
             slaves = self.names(raw, "slaves", where)
+            dm_name = self.typed(raw, "dm_name", (str,), where, dm)
+            if not NAME_RE.match(dm_name):
+                self.fail(where, f"bad dm_name {dm_name!r}")
+            k.dm_names[dm] = dm_name
             k.dm.append((SimBlock(dm, maj, mnr), slaves))
         for i, (_, slaves) in enumerate(k.dm):
             for s in slaves:
@@ -526,7 +665,10 @@ class SpecLoader:
                     self.fail(f"dm[{i}]", f"unknown slave block device {s!r}")
         for i, m in enumerate(spec.get("mounts", [])):
             where = f"mounts[{i}]"
-            m = self.keys(m, {"block", "source", "mountpoint", "fstype"}, where)
+            m = self.keys(m, {"block", "source", "mountpoint", "fstype", "options"}, where)
+            if any(not isinstance(m.get(key, ""), str) or re.search(r"\s", m.get(key, ""))
+                   for key in ("source", "fstype", "options")):
+                self.fail(where, "source, fstype and options must be strings without blanks")
             if not isinstance(m.get("mountpoint"), str) or not m["mountpoint"].startswith("/"):
                 self.fail(where, "mountpoint must be an absolute path")
             if m.get("block") is not None and m["block"] not in names:
@@ -569,3 +711,20 @@ class SpecLoader:
             if v is not None and v not in names:
                 self.fail(key, f"unknown interface {v!r}")
             setattr(k, key, v)
+        routes = spec.get("routes", [])
+        if not isinstance(routes, list):
+            self.fail("routes", "must be a list")
+        for i, r in enumerate(routes):
+            where = f"routes[{i}]"
+            r = self.keys(r, {"dest", "dev", "via", "metric"}, where)
+            if r.get("dev") not in names:
+                self.fail(where, f"unknown interface {r.get('dev')!r}")
+            try:
+                dest = ipaddress.ip_network(r.get("dest", ""), strict=False)
+                via = ipaddress.ip_address(r["via"]) if r.get("via") is not None else None
+            except (ValueError, TypeError) as e:
+                self.fail(where, f"bad dest or via: {e}")
+            if via is not None and via.version != dest.version:
+                self.fail(where, "via and dest must be the same IP version")
+            metric = self.typed(r, "metric", (int,), where, 0)
+            k.routes.append(SimRoute(dest=dest, dev=r["dev"], via=via, metric=metric))
