@@ -33,7 +33,8 @@ import traceback
 from hostdevd.core.address import PciAddress
 from hostdevd.core.config import Config
 from hostdevd.core.engine import Engine
-from hostdevd.core.ledger import LedgerStore, Owner
+from hostdevd.core.ledger import Owner
+from hostdevd.core.ledger_store import LedgerStore
 from hostdevd.core.sysfs import RealHost, Sysfs
 
 SYS = "/sys/bus/pci/devices"

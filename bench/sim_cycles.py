@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO / "daemon"))  # run from a checkout without installi
 from hostdevd.core.address import PciAddress  # noqa: E402
 from hostdevd.core.config import Config  # noqa: E402
 from hostdevd.core.engine import Engine  # noqa: E402
-from hostdevd.core.ledger import LedgerStore, Owner  # noqa: E402
+from hostdevd.core.ledger import Owner  # noqa: E402
+from hostdevd.core.ledger_store import LedgerStore  # noqa: E402
 from hostdevd.core.sysfs import Sysfs  # noqa: E402
 from hostdevd.sim.simkernel import SimKernel  # noqa: E402
 

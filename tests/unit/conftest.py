@@ -7,7 +7,7 @@ import pytest
 
 from hostdevd.core.config import Config, parse_config
 from hostdevd.core.engine import Engine
-from hostdevd.core.ledger import LedgerStore
+from hostdevd.core.ledger_store import LedgerStore
 from hostdevd.core.sysfs import Sysfs
 from hostdevd.sim.simkernel import SimKernel
 

@@ -19,7 +19,8 @@ from hostdevd.core.address import PciAddress as A
 from hostdevd.core.domxml import parse_domain
 from hostdevd.core.engine import Attached, DomainPrepare, Engine, Prepared
 from hostdevd.core.errors import Refused
-from hostdevd.core.ledger import LedgerStore, Owner
+from hostdevd.core.ledger import Owner
+from hostdevd.core.ledger_store import LedgerStore
 from hostdevd.core.reconcile import RunningDomain
 from hostdevd.sim.fakenetlink import FakeNetlink
 

@@ -9,7 +9,8 @@ import pytest
 
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.errors import ExecutionFailed, HostdevError, Refused, SysfsTimeout
-from hostdevd.core.ledger import LedgerStore, Owner
+from hostdevd.core.ledger import Owner
+from hostdevd.core.ledger_store import LedgerStore
 from hostdevd.core.sysfs import Sysfs
 
 from .conftest import load_sim, make_engine

@@ -16,7 +16,8 @@ from hostdevd.core.config import parse_config
 from hostdevd.core.engine import Engine
 from hostdevd.core.errors import ConfigError, ExecutionFailed, HostdevError
 from hostdevd.core.executor import RunResult
-from hostdevd.core.ledger import LedgerStore, Owner
+from hostdevd.core.ledger import Owner
+from hostdevd.core.ledger_store import LedgerStore
 from hostdevd.core.reconcile import reconcile
 from hostdevd.core.sysfs import Sysfs
 

@@ -5,7 +5,8 @@ import threading
 import pytest
 
 from hostdevd.core.errors import InvalidAddress, LedgerError
-from hostdevd.core.ledger import Claim, DeviceRecord, Ledger, LedgerStore, Owner
+from hostdevd.core.ledger import Claim, DeviceRecord, Ledger, Owner
+from hostdevd.core.ledger_store import LedgerStore
 
 
 def _claim(group, name="vm1", addr="0000:01:00.0"):

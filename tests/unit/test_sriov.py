@@ -14,7 +14,8 @@ from hostdevd.adapters.udev import UdevWaiter, _UdevWatch, default_waiter
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.config import parse_config
 from hostdevd.core.errors import ConfigError, Refused, SriovTimeout, SysfsTimeout
-from hostdevd.core.ledger import LedgerStore, Owner
+from hostdevd.core.ledger import Owner
+from hostdevd.core.ledger_store import LedgerStore
 from hostdevd.core.sriov import apply_config, set_vfs_by_hand
 from hostdevd.core.vf_wait import SysfsPollWaiter
 from hostdevd.doors import cli, wire

@@ -21,11 +21,11 @@ from hostdevd.core.ledger import (
     DeviceRecord,
     HostActionRecord,
     Ledger,
-    LedgerStore,
     Owner,
     SriovRecord,
     VfNetConfig,
 )
+from hostdevd.core.ledger_store import LedgerStore
 from hostdevd.core.states import (
     CLAIM_TRANSITIONS,
     DEVICE_TRANSITIONS,

@@ -17,7 +17,8 @@ import pytest
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.checks import ledger_file_check
 from hostdevd.core.errors import ExecutionFailed, InsecureFile, LedgerReadOnly, LedgerSaveFailed
-from hostdevd.core.ledger import Claim, DeviceRecord, LedgerStore, Owner
+from hostdevd.core.ledger import Claim, DeviceRecord, Owner
+from hostdevd.core.ledger_store import LedgerStore
 from hostdevd.core.logfields import MSG
 from hostdevd.core.strictmodes import check_files, problem
 from hostdevd.doors.api import call

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .ledger import Ledger, LedgerHealth
+from .ledger import Ledger
+from .ledger_store import LedgerHealth
 from .states import ClaimState
 from .sysfs import Sysfs
 from .topology import VFIO, from_sysfs

@@ -18,7 +18,8 @@ from .config import Config
 from .domxml import DomainPlacement, DomainRequest
 from .errors import HostdevError, Refused
 from .executor import Executor, Result, Runner, default_modprobe, default_runner
-from .ledger import Claim, Ledger, LedgerStore, Owner
+from .ledger import Claim, Ledger, Owner
+from .ledger_store import LedgerStore
 from .locks import GroupLocks
 from .logfields import log_action
 from .migrate import MigrationReport, assess

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from .address import PciAddress
 from .errors import ExecutionFailed, HostdevError, LedgerError, LedgerSaveFailed, Refused
 from .executor_base import ExecutorBase, wait_until
-from .executor_host import HostActionSteps, Runner, RunResult, default_runner
+from .executor_host import Runner, RunResult, default_runner
+from .executor_records import RecordSteps
 from .executor_sriov import SriovSteps
 from .executor_vfnet import VfNetSteps
-from .ledger import RESERVATION, Claim, DeviceRecord, LedgerStore, Owner, now
+from .ledger import Claim, DeviceRecord
+from .ledger_store import LedgerStore
 from .logfields import log_action
 from .planner import GroupPlan, Plan, Step, held_refusal, refused
 from .states import ClaimState, DeviceState
@@ -64,7 +66,7 @@ class Result:
         return {"ok": self.ok, "groups": self.groups, "errors": self.errors, "notes": self.notes}
 
 
-class Executor(HostActionSteps, SriovSteps):
+class Executor(RecordSteps, SriovSteps):
     def __init__(self, sysfs: Sysfs, store: LedgerStore, *,
                  modprobe: Callable[[str], None] | None = default_modprobe,
                  verify_timeout: float = 5.0, release_wait: float = 10.0,
@@ -79,7 +81,6 @@ class Executor(HostActionSteps, SriovSteps):
         self.release_wait = release_wait
 
     # ------------------------------------------------------------------ SR-IOV
-
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, plan: Plan) -> Result:
@@ -165,17 +166,6 @@ class Executor(HostActionSteps, SriovSteps):
                             original_override=dev.driver_override, bound_by_us=False,
                             vendor_device=dev.vendor_device, subsystem=dev.subsystem)
 
-    def promote(self, group: int, requested: list[PciAddress]) -> None:
-        """Companions of a held group the owner now uses itself become requested (refcount, R6)."""
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if claim is None:
-                return
-            for rec in claim.devices:
-                if rec.pci in requested:
-                    rec.role = "requested"
-            ledger.put(claim)
-
     def _claim(self, plan: Plan, gp: GroupPlan, undo: list) -> None:
         """Record the claim atomically: a racing owner loses here, before any sysfs write."""
         self._boundary(f"claim:{gp.group}")
@@ -210,7 +200,6 @@ class Executor(HostActionSteps, SriovSteps):
         log_action(log, logging.INFO, "claim", "claimed group %s for %s", gp.group, plan.owner.label(),
                    group=gp.group, owner=plan.owner, action="claim", result="ok")
         undo.append((f"claim:{gp.group}", lambda g=gp.group: self._drop_claim(g)))
-
 
     def _bind_step(self, plan: Plan, group: int, addr: PciAddress, undo: list) -> None:
         self._boundary(f"bind:{addr}")
@@ -251,66 +240,6 @@ class Executor(HostActionSteps, SriovSteps):
         self.sysfs.reset(addr)
         log_action(log, logging.INFO, "reset", "reset %s", addr, address=addr, group=group,
                    owner=plan.owner, action="reset", result="ok")
-
-    # ------------------------------------------------------------------ records others decide
-    # Reconciliation and reservations decide; these write what they decided (one writer).
-    def record_reservations(self, addresses: list[str]) -> None:
-        with self.store.transaction() as ledger:
-            ledger.reservations = list(addresses)
-
-    def unreserve(self, group: int) -> None:
-        """A reservation no longer configured: its claim becomes an ordinary one (released next)."""
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if claim is not None:
-                claim.reserved = False
-                ledger.put(claim)
-
-    def adopt(self, claim: Claim) -> bool:
-        """Record a claim for a group a running domain already uses; False when one exists."""
-        with self.store.transaction() as ledger:
-            if ledger.claim_for_group(claim.group) is not None:
-                return False
-            ledger.put(claim)
-            return True
-
-    def fail_claim(self, group: int, note: str) -> None:
-        """Keep a claim for an operator, touching no device (e.g. a device's identity changed)."""
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if claim is not None:
-                claim.move_to(ClaimState.FAILED)
-                claim.notes.append(f"{now()}: {note}")
-                ledger.put(claim)
-
-    def complete_prepare(self, group: int, on_vfio: set[str], note: str) -> None:
-        """Reconciliation found an interrupted prepare whose binds all finished and whose domain
-        runs with the devices: mark what is on vfio-pci and activate the claim."""
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if claim is None:
-                return
-            for rec in claim.devices:
-                if rec.address in on_vfio:
-                    rec.move_to(DeviceState.VFIO)
-            claim.move_to(ClaimState.ACTIVE)
-            claim.notes.append(f"{now()}: {note}")
-            ledger.put(claim)
-
-    def _to_reservation(self, group: int, reservation: Owner | None = None) -> None:
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if claim is None:
-                return
-            claim.owner = reservation or Owner(**RESERVATION)
-            claim.move_to(ClaimState.ACTIVE)
-            for rec in claim.devices:
-                rec.role = "requested"
-            ledger.put(claim)
-
-    def _drop_claim(self, group: int) -> None:
-        with self.store.transaction() as ledger:
-            ledger.drop(group)
 
     def _rollback(self, plan: Plan, undo: list) -> tuple[list[str], list[str]]:
         """Undo in reverse. Returns what could not be undone, and what was undone on the host
@@ -355,14 +284,6 @@ class Executor(HostActionSteps, SriovSteps):
         return failures, unrecorded
 
     # ------------------------------------------------------------------ host actions
-
-
-
-
-
-
-
-
 
     # ------------------------------------------------------------------ restore
     def _restore(self, group: int, rec: DeviceRecord) -> None:
@@ -432,49 +353,6 @@ class Executor(HostActionSteps, SriovSteps):
                        result="unrecorded")
             raise LedgerSaveFailed(f"{addr} is back on {want or 'no driver'}, but the ledger could not record it: "
                                    f"{err.message}", err.hint, err=err.errno)
-
-    def _forget_device(self, group: int, addr: PciAddress) -> None:
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if claim is not None:
-                claim.devices = [d for d in claim.devices if d.address != str(addr)]
-                claim.notes.append(f"{addr} vanished; dropped")
-                ledger.put(claim)
-
-    def forget_vanished(self, group: int, addr: PciAddress) -> str:
-        """A claimed device disappeared from the host (hot-unplug, VFs removed): drop its record.
-
-        The caller holds the group lock. A claim left without devices is dropped
-        with it, its host actions undone. Returns what was done ("device", "claim",
-        or "" when nothing was recorded or the device is back).
-        """
-        if self.sysfs.exists(addr):
-            return ""
-        claim = self.store.read().claim_for_group(group)
-        if claim is None or claim.device(addr) is None:
-            return ""
-        owner = claim.owner
-        self._forget_device(group, addr)
-        log_action(log, logging.WARNING, "release", "%s is gone from the host; dropped from the claim of %s",
-                   addr, owner.label(), address=addr, group=group, owner=owner, action="vanished",
-                   result="dropped")
-        claim = self.store.read().claim_for_group(group)
-        if claim is None or claim.devices:
-            return "device"
-        failures = self._undo_host_actions(owner, group, "module", claim.host_actions)
-        failures += self._undo_host_actions(owner, group, "unit", claim.host_actions)
-        with self.store.transaction() as ledger:
-            c = ledger.claim_for_group(group)
-            if c is not None and not c.devices:
-                if failures:
-                    c.move_to(ClaimState.FAILED)
-                    c.notes.append("every device vanished; host actions not undone: " + "; ".join(failures))
-                    ledger.put(c)
-                else:
-                    ledger.drop(group)
-        log_action(log, logging.WARNING, "release", "group %s of %s has no device left; claim dropped", group,
-                   owner.label(), group=group, owner=owner, action="vanished", result="dropped")
-        return "claim"
 
     # ------------------------------------------------------------------ release
     def release(self, plan: Plan) -> Result:

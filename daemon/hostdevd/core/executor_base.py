@@ -5,7 +5,8 @@ import time
 from collections.abc import Callable
 
 from .address import PciAddress
-from .ledger import DeviceRecord, LedgerStore
+from .ledger import DeviceRecord
+from .ledger_store import LedgerStore
 from .sysfs import Sysfs
 
 

@@ -11,7 +11,8 @@ import threading
 from .address import PciAddress
 from .errors import ExecutionFailed, HostdevError
 from .executor_base import ExecutorBase
-from .ledger import LedgerStore, VfNetConfig
+from .ledger import VfNetConfig
+from .ledger_store import LedgerStore
 from .logfields import log_action
 from .netreq import NetRequest
 from .states import VfNetState

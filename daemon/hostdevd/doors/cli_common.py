@@ -16,7 +16,8 @@ from ..core.address import PciAddress
 from ..core.config import Config, load_config
 from ..core.engine import Engine
 from ..core.errors import HostdevError, UsageError
-from ..core.ledger import Ledger, LedgerStore, Owner
+from ..core.ledger import Ledger, Owner
+from ..core.ledger_store import LedgerStore
 from ..core.sysfs import RealHost, Sysfs
 from ..core.topology import Topology, from_snapshot
 from .wiring import host_engine

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..core.address import PciAddress
 from ..core.checks import run_checks
-from ..core.ledger import Ledger, LedgerHealth, LedgerStore
+from ..core.ledger import Ledger
+from ..core.ledger_store import LedgerHealth, LedgerStore
 from ..core.states import ClaimState, HostActionState
 from .cli_common import EXIT_OK, EXIT_PROBLEM, Context, Out, daemon_socket, table
 

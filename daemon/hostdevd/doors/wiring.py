@@ -14,7 +14,7 @@ from ..adapters.udev import default_waiter
 from ..core.config import Config
 from ..core.engine import Engine
 from ..core.executor import default_modprobe
-from ..core.ledger import LedgerStore
+from ..core.ledger_store import LedgerStore
 from ..core.sysfs import RealHost, Sysfs
 from ..core.vfnet import NetlinkBackend
 
