@@ -54,6 +54,20 @@ def _no_guard(_name: str) -> Iterator[bool]:
     yield True
 
 
+@contextlib.contextmanager
+def _holding(engine: Engine, claim: Claim, report: ReconcileReport, guard: Guard) -> Iterator[Claim | None]:
+    """The claim's domain gate (the daemon's veto while it serves that domain) and its group
+    lock, then the claim read again under them; None when the domain is being served (noted
+    in the report) or the claim is gone."""
+    with guard(claim.owner.name) as ok:
+        if not ok:
+            report.skipped.append(f"group {claim.group}: {claim.owner.name} is being served right now")
+            yield None
+            return
+        with engine.locks.hold([claim.group]):
+            yield engine.ledger().claim_for_group(claim.group)
+
+
 @dataclass
 class RunningDomain:
     """A domain libvirt reports as running, with the host PCI devices its live XML uses."""
@@ -153,31 +167,26 @@ def release_stale_boot(engine: Engine, report: ReconcileReport, guard: Guard = _
     for claim in sorted(engine.ledger().claims.values(), key=lambda c: c.group):
         if claim.boot_id is None or claim.boot_id == boot:
             continue
-        with guard(claim.owner.name) as ok:
-            if not ok:
-                report.skipped.append(f"group {claim.group}: {claim.owner.name} is being served right now")
+        with _holding(engine, claim, report, guard) as fresh:
+            if fresh is None or fresh.boot_id in (None, boot) or fresh.state == ClaimState.FAILED:
                 continue
-            with engine.locks.hold([claim.group]):
-                fresh = engine.ledger().claim_for_group(claim.group)
-                if fresh is None or fresh.boot_id in (None, boot) or fresh.state == ClaimState.FAILED:
-                    continue
-                changed = identity_changes(engine, fresh)
-                if changed:
-                    msg = (f"group {fresh.group} of {fresh.owner.label()} is from an earlier boot and "
-                           + "; ".join(changed) + ": not touched")
-                    engine.executor.fail_claim(fresh.group, msg)
-                    report.conflicts.append(msg)
-                    log_action(log, logging.ERROR, "drift", "%s", msg, group=fresh.group, owner=fresh.owner,
-                               action="reconcile", result="identity-changed")
-                    continue
-                if fresh.reserved:
-                    engine.executor.unreserve(fresh.group)   # the reservation binds it again at start
-                    fresh = engine.ledger().held(fresh.group)
-                try:
-                    engine.release_group(fresh)
-                except HostdevError as e:
-                    report.errors.append(f"group {fresh.group}: releasing the claim of an earlier boot failed: {e}")
-                    continue
+            changed = identity_changes(engine, fresh)
+            if changed:
+                msg = (f"group {fresh.group} of {fresh.owner.label()} is from an earlier boot and "
+                       + "; ".join(changed) + ": not touched")
+                engine.executor.fail_claim(fresh.group, msg)
+                report.conflicts.append(msg)
+                log_action(log, logging.ERROR, "drift", "%s", msg, group=fresh.group, owner=fresh.owner,
+                           action="reconcile", result="identity-changed")
+                continue
+            if fresh.reserved:
+                engine.executor.unreserve(fresh.group)   # the reservation binds it again at start
+                fresh = engine.ledger().held(fresh.group)
+            try:
+                engine.release_group(fresh)
+            except HostdevError as e:
+                report.errors.append(f"group {fresh.group}: releasing the claim of an earlier boot failed: {e}")
+                continue
         report.released.append({"group": claim.group, "owner": claim.owner.name,
                                 "reason": f"claim from an earlier boot ({claim.boot_id})"})
         log_action(log, logging.WARNING, "reconcile", "released group %s of %s: claimed before the host "
@@ -197,11 +206,8 @@ def recover_interrupted(engine: Engine, running: list[RunningDomain] | None, rep
             continue
         if claim.state == ClaimState.ACTIVE and not states & {DeviceState.BINDING, DeviceState.RESTORING}:
             continue
-        with guard(claim.owner.name) as ok:
-            if not ok:
-                report.skipped.append(f"group {claim.group}: {claim.owner.name} is being served right now")
-                continue
-            with engine.locks.hold([claim.group]):
+        with _holding(engine, claim, report, guard) as fresh:
+            if fresh is not None:
                 _recover_one(engine, claim.group, running, report)
 
 
@@ -270,25 +276,20 @@ def release_gone(engine: Engine, running: list[RunningDomain], report: Reconcile
             continue
         if _find_running(running, claim.owner) is not None:
             continue
-        with guard(claim.owner.name) as ok:
-            if not ok:
-                report.skipped.append(f"group {claim.group}: {claim.owner.name} is being served right now")
+        with _holding(engine, claim, report, guard) as fresh:
+            if fresh is None or fresh.state != ClaimState.ACTIVE or not fresh.owner.same(claim.owner):
                 continue
-            with engine.locks.hold([claim.group]):
-                fresh = engine.ledger().claim_for_group(claim.group)
-                if fresh is None or fresh.state != ClaimState.ACTIVE or not fresh.owner.same(claim.owner):
-                    continue
-                users = engine.sysfs.vfio_group_users(claim.group)
-                if users:
-                    report.skipped.append(f"group {claim.group}: {claim.owner.label()} is not running but "
-                                          f"/dev/vfio/{claim.group} is open ({users} users); left claimed")
-                    continue
-                try:
-                    engine.release_group(fresh)
-                except HostdevError as e:
-                    report.errors.append(f"group {claim.group}: release for gone domain {claim.owner.label()} "
-                                         f"failed: {e}")
-                    continue
+            users = engine.sysfs.vfio_group_users(claim.group)
+            if users:
+                report.skipped.append(f"group {claim.group}: {claim.owner.label()} is not running but "
+                                      f"/dev/vfio/{claim.group} is open ({users} users); left claimed")
+                continue
+            try:
+                engine.release_group(fresh)
+            except HostdevError as e:
+                report.errors.append(f"group {claim.group}: release for gone domain {claim.owner.label()} "
+                                     f"failed: {e}")
+                continue
             report.released.append({"group": claim.group, "owner": claim.owner.name,
                                     "reason": "domain is not running"})
             log_action(log, logging.INFO, "reconcile", "released group %s: %s is not running", claim.group,
