@@ -27,7 +27,7 @@ def boot_id(lab) -> str:
 
 
 def claims(lab) -> list[dict]:
-    return json.loads(lab.run([HCTL, "status", "--json"], timeout=60).stdout)["claims"]
+    return list(json.loads(lab.run([HCTL, "status", "--json"], timeout=60).stdout)["claims"].values())
 
 
 def drv(lab, bdf: str) -> str:
