@@ -81,7 +81,9 @@ def wait_active(vm, unit="hostdevd", timeout=120):
 def start_daemon(vm, config: str) -> None:
     """Config, unit and hook installed; hostdevd (re)started; libvirtd restarted to find the hook."""
     vm.run("systemctl stop hostdevd 2>/dev/null; mkdir -p /etc/hostdevd", timeout=120, check=False)
-    vm.write_text(CONF, config)
+    # 0644: a file the guest agent creates may be writable by others, which hostdevd refuses
+    # at start (StrictModes, as sshd does).
+    vm.put(config.encode(), CONF, mode="644")
     vm.run("/opt/hostdevd/bin/hostdevd install", timeout=120)
     vm.run("systemctl restart hostdevd && systemctl restart libvirtd", timeout=240)
     wait_active(vm)
