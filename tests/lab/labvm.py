@@ -265,7 +265,8 @@ class LabVM:
         if power_cut and pid is not None:
             os.kill(pid, signal.SIGKILL)
         else:
-            self.run("systemd-run --no-block systemctl reboot", timeout=60, check=False)
+            # --force: libvirt-guests would otherwise wait minutes for a running L2 to shut down
+            self.run("systemd-run --no-block systemctl reboot --force", timeout=60, check=False)
         deadline = time.monotonic() + 180
         while pid is not None and _pid_alive(pid):
             if time.monotonic() > deadline:
