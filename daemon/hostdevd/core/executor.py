@@ -214,11 +214,17 @@ class Executor(RecordSteps, SriovSteps):
         # recorded as found on vfio-pci (so never to be given back) that a converging prepare now
         # finds on a host driver gives back that driver. (A fresh claim's record stays as read at
         # the claim: host actions may have unloaded its driver since.)
-        now: dict[str, object] = {}
-        known = self.store.read().held(group).device(addr)
-        if known is not None and not known.bound_by_us and known.state == DeviceState.VFIO:
-            now = {"original_driver": self.sysfs.driver(addr), "original_override": self.sysfs.driver_override(addr)}
-        rec = self._set_state(group, addr, state=DeviceState.BINDING, bound_by_us=True, **now)
+        with self.store.transaction() as ledger:      # one read-modify-write, not a read and then one
+            claim = ledger.held(group)
+            rec = claim.device(addr)
+            if rec is None:
+                raise LedgerError(f"{addr} is not in the claim of IOMMU group {group}", "see `hostdevctl status`")
+            if not rec.bound_by_us and rec.state == DeviceState.VFIO:
+                rec.original_driver, rec.original_override = self.sysfs.driver(addr), self.sysfs.driver_override(addr)
+            rec.move_to(DeviceState.BINDING)
+            rec.bound_by_us = True
+            ledger.put(claim)
+            rec = rec.model_copy()
         undo.append((f"bind:{addr}", lambda r=rec, g=group: self._restore(g, r)))
         self.sysfs.set_driver_override(addr, VFIO)
         self.sysfs.unbind(addr)
