@@ -40,8 +40,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if LAB_DIR_PATH in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.lab)
-    # tests that keep a nested L2 running go last: if L1 stalls there, nothing else is lost
-    items.sort(key=lambda it: it.get_closest_marker("lab_l2") is not None)
+    # tests that keep a nested L2 running go last: if L1 stalls there, nothing else is lost;
+    # reboots and power cuts after them (L1 is in a new boot afterwards)
+    items.sort(key=lambda it: (it.get_closest_marker("lab_l2") is not None,
+                               it.get_closest_marker("lab_reboot") is not None))
 
 
 # --------------------------------------------------------------------------- L1 kernel stalls

@@ -220,6 +220,60 @@ def test_vf_to_l2_refuses_numvfs_change_and_comes_back(lab, nvme):
     assert len(vfs_of(lab, pf)) == 2, r
 
 
+def test_contention_8_vfs_and_4_domains_on_the_pair(lab, nvme):
+    """8 concurrent prepares of 8 VFs and 4 domains started at once that all want the pair:
+    every group ends with exactly one owner, every loser is refused naming the holder, and
+    every VF comes back (issue 12)."""
+    pf = nvme
+    hctl(lab, "vfs", "set", pf, "8")
+    vfs = vfs_of(lab, pf)
+    assert len(vfs) == 8
+    pair = lab.topology()["nic2a"]
+    doms = ["ct1", "ct2", "ct3", "ct4"]
+    for d in doms:
+        lab.labsh(f"mkdom {d} {pair} && virsh -q define /root/{d}.xml", timeout=120)
+    jobs = [f"({HCTL} prepare --owner vfct{i} --device {vf} > /tmp/ct/vfct{i}.out 2>&1; echo $? > /tmp/ct/vfct{i}.rc) &"
+            for i, vf in enumerate(vfs)]
+    jobs += [f"(virsh start --paused {d} > /tmp/ct/{d}.out 2>&1; echo $? > /tmp/ct/{d}.rc) &" for d in doms]
+    t0 = time.monotonic()
+    lab.run("rm -rf /tmp/ct && mkdir /tmp/ct && " + " ".join(jobs) + " wait", timeout=600)
+    wall = round(time.monotonic() - t0, 1)
+    try:
+        names = [f"vfct{i}" for i in range(8)] + doms
+        got = {n: (int(lab.run(f"cat /tmp/ct/{n}.rc", timeout=30).stdout), lab.run(f"cat /tmp/ct/{n}.out",
+                   timeout=30).stdout) for n in names}
+        held = json.loads(hctl(lab, "status", "--json").stdout)["claims"]
+        owner_of = {d["address"]: c["owner"]["name"] for c in held.values() for d in c["devices"]}
+        # each group has one claim, so one owner: the ledger is keyed by group
+        winners = [n for n in names if got[n][0] == 0]
+        assert {c["owner"]["name"] for c in held.values()} == set(winners), (winners, held)
+        dom_winners = [d for d in doms if got[d][0] == 0]
+        assert len(dom_winners) == 1, {d: got[d] for d in doms}
+        for i, vf in enumerate(vfs):
+            n = f"vfct{i}"
+            assert owner_of.get(vf) is not None, f"{vf} has no owner"
+            if got[n][0] != 0:
+                assert owner_of[vf] in got[n][1], f"{n} refused without naming {owner_of[vf]}: {got[n][1]}"
+        for d in doms:
+            if d not in dom_winners:
+                assert dom_winners[0] in got[d][1], f"{d} refused without naming {dom_winners[0]}: {got[d][1]}"
+        record("contention", {"vf_prepares": 8, "vf_won": sum(got[f"vfct{i}"][0] == 0 for i in range(8)),
+                              "domains": 4, "domain_won": dom_winners[0], "wall_s": wall,
+                              "groups_with_one_owner": len(held)})
+        print("$ hostdevctl status\n" + hctl(lab, "status").stdout)
+    finally:
+        lab.run("for d in ct1 ct2 ct3 ct4; do virsh -q destroy $d; virsh -q undefine $d; done", timeout=300,
+                check=False)
+        for i in range(8):
+            hctl(lab, "release", "--owner", f"vfct{i}", check=False)
+    deadline = time.monotonic() + 120
+    while set(drivers(lab, *vfs).values()) != {"none"} and time.monotonic() < deadline:
+        time.sleep(2)
+    assert set(drivers(lab, *vfs).values()) == {"none"}, drivers(lab, *vfs)
+    assert json.loads(hctl(lab, "status", "--json").stdout)["claims"] == {}
+    hctl(lab, "vfs", "set", pf, "2")
+
+
 # =========================================================================== part 2: igb
 
 

@@ -37,6 +37,7 @@ from ..core.config import DEFAULT_PATH, Config, load_config
 from ..core.errors import HostdevError
 from ..core.strictmodes import check_files
 from ..core.sysfs import Sysfs
+from . import faultknob
 from .wire import socket_path
 from .wiring import host_engine
 
@@ -100,16 +101,9 @@ def build_daemon(config: Config, args: argparse.Namespace):
         engine = host_engine(config, Sysfs(sim, config.write_timeout), modprobe=sim.load_module)
     else:
         engine = host_engine(config)
-    crash_at = os.environ.get("HOSTDEVD_CRASH_AT")
-    if crash_at:
-        # Test knob (the lab's crash test): die as kill -9 would at one named step
-        # boundary, e.g. "bind:0000:04:00.1", so recovery is exercised on a real kernel.
-        log.warning("HOSTDEVD_CRASH_AT=%s is set: this daemon will crash on purpose", crash_at)
-
-        def crash(step: str) -> None:
-            if step == crash_at:
-                os._exit(137)
-        engine.executor.on_step = crash
+    on_step = faultknob.from_environment()
+    if on_step is not None:
+        engine.executor.on_step = on_step  # the lab's fault scenarios (doors/faultknob.py)
     adapter = None
     if not args.no_libvirt:
         try:

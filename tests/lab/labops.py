@@ -1,0 +1,91 @@
+"""Small helpers the lab's reliability tests share: drivers, claims, the unit's state, the fault
+knob (daemon/hostdevd/doors/faultknob.py). Each runs commands in L1 through labvm.LabVM.run."""
+from __future__ import annotations
+
+import json
+import time
+
+HCTL = "/opt/hostdevd/bin/hostdevctl"
+SYS = "/sys/bus/pci/devices"
+FAULT = "/run/hostdevd/fault"
+FAULT_DROPIN = "/etc/systemd/system/hostdevd.service.d/fault.conf"
+
+
+def drivers(vm, *bdfs: str) -> dict[str, str]:
+    script = ("for b in {}; do d={}/$b; printf '%s %s\\n' $b "
+              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done"
+              ).format(" ".join(bdfs), SYS)
+    return dict(line.split() for line in vm.run(script, timeout=60).stdout.splitlines() if line.strip())
+
+
+def wait_drivers(vm, want: dict[str, str], timeout: float = 60) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = drivers(vm, *want)
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(1)
+
+
+def claims(vm) -> dict:
+    """The ledger's claims by group, as `hostdevctl status --json` shows them."""
+    return json.loads(vm.run([HCTL, "status", "--json"], timeout=90).stdout)["claims"]
+
+
+def owners(vm) -> dict[str, str]:
+    return {g: c["owner"]["name"] for g, c in claims(vm).items()}
+
+
+def wait_no_claims(vm, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while (left := claims(vm)) and time.monotonic() < deadline:
+        time.sleep(2)
+    return left
+
+
+def wait_active(vm, unit: str = "hostdevd", timeout: int = 120) -> None:
+    r = vm.run(f"for i in $(seq {timeout}); do systemctl is-active -q {unit} && exit 0; sleep 1; done; "
+               f"systemctl status --no-pager {unit}; journalctl -u {unit} --no-pager | tail -30; exit 1",
+               timeout=timeout + 30, check=False)
+    assert r.rc == 0, r
+
+
+def main_pid(vm, unit: str = "hostdevd") -> int:
+    return int(vm.run(f"systemctl show -p MainPID --value {unit}", timeout=30).stdout.strip() or 0)
+
+
+def wait_restarted(vm, old_pid: int, timeout: float = 90) -> int:
+    """The unit's new main PID once systemd has restarted it (it must be active again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = main_pid(vm)
+        if pid and pid != old_pid and vm.run("systemctl is-active -q hostdevd", timeout=30, check=False).ok:
+            return pid
+        assert time.monotonic() < deadline, f"hostdevd not restarted within {timeout} s (pid {old_pid})"
+        time.sleep(1)
+
+
+def enable_fault_knob(vm) -> None:
+    """hostdevd reads /run/hostdevd/fault at every step boundary (restarts the unit)."""
+    vm.run(f"mkdir -p /etc/systemd/system/hostdevd.service.d && printf '[Service]\\n"
+           f"Environment=HOSTDEVD_FAULT_FILE={FAULT}\\n' > {FAULT_DROPIN} && systemctl daemon-reload && "
+           "systemctl restart hostdevd", timeout=120)
+    wait_active(vm)
+
+
+def disable_fault_knob(vm) -> None:
+    vm.run(f"rm -f {FAULT_DROPIN} {FAULT} {FAULT}.paused; systemctl daemon-reload", timeout=60, check=False)
+
+
+def set_fault(vm, action: str, boundary: str) -> None:
+    vm.run(f"rm -f {FAULT}.paused; echo '{action} {boundary}' > {FAULT}", timeout=30)
+
+
+def wait_paused(vm, boundary: str, timeout: float = 120) -> None:
+    r = vm.run(f"for i in $(seq {int(timeout)}); do grep -qx '{boundary}' {FAULT}.paused 2>/dev/null && exit 0; "
+               "sleep 1; done; exit 1", timeout=timeout + 30, check=False)
+    assert r.rc == 0, f"hostdevd did not reach {boundary} within {timeout} s"
+
+
+def journal(vm, *args: str, timeout: float = 60) -> str:
+    return vm.run("journalctl --no-pager -o cat " + " ".join(args), timeout=timeout).stdout
