@@ -60,7 +60,8 @@ class RecordSteps(HostActionSteps):
 
     def complete_prepare(self, group: int, on_vfio: set[str], note: str) -> None:
         """Reconciliation found an interrupted prepare whose binds all finished and whose domain
-        runs with the devices: mark what is on vfio-pci and activate the claim."""
+        runs with the devices: mark what is on vfio-pci and activate the claim. Also for an
+        active claim whose bind (a converging prepare) finished on the host but not in the record."""
         with self.store.transaction() as ledger:
             claim = ledger.claim_for_group(group)
             if claim is None:
@@ -69,6 +70,21 @@ class RecordSteps(HostActionSteps):
                 if rec.address in on_vfio:
                     rec.move_to(DeviceState.VFIO)
             claim.move_to(ClaimState.ACTIVE)
+            claim.notes.append(f"{now()}: {note}")
+            ledger.put(claim)
+
+    def finish_restore(self, group: int, restored: set[str], note: str) -> None:
+        """Reconciliation found restores that finished on the host but not in the record (a crash
+        between the last sysfs write and the save): those devices are back on their recorded
+        drivers, so their records say so, as :meth:`_restored` would have."""
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if claim is None:
+                return
+            for rec in claim.devices:
+                if rec.address in restored and rec.state == DeviceState.RESTORING:
+                    rec.move_to(DeviceState.HOST)
+                    rec.bound_by_us = False
             claim.notes.append(f"{now()}: {note}")
             ledger.put(claim)
 

@@ -125,14 +125,27 @@ def _unplug_verdict(p: GuestPlacement) -> tuple[bool | None, str]:
     return True, f"{where}: hot-pluggable slot"
 
 
+def _ledger_verdict(address: str, group: int, topo: Topology | None) -> DeviceVerdict:
+    """A requested device known from the ledger alone. Whether the guest can hold it is read
+    from the driver sysfs shows: off every vfio driver (or gone), QEMU cannot have it open."""
+    v = DeviceVerdict(address, "requested", None, None, None, group, True, None,
+                      "claimed in the ledger; guest placement unknown without the domain's live XML")
+    dev = topo.devices.get(PciAddress.parse(address)) if topo is not None else None
+    if topo is not None and (dev is None or not dev.on_vfio):
+        now_on = "gone from the host" if dev is None else f"on {dev.driver or 'no driver'}, not vfio-pci"
+        v.blocks, v.reason = False, f"claimed in the ledger, but {now_on}: the guest cannot be holding it"
+    return v
+
+
 def assess(name: str, placement: DomainPlacement | None, claims: list[Claim], topo: Topology | None = None,
            source: str = "live XML") -> MigrationReport:
     """The migration verdict for one domain.
 
     ``placement``: the devices the domain's XML assigns (None when no XML is
     available: then the ledger's claims say what it holds, without guest
-    placement). ``claims``: the domain's claims (companions come from there).
-    ``topo``: the host, for class and driver notes (optional).
+    placement, and ``topo``'s drivers say whether it can still hold it).
+    ``claims``: the domain's claims (companions come from there). ``topo``: the
+    host, for drivers, groups and class notes (optional; the engine always gives one).
     """
     report = MigrationReport(domain=name, source=source if placement is not None else "ledger")
     seen: set[str] = set()
@@ -153,9 +166,7 @@ def assess(name: str, placement: DomainPlacement | None, claims: list[Claim], to
             for d in c.devices:
                 if d.role == "requested":
                     seen.add(d.address)
-                    report.devices.append(DeviceVerdict(
-                        d.address, "requested", None, None, None, c.group, True, None,
-                        "claimed in the ledger; guest placement unknown without the domain's live XML"))
+                    report.devices.append(_ledger_verdict(d.address, c.group, topo))
     for c in claims:
         for d in c.devices:
             if d.address not in seen:
@@ -168,7 +179,7 @@ def assess(name: str, placement: DomainPlacement | None, claims: list[Claim], to
             dev = topo.devices.get(PciAddress.parse(v.address))
             if dev is None:
                 continue
-            v.group = v.group if v.group is not None else dev.group
+            v.group = dev.group if dev.group is not None else v.group    # the kernel's group, not the record's
             if v.role == "requested" and dev.class_code.startswith("03"):
                 v.notes.append("a display controller: the guest loses that display while it is unplugged")
             if v.role == "requested" and dev.has_vfio_dev and dev.driver not in (VFIO, None):

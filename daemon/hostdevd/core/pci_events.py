@@ -13,7 +13,9 @@ to udev itself. Two halves:
     now does not (a host driver took it, someone unbound it) is **drift**:
     logged once (journald, ``MESSAGE_ID`` drift) and listed in the daemon's
     ``status`` until it goes away. It is never "fixed": rebinding a device a
-    person just moved on purpose would be worse than reporting it.
+    person just moved on purpose would be worse than reporting it. Every device of
+    an active claim is judged by the driver sysfs shows, whatever its record's
+    state; one recorded as given back but found on vfio-pci is reported too.
   - ``remove`` of a claimed device drops it from the ledger with a log line,
     through the engine under the group lock (a claim left without devices is
     dropped, its host actions undone).
@@ -36,7 +38,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .address import PciAddress
+from .device import Device
 from .errors import HostdevError, InvalidAddress
+from .ledger import Claim, DeviceRecord
 from .logfields import log_action
 from .states import ClaimState, DeviceState
 from .topology import VFIO
@@ -53,6 +57,30 @@ _VIABLE = (VFIO, "pci-stub")
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _expected(rec: DeviceRecord, dev: Device) -> str | None:
+    """Where an active claim's device should be when sysfs contradicts the claim, else None.
+    Judged from the driver it is on now, never from the record's state."""
+    if not (dev.on_vfio or dev.driver in _VIABLE):
+        return VFIO                  # the group is not usable by the guest, whatever the record says
+    if rec.state in (DeviceState.HOST, DeviceState.RESTORING) and dev.on_vfio and dev.driver != rec.original_driver:
+        return rec.original_driver or "no driver"    # recorded as given back, yet on vfio-pci
+    return None
+
+
+def _log_drift(entry: dict, claim: Claim, ev: PciEvent | None) -> None:
+    addr, driver = entry["address"], entry["driver"]
+    if entry["expected"] == VFIO:
+        now_on = f"bound to {driver}" if driver else "without a driver"
+        what = (f"is now {now_on} instead of vfio-pci, changed behind hostdevd's back; left as it is (the group is "
+                "no longer viable for the guest: move it back or release the claim)")
+    else:
+        what = (f"is on {driver}, but the ledger records it as {entry['record']} on {entry['expected']} "
+                "(changed behind hostdevd's back); left as it is")
+    log_action(log, logging.WARNING, "drift", "%s (IOMMU group %s, claimed by %s) %s", addr, claim.group,
+               claim.owner.label(), what, address=addr, group=claim.group, owner=claim.owner,
+               action=f"udev-{ev.action}" if ev else "check", result="drift")
 
 
 @dataclass(frozen=True)
@@ -170,32 +198,26 @@ class PciEventHandler:
         with self.engine.locks.hold([claim.group]):
             claim = self.engine.ledger().claim_for_device(addr)
             rec = claim.device(addr) if claim is not None else None
-            if claim is None or rec is None or claim.state != ClaimState.ACTIVE or rec.state != DeviceState.VFIO:
+            if claim is None or rec is None or claim.state != ClaimState.ACTIVE:
                 self._clear(addr)            # not claimed, or mid-operation/failed: not ours to judge
                 return None
             sysfs = self.engine.sysfs
             if not sysfs.exists(addr):
                 return None                  # gone: the remove event deals with it
-            driver = sysfs.driver(addr)
-            if driver in _VIABLE or (driver is not None and sysfs.read_device(addr).has_vfio_dev) \
-                    or (driver is not None and not rec.bound_by_us and driver == rec.original_driver):
+            dev = sysfs.read_device(addr)
+            expected = _expected(rec, dev)
+            if expected is None:
                 self._clear(addr)
                 return None
             entry = {"address": str(addr), "group": claim.group, "owner": claim.owner.name,
-                     "driver": driver, "expected": VFIO, "since": _now(),
+                     "driver": dev.driver, "expected": expected, "record": str(rec.state), "since": _now(),
                      "event": ev.action if ev else "check"}
         with self._lock:
             old = self._drift.get(str(addr))
-            if old is not None and old["driver"] == driver:
+            if old is not None and (old["driver"], old["expected"]) == (dev.driver, expected):
                 return old
             self._drift[str(addr)] = entry
-        now_on = f"bound to {driver}" if driver else "without a driver"
-        log_action(log, logging.WARNING, "drift",
-                   "%s (IOMMU group %s, claimed by %s) is now %s instead of vfio-pci, changed behind "
-                   "hostdevd's back; left as it is (the group is no longer viable for the guest: move it back "
-                   "or release the claim)", addr, claim.group, claim.owner.label(), now_on, address=addr,
-                   group=claim.group, owner=claim.owner, action=f"udev-{ev.action}" if ev else "check",
-                   result="drift")
+        _log_drift(entry, claim, ev)
         return entry
 
     def scan(self) -> list[dict]:
@@ -212,10 +234,11 @@ class PciEventHandler:
         with self._lock:
             old = self._drift.pop(str(addr), None)
         if old is not None:
-            log.info("%s is no longer drifting (claim gone or device back on vfio-pci)", addr)
+            log.info("%s is no longer drifting (claim gone, or the device agrees with it again)", addr)
 
     def drift(self) -> list[dict]:
-        """Current drift, re-validated cheaply (entries whose claim is gone or device is back go)."""
+        """Current drift, re-judged cheaply from sysfs without the group lock (entries whose claim
+        is gone or no longer active, or whose device agrees with it again, go)."""
         with self._lock:
             entries = list(self._drift.values())
         if not entries:
@@ -224,16 +247,21 @@ class PciEventHandler:
         out = []
         for e in entries:
             addr = PciAddress.parse(e["address"])
-            claim = ledger.claim_for_device(addr)
-            try:
-                back = self.engine.sysfs.driver(addr) in _VIABLE
-            except HostdevError:
-                back = False
-            if claim is None or back:
+            if self._still_drifting(ledger.claim_for_device(addr), addr):
+                out.append(dict(e))
+            else:
                 self._clear(addr)
-                continue
-            out.append(dict(e))
         return sorted(out, key=lambda e: e["address"])
+
+    def _still_drifting(self, claim: Claim | None, addr: PciAddress) -> bool:
+        rec = claim.device(addr) if claim is not None else None
+        if claim is None or rec is None or claim.state != ClaimState.ACTIVE:
+            return False
+        try:
+            dev = self.engine.sysfs.read_device(addr) if self.engine.sysfs.exists(addr) else None
+        except HostdevError:
+            return True
+        return dev is None or _expected(rec, dev) is not None    # gone: the remove event clears it
 
     def state(self) -> dict:
         with self._lock:

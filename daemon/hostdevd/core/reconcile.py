@@ -9,7 +9,8 @@ reached) and this module decides:
    a claim still ``claimed`` is a prepare that never finished; its hook got no
    answer and libvirt aborted the start, so it is rolled back (unless the
    domain is demonstrably running with the devices: then it is completed).
-   A claim ``releasing`` is a release that never finished; it is finished.
+   A claim ``releasing`` is a release that never finished; it is finished. An
+   ``active`` claim's bind or restore that sysfs shows done gets its record finished.
 2. With the running domains known: claims of domains that are gone are
    released (a stop event was missed); PCI devices a running domain uses
    that no claim covers are adopted (a claim is created recording the best
@@ -39,7 +40,7 @@ from .errors import HostdevError
 from .ledger import Claim, DeviceRecord, Owner, now
 from .logfields import log_action
 from .states import ClaimState, DeviceState
-from .topology import VFIO, Topology
+from .topology import STUB_DRIVERS, VFIO, Device, Topology
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -199,34 +200,73 @@ def release_stale_boot(engine: Engine, report: ReconcileReport, guard: Guard = _
 
 def recover_interrupted(engine: Engine, running: list[RunningDomain] | None, report: ReconcileReport,
                         guard: Guard = _no_guard) -> None:
+    # Active claims to look at are picked from sysfs, then judged again under the group lock.
+    topo = engine.topology(with_critical=False)
     for _key, claim in sorted(engine.ledger().claims.items(), key=lambda kv: int(kv[0])):
-        states = {d.state for d in claim.devices}
         if claim.state == ClaimState.FAILED:
             report.failed_claims.append(claim.group)
             continue
-        if claim.state == ClaimState.ACTIVE and not states & {DeviceState.BINDING, DeviceState.RESTORING}:
+        if claim.state == ClaimState.ACTIVE and not _lagging(claim, topo):
             continue
         with _holding(engine, claim, report, guard) as fresh:
             if fresh is not None:
                 _recover_one(engine, claim.group, running, report)
 
 
+_UNFINISHED = (DeviceState.BINDING, DeviceState.RESTORING)
+
+
+def _agrees(rec: DeviceRecord, dev: Device | None) -> bool:
+    """Does an active claim's record say what sysfs shows? A vanished device is the remove
+    event's; binding/restoring is an intent whose end was never recorded."""
+    if dev is None:
+        return rec.state not in _UNFINISHED
+    if rec.state == DeviceState.VFIO:
+        return dev.on_vfio or dev.driver in STUB_DRIVERS        # pci-stub: kept as found
+    return rec.state == DeviceState.HOST and (not dev.on_vfio or dev.driver == rec.original_driver)
+
+
+def _lagging(claim: Claim, topo: Topology) -> list[DeviceRecord]:
+    return [r for r in claim.devices if not _agrees(r, topo.get(r.pci))]
+
+
+def _recover_active(engine: Engine, claim: Claim, topo: Topology, report: ReconcileReport) -> None:
+    """An active claim whose records lag behind sysfs (read under the group lock): a bind that
+    reached vfio-pci, or a restore back on its recorded driver and override (the executor's own
+    "already back" test), gets its record finished; the rest is reported, never rebound here."""
+    group, ex, recs = claim.group, engine.executor, [(r, topo.get(r.pci)) for r in claim.devices]
+    bound = {r.address for r, d in recs if r.state == DeviceState.BINDING and d is not None and d.on_vfio}
+    restored = {r.address for r, d in recs if r.state == DeviceState.RESTORING and d is not None
+                and (d.driver, d.driver_override) == (r.original_driver, r.original_override)}
+    for done, action, write in ((bound, "completed interrupted bind", ex.complete_prepare),
+                                (restored, "finished interrupted restore", ex.finish_restore)):
+        if done:
+            write(group, done, f"{action} of {', '.join(sorted(done))}: sysfs shows it done, the record did not")
+            report.finished.append({"group": group, "owner": claim.owner.name, "action": action})
+            log_action(log, logging.WARNING, "reconcile", "%s of group %s (%s)", action, group,
+                       ", ".join(sorted(done)), group=group, owner=claim.owner, action="reconcile", result="ok")
+    fresh = engine.ledger().held(group)
+    if not (left := _lagging(fresh, topo)):
+        return
+    seen = "; ".join(f"{r.address} recorded {r.state}, on "
+                     + ((d.driver or "no driver") if (d := topo.get(r.pci)) else "nothing (gone)") for r in left)
+    note = f"group {group}: claim is active but devices are in states {sorted({d.state for d in fresh.devices})}"
+    report.errors.append(f"{note} ({seen})")
+    log_action(log, logging.WARNING, "drift", "%s (%s); left as it is", note, seen, group=group, owner=claim.owner,
+               action="reconcile", result="inconsistent")
+
+
 def _recover_one(engine: Engine, group: int, running: list[RunningDomain] | None, report: ReconcileReport) -> None:
     claim = engine.ledger().claim_for_group(group)   # fresh, under the group lock
     if claim is None or claim.state == ClaimState.FAILED:
         return
-    states = {d.state for d in claim.devices}
+    topo = engine.topology(with_critical=False)      # likewise: what the kernel shows now
     if claim.state == ClaimState.ACTIVE:
-        # Unreachable through the executor; say so and leave it for an operator.
-        note = f"group {group}: claim is active but devices are in states {sorted(states)}"
-        report.errors.append(note)
-        log_action(log, logging.WARNING, "drift", "%s; left as it is", note, group=group, owner=claim.owner,
-                   action="reconcile", result="inconsistent")
+        _recover_active(engine, claim, topo, report)
         return
     users = engine.sysfs.vfio_group_users(group)
     what = "half prepare" if claim.state == ClaimState.CLAIMED else "half release"
     dom = _find_running(running, claim.owner) if running is not None else None
-    topo = engine.topology(with_critical=False)
     if claim.state == ClaimState.CLAIMED and dom is not None and all(a in dom.addresses
                                                                      for a in claim.requested_pci):
         # Every endpoint of the group on vfio-pci (or gone): the bind finished, only

@@ -65,7 +65,7 @@ def _one_line(text: object) -> str:
 def _error_line(domain: str, what: str, err: dict) -> str:
     msg = _one_line(err.get("message") or "unknown error")
     hint = err.get("hint")
-    line = f"hostdevd: {what} {domain}: {msg}"
+    line = f"hostdevd: {what} {_one_line(domain)}: {msg}"
     if hint:
         line += f" ({_one_line(hint)})"
     return line
@@ -101,14 +101,14 @@ def prepare(domain: str, xml: str, sock: str, stderr, phase: str = "prepare") ->
         if not mentions_hostdev(xml):
             # Only a libvirt network interface: most are NAT/bridge networks. Fail
             # open rather than stop every VM on the host while hostdevd is down.
-            print(f"hostdevd: warning: {NOT_RUNNING} ({domain} has a network interface; "
+            print(f"hostdevd: warning: {NOT_RUNNING} ({_one_line(domain)} has a network interface; "
                   "not checked)", file=stderr)
             return 0
         print(NOT_RUNNING, file=stderr)
         return 1
     except WireError as e:
-        print(f"hostdevd: cannot prepare {domain}: {_one_line(e.message)}"
-              + (f" ({e.hint})" if e.hint else ""), file=stderr)
+        print(f"hostdevd: cannot prepare {_one_line(domain)}: {_one_line(e.message)}"
+              + (f" ({_one_line(e.hint)})" if e.hint else ""), file=stderr)
         return 1
     if reply.get("ok"):
         return 0
@@ -123,7 +123,7 @@ def release(domain: str, xml: str, sock: str, stderr) -> int:
     try:
         reply = call(sock, request, RELEASE_TIMEOUT)
     except WireError as e:
-        print(f"hostdevd: release of {domain} not done: {_one_line(e.message)}; hostdevd releases it "
+        print(f"hostdevd: release of {_one_line(domain)} not done: {_one_line(e.message)}; hostdevd releases it "
               "when it next reconciles", file=stderr)
         return 0
     if not reply.get("ok"):
@@ -142,7 +142,7 @@ def migrate_report(domain: str, xml: str, sock: str, stderr) -> None:
     except DaemonNotRunning:
         return                          # nothing to say: hostdevd is not in charge on this host
     except WireError as e:
-        print(f"hostdevd: migrate check of {domain} skipped: {_one_line(e.message)}", file=stderr)
+        print(f"hostdevd: migrate check of {_one_line(domain)} skipped: {_one_line(e.message)}", file=stderr)
         return
     if not reply.get("ok"):
         print(_error_line(domain, "could not check the migration of", reply.get("error") or {}), file=stderr)
@@ -152,10 +152,10 @@ def migrate_report(domain: str, xml: str, sock: str, stderr) -> None:
     for d in m.get("devices", []):
         if d.get("blocks"):
             verdict = {True: "can be hot-unplugged", False: "cannot be hot-unplugged", None: "hot-unplug unknown"}
-            print(f"hostdevd:   {d.get('address')}: {verdict[d.get('unplug')]} ({_one_line(d.get('reason', ''))})",
-                  file=stderr)
+            print(f"hostdevd:   {_one_line(d.get('address'))}: {verdict[d.get('unplug')]} "
+                  f"({_one_line(d.get('reason', ''))})", file=stderr)
     for step in m.get("steps", []):
-        print(f"hostdevd:   then: {step}", file=stderr)
+        print(f"hostdevd:   then: {_one_line(step)}", file=stderr)
 
 
 def main(argv: list[str] | None = None, socket_path: str | None = None,
@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None, socket_path: str | None = None,
         return 0
     except Exception as e:
         if op in ("prepare", "start"):
-            print(f"hostdevd: hook failed for {domain}: {_one_line(e)}", file=stderr)
+            print(f"hostdevd: hook failed for {_one_line(domain)}: {_one_line(e)}", file=stderr)
             return 1
-        print(f"hostdevd: hook {op} {subop} for {domain}: {_one_line(e)}", file=stderr)
+        print(f"hostdevd: hook {_one_line(op)} {_one_line(subop)} for {_one_line(domain)}: {_one_line(e)}", file=stderr)
         return 0
 
 
