@@ -236,7 +236,8 @@ def test_contention_8_vfs_and_4_domains_on_the_pair(lab, nvme):
             for i, vf in enumerate(vfs)]
     jobs += [f"(virsh start --paused {d} > /tmp/ct/{d}.out 2>&1; echo $? > /tmp/ct/{d}.rc) &" for d in doms]
     t0 = time.monotonic()
-    lab.run("rm -rf /tmp/ct && mkdir /tmp/ct && " + " ".join(jobs) + " wait", timeout=600)
+    # "A && B && (job) &" would put A and B in the background too: separate them with ";"
+    lab.run("rm -rf /tmp/ct; mkdir /tmp/ct; " + " ".join(jobs) + " wait", timeout=600)
     wall = round(time.monotonic() - t0, 1)
     try:
         names = [f"vfct{i}" for i in range(8)] + doms
