@@ -17,9 +17,13 @@ set -eu
 
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 LAB_DIR=${HOSTDEVD_LAB_DIR:-/var/tmp/hostdevd-lab}
+SUITE=${SUITE:-bookworm}
 # Bump when the image contents change: an image with another revision is rebuilt.
 IMAGE_REV=hostdevd-lab-1
-SUITE=${SUITE:-bookworm}
+[ "$SUITE" = bookworm ] || IMAGE_REV=$IMAGE_REV-$SUITE-1
+# Debian packages added to the image (comma-separated): the trixie lab adds hostdevd's
+# dependencies, since it installs hostdevd as an operator would, with apt and no network.
+EXTRA_PKGS=${EXTRA_PKGS:-}
 # Mirrors default to the ones this host's apt already uses (deb822 .sources or sources.list).
 host_uri() {  # $1 = suite to look for; prints the first URI serving it
     { for f in /etc/apt/sources.list.d/*.sources; do [ -f "$f" ] && awk -v s="$1" '
@@ -27,8 +31,11 @@ host_uri() {  # $1 = suite to look for; prints the first URI serving it
       cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
         awk -v s="$1" '$1=="deb" {o=2; if ($2 ~ /^\[/) o=3; if ($(o+1)==s) print $o}'; } | head -n1
 }
+# a suite this host does not use (trixie on a bookworm host) comes from the same archive
 MIRROR=${DEBIAN_MIRROR:-$(host_uri "$SUITE")}
+[ -n "$MIRROR" ] || MIRROR=$(host_uri bookworm)
 SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-$(host_uri "$SUITE-security")}
+[ -n "$SECURITY_MIRROR" ] || SECURITY_MIRROR=$(host_uri bookworm-security)
 [ -n "$MIRROR" ] || { echo "[build-image] ERROR: no apt source for $SUITE on this host; set DEBIAN_MIRROR" >&2; exit 1; }
 [ -n "$SECURITY_MIRROR" ] || SECURITY_MIRROR=$MIRROR
 IMG_SIZE=${IMG_SIZE:-4G}
@@ -160,6 +167,7 @@ PKGS=systemd,systemd-sysv,udev,dbus,kmod,procps,iproute2,pciutils
 PKGS=$PKGS,libvirt-daemon-system,libvirt-daemon-driver-qemu,qemu-system-x86,libvirt-clients
 PKGS=$PKGS,python3,python3-libvirt,python3-lxml,python3-systemd,python3-pip,python3-venv
 PKGS=$PKGS,linux-image-amd64,qemu-guest-agent,nvme-cli
+[ -z "$EXTRA_PKGS" ] || PKGS=$PKGS,$EXTRA_PKGS
 
 T=$(now)
 rm -rf "$ROOTFS"
@@ -191,6 +199,7 @@ log "mke2fs -d done in $T_MKE2FS s"
 
 {
     echo "rev=$IMAGE_REV"
+    echo "suite=$SUITE"
     echo "kernel=$KVER"
     echo "mmdebstrap_s=$T_DEBOOTSTRAP"
     echo "rootfs_mb=$ROOTFS_MB"

@@ -155,3 +155,22 @@ def test_reconnect_does_not_wait_for_stdin():
         TIMINGS.setdefault("reconnect begin (stdin open)", []).append(elapsed)
         proc.stdin.close()
         assert rc == 0 and elapsed < 2.0
+
+
+def test_hook_left_behind_by_a_removed_package_lets_libvirt_be(tmp_path):
+    """After `apt remove` the hook (a conffile) stays while hostdevd is gone: it must neither
+    refuse starts nor fail libvirt's reconnect (which would stop running domains)."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.fail("/usr/bin/python3 is needed to run a hook without hostdevd importable")
+    script = hook_script("/nonexistent.sock").splitlines()
+    script[0] = "#!/usr/bin/python3 -IS"                       # a python without hostdevd
+    script = [line.replace(repr(str(__import__("pathlib").Path(__file__).parents[2] / "daemon")),
+                           repr(str(tmp_path / "gone"))) for line in script]
+    path = tmp_path / "hostdevd"
+    path.write_text("\n".join(script) + "\n")
+    path.chmod(0o755)
+    for argv in (("vm1", "prepare", "begin", "-"), ("vm1", "reconnect", "begin", "-")):
+        rc, _out, err, _ = run_hook(str(path), *argv, xml=domain_xml("vm1", uuid_for(1), PAIR))
+        assert rc == 0, err
+        assert err.strip() == ("hostdevd: hook left behind (hostdevd is not installed): not checked; "
+                               "remove this file or reinstall hostdevd"), err

@@ -210,7 +210,14 @@ def hook_script(sock: str) -> str:
             "    del sys.path[0]\n"
             "    import site\n"
             "    site.main()\n"
-            "    from hostdevd.doors.hook import main\n"
+            "    try:\n"
+            "        from hostdevd.doors.hook import main\n"
+            "    except ImportError:\n"
+            "        # hostdevd removed, its hook left behind (a conffile stays until purge): never\n"
+            "        # refuse starts or fail libvirt's reconnect (that stops running domains) for it\n"
+            "        print('hostdevd: hook left behind (hostdevd is not installed): not checked; '\n"
+            "              'remove this file or reinstall hostdevd', file=sys.stderr)\n"
+            "        sys.exit(0)\n"
             f"sys.exit(main(socket_path={sock!r}))\n")
 
 
