@@ -556,7 +556,8 @@ def test_to_dict_is_plain_data():
     assert got.to_dict() == {
         "name": "vm1", "uuid": "d091ea82-29e6-2e34-3005-f02617b36e87",
         "requests": [{"address": "0000:06:12.2", "kind": "hostdev", "managed": True, "alias": None, "mac": None,
-                      "vlan_tags": [], "vlan_trunk": False, "virtualport": None, "driver": None, "network": None}],
+                      "vlan_tags": [], "vlan_trunk": False, "virtualport": None, "driver": None, "network": None,
+                      "driver_model": None}],
         "networks": [{"network": "n", "portgroup": None, "mac": None}],
         "out_of_scope": [{"kind": "usb", "detail": "USB"}],
     }

@@ -360,8 +360,9 @@ EXPECTED: dict[str, Domain | Network | Port | Node | Nodes | Refused] = {
     "tests/qemuxmlconfdata/hostdev-vfio-zpci.s390x-latest.xml": Domain("QEMUGuest1", [H("0000:00:00.0", False)]),
     # <driver model='vfio-pci-igb'> wins over <driver name='vfio'>
     "tests/qemuxmlconfdata/hostdev-vfio.xml": Domain("QEMUGuest2", [
-        H("0000:06:12.1"), H("0000:06:12.2", driver="vfio"), H("0000:06:12.3", driver="vfio-pci-igb"),
-        H("0000:06:12.4", driver="vfio-pci-igb")]),
+        H("0000:06:12.1"), H("0000:06:12.2", driver="vfio"),
+        H("0000:06:12.3", driver="vfio-pci-igb", driver_model="vfio-pci-igb"),
+        H("0000:06:12.4", driver="vfio-pci-igb", driver_model="vfio-pci-igb")]),
     "tests/qemuxmlconfdata/pseries-hostdevs-1.ppc64-latest.xml": Domain("guest", [
         I("0005:90:01.0", "52:54:00:6d:90:02"), H("0001:01:00.0"), H("0001:01:00.1")]),
     "tests/qemuxmlconfdata/pseries-hostdevs-1.xml": Domain("guest", [

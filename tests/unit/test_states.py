@@ -295,7 +295,7 @@ def test_v1_ledger_from_before_the_enums_loads_with_enum_states(tmp_path):
 
 # Fields added after the fixture was written (boot identity): absent from an old file, null
 # when it is written again until the claim is next prepared.
-LATER_FIELDS = {"claim": ("boot_id",), "device": ("vendor_device", "subsystem")}
+LATER_FIELDS = {"claim": ("boot_id",), "device": ("vendor_device", "subsystem", "vfio_driver")}
 
 
 def _without_later_fields(data: dict) -> dict:

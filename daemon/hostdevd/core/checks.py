@@ -1,5 +1,5 @@
 """Host validation for `hostdevctl check` (R1 IOMMU and interrupt remapping, vfio modules,
-groups shared with host-critical devices, ledger vs sysfs drift)."""
+iommufd and device cdevs (R14), groups shared with host-critical devices, ledger vs sysfs drift)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ from .ledger import Ledger
 from .ledger_store import LedgerHealth
 from .states import ClaimState
 from .sysfs import Sysfs
-from .topology import VFIO, from_sysfs
+from .topology import VFIO, Topology, from_sysfs
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -48,6 +48,30 @@ def ledger_file_check(health: LedgerHealth) -> Check | None:
                      "compare the damaged file with `hostdevctl status`, release or prepare what differs, "
                      "then delete the damaged file")
     return None
+
+
+_IOMMUFD_NOTE = ("whether libvirt opens devices through iommufd is the domain's and libvirt's choice, not "
+                 "visible here; release waits for /dev/vfio/N and the device cdevs either way")
+
+
+def iommufd_check(sysfs: Sysfs, topo: Topology) -> Check:
+    """R14: could QEMU use iommufd: /dev/iommu, and /dev/vfio/devices/vfioN for devices on vfio drivers."""
+    if not sysfs.iommufd_node_exists():
+        return Check("iommufd", "warn", "no /dev/iommu: iommufd is not available, so QEMU can only use the "
+                     f"legacy /dev/vfio/N container; {_IOMMUFD_NOTE}",
+                     "`modprobe iommufd` (CONFIG_IOMMUFD) if guests should use iommufd; nothing to do otherwise")
+    on_vfio = [d.address for d in topo.devices.values() if d.on_vfio]
+    if not on_vfio:
+        return Check("iommufd", "ok", "/dev/iommu present; no device is on a vfio driver now, so device cdevs "
+                     f"(/dev/vfio/devices/vfioN) cannot be checked yet; {_IOMMUFD_NOTE}")
+    missing = [str(a) for a in on_vfio
+               if not ((c := sysfs.vfio_cdev(a)) is not None and sysfs.vfio_cdev_node_exists(c))]
+    if missing:
+        return Check("iommufd", "warn", f"/dev/iommu present, but {', '.join(missing)} on a vfio driver "
+                     "has no /dev/vfio/devices/vfioN: iommufd cannot open it; " + _IOMMUFD_NOTE,
+                     "a kernel with CONFIG_VFIO_DEVICE_CDEV=y (6.6+; Debian 13's 6.12 has it)")
+    return Check("iommufd", "ok", f"/dev/iommu present and all {len(on_vfio)} devices on vfio drivers have "
+                 f"/dev/vfio/devices/vfioN; {_IOMMUFD_NOTE}")
 
 
 def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = (),
@@ -93,6 +117,7 @@ def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = ()
                                                                "/etc/modules-load.d/vfio.conf"))
     else:
         out.append(Check("vfio-modules", "ok", "vfio, vfio_iommu_type1 and vfio-pci loaded"))
+    out.append(iommufd_check(sysfs, topo))
 
     shared = []
     for addr, reason in sorted(topo.critical.items()):
@@ -116,9 +141,11 @@ def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = ()
     drift = []
     for claim in ledger.claims.values():
         for rec in claim.devices:
-            drv = sysfs.driver(rec.pci) if sysfs.exists(rec.pci) else "gone"
-            if claim.state == ClaimState.ACTIVE and drv != VFIO and not (drv is None and rec.original_driver is None
-                                                                        and not rec.bound_by_us):
+            dev = topo.get(rec.pci)
+            drv = dev.driver if dev is not None else "gone"
+            on_vfio = dev is not None and dev.on_vfio          # vfio-pci or a variant (R13)
+            if claim.state == ClaimState.ACTIVE and not on_vfio and not (drv is None and rec.original_driver is None
+                                                                         and not rec.bound_by_us):
                 drift.append(f"{rec.address} claimed by {claim.owner.name} but on {drv or 'no driver'}")
     unclaimed = [str(d.address) for d in topo.devices.values()
                  if d.on_vfio and ledger.claim_for_device(d.address) is None]

@@ -121,8 +121,17 @@ def _check_module(value: str) -> str:
     return value
 
 
+def _check_vfio_driver(value: str) -> str:
+    # Syntax only here: whether it is a vfio driver the running kernel has is the planner's to
+    # refuse (core/variants.py), with the device it would have been bound to.
+    if not _MODULE_RE.match(value) or value.startswith("-"):
+        raise ValueError(f"{value!r} is not a driver name (e.g. mlx5_vfio_pci or vfio-pci)")
+    return value
+
+
 UnitName = Annotated[str, AfterValidator(_check_unit)]
 ModuleName = Annotated[str, AfterValidator(_check_module)]
+VfioDriverName = Annotated[str, AfterValidator(_check_vfio_driver)]
 
 
 class HostActionConfig(_Strict):
@@ -187,7 +196,8 @@ class Config(_Strict):
     write_timeout: float = Field(default=10.0, gt=0, le=600)
     bind_verify_timeout: float = Field(default=5.0, gt=0, le=600)
     release_wait_timeout: float = Field(default=10.0, ge=0, le=600, description=(
-        "How long release waits for QEMU to close /dev/vfio/N before giving up on a group."))
+        "How long release waits for QEMU to close /dev/vfio/N and the members' /dev/vfio/devices/vfioN "
+        "(iommufd) before giving up on a group."))
     reserve: list[Matcher] = Field(default_factory=list, description=(
         "Devices (address or vendor:device) bound to vfio-pci when the daemon starts, before libvirt, "
         "and never handed back to a host driver: domains borrow them and return them to the reservation "
@@ -199,6 +209,10 @@ class Config(_Strict):
         "SR-IOV PFs whose VFs the daemon creates at start, before reservations (each `[[sriov]]` entry)."))
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     reset: ResetConfig = Field(default_factory=ResetConfig)
+    vfio_drivers: dict[Matcher, VfioDriverName] = Field(default_factory=dict, description=(
+        "The vfio driver a device is bound to instead of the one modules.alias picks (vfio-pci or a "
+        "variant such as mlx5_vfio_pci), keyed by address or vendor:device (an address wins). A "
+        "domain's <driver model='...'/> wins over it; a name that is not a vfio driver is refused."))
     host_actions: list[HostActionConfig] = Field(default_factory=list, description=(
         "Per-device host actions around binding: units to stop and modules to unload before a matching "
         "device's group goes to vfio-pci, undone after release and on rollback."))
@@ -208,6 +222,13 @@ class Config(_Strict):
             if DeviceMatcher([key]).matches(address, vendor, device):
                 return pref
         return self.reset.default
+
+    def vfio_driver_for(self, address: PciAddress, vendor: str, device: str) -> str | None:
+        """[vfio_drivers]: the device's address first, then the first vendor:device that matches."""
+        if (name := self.vfio_drivers.get(str(address))) is not None:
+            return name
+        return next((n for k, n in self.vfio_drivers.items() if DeviceMatcher([k]).matches(address, vendor, device)),
+                    None)
 
     def host_actions_for(self, address: PciAddress, vendor: str, device: str) -> list[HostActionConfig]:
         return [a for a in self.host_actions if DeviceMatcher(a.patterns).matches(address, vendor, device)]

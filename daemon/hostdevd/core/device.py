@@ -14,9 +14,15 @@ from .address import PciAddress
 # PCI-to-PCI bridges (0604) and semi-transparent ones (0609): the only classes a
 # listing can call bridges, since it carries no header type.
 BRIDGE_CLASSES = ("0604", "0609")
-VFIO = "vfio-pci"                     # the driver hostdevd binds assigned devices to
+VFIO = "vfio-pci"                     # the generic vfio driver (core/variants.py picks a variant over it)
 VFIO_DRIVERS = (VFIO,)
 STUB_DRIVERS = ("pci-stub",)
+
+
+def is_vfio_driver(name: str | None) -> bool:
+    """vfio-pci or a vendor variant (mlx5_vfio_pci, virtio_vfio_pci, ...): every one ends in vfio_pci.
+    Module names use underscores; driver names in /sys/bus/pci/drivers may use dashes."""
+    return name is not None and name.replace("-", "_").endswith("vfio_pci")
 
 
 @dataclass
@@ -46,6 +52,8 @@ class Device:
     # Subsystem ids ("1458:3702") from live sysfs: part of a device's identity across boots.
     # Not compared, and not in snapshots (which never carried them).
     subsystem: str | None = field(default=None, compare=False)
+    # The kernel's modalias ("pci:v000015B3d0000101E..."), live sysfs only: what modules.alias matches.
+    modalias: str | None = field(default=None, compare=False)
 
     @property
     def class_code(self) -> str:
@@ -57,7 +65,8 @@ class Device:
 
     @property
     def on_vfio(self) -> bool:
-        return self.driver in VFIO_DRIVERS or self.has_vfio_dev
+        # vfio-dev/ names every vfio driver on 6.1+; the name catches variants on older kernels.
+        return self.driver in VFIO_DRIVERS or is_vfio_driver(self.driver) or self.has_vfio_dev
 
     @property
     def viable_for_vfio(self) -> bool:

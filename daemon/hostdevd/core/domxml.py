@@ -71,13 +71,15 @@ class DeviceRequest:
     virtualport: str | None = None       # <virtualport type=…>
     driver: str | None = None            # <driver model=…> if given, else <driver name=…>
     network: str | None = None           # set when resolved from <interface type='network'><actual>
+    # <driver model=…> alone: libvirt's choice of vfio variant driver (R13), checked by the planner.
+    driver_model: str | None = None
 
     def to_dict(self) -> dict:
         return {
             "address": str(self.address), "kind": self.kind, "managed": self.managed,
             "alias": self.alias, "mac": self.mac, "vlan_tags": list(self.vlan_tags),
             "vlan_trunk": self.vlan_trunk, "virtualport": self.virtualport,
-            "driver": self.driver, "network": self.network,
+            "driver": self.driver, "network": self.network, "driver_model": self.driver_model,
         }
 
 
@@ -118,6 +120,10 @@ class DomainRequest:
         """Host addresses of the requests, in document order."""
         return [r.address for r in self.requests]
 
+    def driver_models(self) -> dict[PciAddress, str]:
+        """The vfio driver each request names with ``<driver model=…>`` (libvirt's override)."""
+        return {r.address: r.driver_model for r in self.requests if r.driver_model}
+
     def to_dict(self) -> dict:
         return {
             "name": self.name, "uuid": self.uuid,
@@ -155,6 +161,11 @@ def _vlan(el: etree._Element, ctx: str) -> tuple[tuple[int, ...], bool] | None:
         raise _err(f"{ctx} has a <vlan> with no <tag id=…/>")
     trunk = _yes_no(vlan.get("trunk"), "trunk", ctx)
     return tags, bool(trunk) or len(tags) > 1     # libvirt: more than one tag means trunk
+
+
+def _driver_model(el: etree._Element, ctx: str) -> str | None:
+    drv = _one(el, "driver", ctx)
+    return drv.get("model") or None if drv is not None else None
 
 
 def _virtualport(el: etree._Element, ctx: str) -> str | None:
@@ -245,6 +256,7 @@ def _hostdev(el: etree._Element) -> DeviceRequest | OutOfScope:
         managed=_yes_no(el.get("managed"), "managed", ctx),
         alias=_alias(el, ctx),
         driver=_driver(el, ctx),
+        driver_model=_driver_model(el, ctx),
     )
 
 
@@ -257,9 +269,9 @@ def _interface_request(el: etree._Element, dev: etree._Element, ctx: str,
     virtualport = _virtualport(dev, ctx)
     if virtualport is None and dev is not el:
         virtualport = _virtualport(el, ctx)
-    driver = _driver(dev, ctx)
+    driver, model = _driver(dev, ctx), _driver_model(dev, ctx)
     if driver is None and dev is not el:
-        driver = _driver(el, ctx)
+        driver, model = _driver(el, ctx), _driver_model(el, ctx)
     tags, trunk = vlan if vlan is not None else ((), False)
     return DeviceRequest(
         address=_source_address(dev, ctx),
@@ -272,6 +284,7 @@ def _interface_request(el: etree._Element, dev: etree._Element, ctx: str,
         virtualport=virtualport,
         driver=driver,
         network=network,
+        driver_model=model,
     )
 
 

@@ -79,9 +79,9 @@ class Engine:
         return self.store.read()
 
     def plan_prepare(self, addresses: Iterable[PciAddress], owner: Owner,
-                     topo: Topology | None = None) -> Plan:
+                     topo: Topology | None = None, driver_models: dict[PciAddress, str] | None = None) -> Plan:
         topo = topo or self.topology()
-        return plan_prepare(topo, list(addresses), owner, self.ledger(), self.policy)
+        return plan_prepare(topo, list(addresses), owner, self.ledger(), self.policy, driver_models=driver_models)
 
     def plan_release(self, owner: Owner, addresses: Iterable[PciAddress] | None = None,
                      topo: Topology | None = None) -> Plan:
@@ -90,10 +90,12 @@ class Engine:
 
     # ---- write side ----
     def prepare(self, addresses: Iterable[PciAddress], owner: Owner,
-                net: dict[PciAddress, NetRequest] | None = None) -> tuple[Plan, Result]:
+                net: dict[PciAddress, NetRequest] | None = None,
+                driver_models: dict[PciAddress, str] | None = None) -> tuple[Plan, Result]:
         """Claim and bind every group the addresses touch; all-or-nothing.
 
         ``net``: VF MAC/VLAN per address (``<interface type='hostdev'>``), set after the bind.
+        ``driver_models``: the vfio driver per address a domain names (``<driver model=…>``, R13).
         """
         addresses = list(addresses)
         scan = self.topology()
@@ -102,7 +104,8 @@ class Engine:
             # Plan under the group locks, against a fresh ledger and freshly read group
             # members: no stale decisions.
             topo = refresh_groups(scan, self.sysfs, groups)
-            plan = plan_prepare(topo, addresses, owner, self.ledger(), self.policy, net_requests=net)
+            plan = plan_prepare(topo, addresses, owner, self.ledger(), self.policy, net_requests=net,
+                                driver_models=driver_models)
             if not plan.ok:
                 raise plan.refused()
             return plan, self.executor.prepare(plan)
@@ -181,7 +184,8 @@ class Engine:
         net.update(picks)
         t0 = time.monotonic()
         with req.serialize() if req.serialize is not None else nullcontext():
-            plan, result = self._prepare_logged(addrs, req.owner, net)
+            plan, result = self._prepare_logged(addrs, req.owner, net,
+                                                req.parsed.driver_models() if req.parsed is not None else None)
         log.info("prepared %s for %s (%s) in %.0f ms", ", ".join(map(str, addrs)), req.owner.label(), req.origin,
                  (time.monotonic() - t0) * 1000)
         return Prepared(req.owner, plan, result, extras)
@@ -191,34 +195,36 @@ class Engine:
         plan, result = self.release(owner, addresses)
         return Prepared(owner, plan, result, {"warnings": plan.warnings})
 
-    def plan_for(self, action: str, owner: Owner, addresses: list[PciAddress], *, everything: bool) -> Plan:
+    def plan_for(self, action: str, owner: Owner, addresses: list[PciAddress], *, everything: bool,
+                 driver_models: dict[PciAddress, str] | None = None) -> Plan:
         """Dry run: the prepare plan, or the release plan (``everything``: all of ``owner``'s)."""
         if action == "prepare":
-            return self.plan_prepare(addresses, owner)
+            return self.plan_prepare(addresses, owner, driver_models=driver_models)
         return self.plan_release(owner, None if everything else addresses)
 
-    def check_attachable(self, owner: Owner, addresses: list[PciAddress]) -> Plan:
+    def check_attachable(self, owner: Owner, addresses: list[PciAddress],
+                         driver_models: dict[PciAddress, str] | None = None) -> Plan:
         """Hot-plug into the persistent definition only: nothing is bound now (the start's prepare
         does it), but refuse now what that start would refuse anyway (no IOMMU, a bridge, policy,
         host-critical). Ownership is not judged: whoever holds the group then decides."""
-        plan = plan_prepare(self.topology(), addresses, owner, Ledger(), self.policy)
+        plan = plan_prepare(self.topology(), addresses, owner, Ledger(), self.policy, driver_models=driver_models)
         if not plan.ok:
             raise plan.refused()
         return plan
 
-    def attach_prepare(self, owner: Owner, addresses: list[PciAddress],
-                       net: dict[PciAddress, NetRequest]) -> Attached:
+    def attach_prepare(self, owner: Owner, addresses: list[PciAddress], net: dict[PciAddress, NetRequest],
+                       driver_models: dict[PciAddress, str] | None = None) -> Attached:
         """Hot-plug, before libvirt's attach: whole groups prepared; ``new`` is what only this
         attach claimed (given back by :meth:`attach_rollback` if libvirt refuses)."""
         held = {a for c in self.ledger().claims_of(owner) for a in c.requested_pci}
         new = [a for a in addresses if a not in held]
-        plan, result = self._prepare_logged(addresses, owner, net)
+        plan, result = self._prepare_logged(addresses, owner, net, driver_models)
         return Attached(owner, plan, result, new)
 
-    def _prepare_logged(self, addresses: list[PciAddress], owner: Owner,
-                        net: dict[PciAddress, NetRequest]) -> tuple[Plan, Result]:
+    def _prepare_logged(self, addresses: list[PciAddress], owner: Owner, net: dict[PciAddress, NetRequest],
+                        driver_models: dict[PciAddress, str] | None = None) -> tuple[Plan, Result]:
         try:
-            return self.prepare(addresses, owner, net)
+            return self.prepare(addresses, owner, net, driver_models)
         except Refused as e:
             few = ", ".join(map(str, addresses[:4]))    # a domain may name thousands: the log line stays short
             if len(addresses) > 4:

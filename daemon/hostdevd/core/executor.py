@@ -37,7 +37,9 @@ from .logfields import log_action
 from .planner import GroupPlan, Plan, Step, held_refusal, refused
 from .states import ClaimState, DeviceState
 from .sysfs import Sysfs
+from .sysfs_vfio import open_nodes_text
 from .topology import VFIO
+from .variants import recorded, same_driver
 from .vfnet import VfNetManager
 
 log = logging.getLogger("hostdevd.executor")
@@ -49,10 +51,6 @@ def default_modprobe(module: str) -> None:
         msg = proc.stderr.strip() or f"exit status {proc.returncode}"
         raise ExecutionFailed(f"modprobe {module} failed: {msg}",
                               "is the module blacklisted (install ... /bin/false)? remove that line")
-
-
-
-
 
 
 @dataclass
@@ -135,7 +133,7 @@ class Executor(RecordSteps, SriovSteps):
     def _run_prepare_steps(self, plan: Plan, gp: GroupPlan, steps: list[Step], undo: list) -> None:
         for step in steps:
             if step.action == "bind":
-                self._bind_step(plan, gp.group, step.pci, undo)
+                self._bind_step(plan, gp.group, step.pci, undo, step.driver or VFIO)
             elif step.action == "reset":
                 self._reset_step(plan, gp.group, step.pci)
             elif step.action in ("stop_unit", "unload_module"):
@@ -164,7 +162,8 @@ class Executor(RecordSteps, SriovSteps):
         dev = self.sysfs.read_device(addr)   # read live: the topology may be seconds old
         return DeviceRecord(address=str(addr), role=role, state=state, original_driver=dev.driver,
                             original_override=dev.driver_override, bound_by_us=False,
-                            vendor_device=dev.vendor_device, subsystem=dev.subsystem)
+                            vendor_device=dev.vendor_device, subsystem=dev.subsystem,
+                            vfio_driver=recorded(dev.driver) if dev.on_vfio else None)
 
     def _claim(self, plan: Plan, gp: GroupPlan, undo: list) -> None:
         """Record the claim atomically: a racing owner loses here, before any sysfs write."""
@@ -201,15 +200,23 @@ class Executor(RecordSteps, SriovSteps):
                    group=gp.group, owner=plan.owner, action="claim", result="ok")
         undo.append((f"claim:{gp.group}", lambda g=gp.group: self._drop_claim(g)))
 
-    def _bind_step(self, plan: Plan, group: int, addr: PciAddress, undo: list) -> None:
-        self._boundary(f"bind:{addr}")
-        if self.sysfs.driver(addr) == VFIO:
-            self._set_state(group, addr, state=DeviceState.VFIO)
-            return
-        if not self.sysfs.driver_loaded(VFIO):
+    def _load_vfio_driver(self, driver: str) -> str:
+        """Load the vfio driver's module if needed; its name in /sys/bus/pci/drivers (vfio-pci's
+        module is vfio_pci, a variant's driver is named after its module)."""
+        name = self.sysfs.pci_driver_name(driver)
+        if name is None:
             if self.modprobe is None:
-                raise ExecutionFailed("the vfio-pci driver is not loaded", "run `modprobe vfio-pci`")
-            self.modprobe(VFIO)
+                raise ExecutionFailed(f"the {driver} driver is not loaded", f"run `modprobe {driver}`")
+            self.modprobe(driver)
+            name = self.sysfs.pci_driver_name(driver)
+        return name or driver
+
+    def _bind_step(self, plan: Plan, group: int, addr: PciAddress, undo: list, driver: str = VFIO) -> None:
+        self._boundary(f"bind:{addr}")
+        if same_driver(self.sysfs.driver(addr), driver):
+            self._set_state(group, addr, state=DeviceState.VFIO, vfio_driver=recorded(driver))
+            return
+        driver = self._load_vfio_driver(driver)
         # Intent first: a crash from here on leaves a record saying we were moving it. A device
         # recorded as found on vfio-pci (so never to be given back) that a converging prepare now
         # finds on a host driver gives back that driver. (A fresh claim's record stays as read at
@@ -223,17 +230,18 @@ class Executor(RecordSteps, SriovSteps):
                 rec.original_driver, rec.original_override = self.sysfs.driver(addr), self.sysfs.driver_override(addr)
             rec.move_to(DeviceState.BINDING)
             rec.bound_by_us = True
+            rec.vfio_driver = recorded(driver)      # None for vfio-pci: what older ledgers meant
             ledger.put(claim)
             rec = rec.model_copy()
         undo.append((f"bind:{addr}", lambda r=rec, g=group: self._restore(g, r)))
-        self.sysfs.set_driver_override(addr, VFIO)
+        self.sysfs.set_driver_override(addr, driver)
         self.sysfs.unbind(addr)
         self.sysfs.drivers_probe(addr)
-        if not wait_until(lambda: self.sysfs.driver(addr) == VFIO, self.verify_timeout):
-            raise ExecutionFailed(f"{addr} did not bind to vfio-pci (driver is now {self.sysfs.driver(addr)})",
-                                  "check `dmesg` for vfio-pci errors")
+        if not wait_until(lambda: self.sysfs.driver(addr) == driver, self.verify_timeout):
+            raise ExecutionFailed(f"{addr} did not bind to {driver} (driver is now {self.sysfs.driver(addr)})",
+                                  f"check `dmesg` for {driver} errors")
         self._set_state(group, addr, state=DeviceState.VFIO)
-        log_action(log, logging.INFO, "bind", "bound %s to vfio-pci (was %s)", addr,
+        log_action(log, logging.INFO, "bind", "bound %s to %s (was %s)", addr, driver,
                    rec.original_driver or "no driver", address=addr, group=group, owner=plan.owner,
                    action="bind", result="ok")
 
@@ -408,9 +416,11 @@ class Executor(RecordSteps, SriovSteps):
                 return None
             claim.move_to(ClaimState.RELEASING)
             ledger.put(claim)
-        # R6: rebind only after QEMU has closed the group, or the host driver's probe hits EBUSY.
-        if not wait_until(lambda: self.sysfs.vfio_group_users(group) == 0, self.release_wait, 0.1):
-            msg = f"group {group}: /dev/vfio/{group} is still open; devices left on vfio-pci"
+        # R6, R14: rebind only after QEMU has closed the group node and every member's device cdev
+        # (iommufd opens only those), or the host driver's probe hits EBUSY.
+        if not wait_until(lambda: self.sysfs.vfio_users(group) == 0, self.release_wait, 0.1):
+            msg = (f"group {group}: {open_nodes_text(self.sysfs.vfio_open_nodes(group))} still open; "
+                   "devices left on their vfio drivers")
             with self.store.transaction() as ledger:
                 claim = ledger.held(group)
                 claim.move_to(ClaimState.FAILED)

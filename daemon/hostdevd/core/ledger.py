@@ -135,6 +135,9 @@ class DeviceRecord(_Guarded):
     # same address may hold another card; such a device is reported and never touched.
     vendor_device: str | None = None
     subsystem: str | None = None
+    # The vfio variant driver the device is on for this claim ("mlx5_vfio_pci", R13); None means
+    # vfio-pci, which is what every ledger written before variants meant.
+    vfio_driver: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
     @field_validator("address")
     @classmethod

@@ -43,7 +43,7 @@ from .errors import HostdevError, InvalidAddress
 from .ledger import Claim, DeviceRecord
 from .logfields import log_action
 from .states import ClaimState, DeviceState
-from .topology import VFIO
+from .topology import VFIO, is_vfio_driver
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("hostdevd.udev")
 
 ACTIONS = ("add", "remove", "bind", "unbind")
-# Drivers a claimed device may sit on without drift: vfio-pci, pci-stub (kept as found).
+# Drivers a claimed device may sit on without drift: vfio-pci and its variants (on_vfio), pci-stub
+# (kept as found).
 _VIABLE = (VFIO, "pci-stub")
 
 
@@ -63,7 +64,7 @@ def _expected(rec: DeviceRecord, dev: Device) -> str | None:
     """Where an active claim's device should be when sysfs contradicts the claim, else None.
     Judged from the driver it is on now, never from the record's state."""
     if not (dev.on_vfio or dev.driver in _VIABLE):
-        return VFIO                  # the group is not usable by the guest, whatever the record says
+        return rec.vfio_driver or VFIO   # the group is not usable by the guest, whatever the record says
     if rec.state in (DeviceState.HOST, DeviceState.RESTORING) and dev.on_vfio and dev.driver != rec.original_driver:
         return rec.original_driver or "no driver"    # recorded as given back, yet on vfio-pci
     return None
@@ -71,10 +72,10 @@ def _expected(rec: DeviceRecord, dev: Device) -> str | None:
 
 def _log_drift(entry: dict, claim: Claim, ev: PciEvent | None) -> None:
     addr, driver = entry["address"], entry["driver"]
-    if entry["expected"] == VFIO:
+    if is_vfio_driver(entry["expected"]):
         now_on = f"bound to {driver}" if driver else "without a driver"
-        what = (f"is now {now_on} instead of vfio-pci, changed behind hostdevd's back; left as it is (the group is "
-                "no longer viable for the guest: move it back or release the claim)")
+        what = (f"is now {now_on} instead of {entry['expected']}, changed behind hostdevd's back; left as it is "
+                "(the group is no longer viable for the guest: move it back or release the claim)")
     else:
         what = (f"is on {driver}, but the ledger records it as {entry['record']} on {entry['expected']} "
                 "(changed behind hostdevd's back); left as it is")

@@ -4,21 +4,25 @@ topology + requests + ledger + policy -> a :class:`Plan` (ordered steps) or
 a refusal that says why and how to fix it. Every rule of
 ``docs/hostdev-rules.md`` that can be decided before touching the host lives
 here (R1 groups, R2 viability and companions, R3 ownership and host-critical
-devices, R6 refcounted release), so most tests aim here.
+devices, R6 refcounted release, R13 the vfio driver of each device), so most tests aim here.
+The plan's values are in :mod:`.plan`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 from .address import PciAddress
 from .config import Config, DeviceMatcher
-from .errors import InternalError, Refused
 from .ledger import Claim, Ledger, Owner
 from .netreq import NetRequest
+from .plan import HOST_ACTIONS, GroupPlan, Plan, Refusal, Step, StepAction, held_refusal, refused
 from .states import ClaimState, VfNetState
 from .topology import VFIO, Device, Topology
+from .variants import DriverChoice, choose_driver, same_driver
+
+__all__ = ["HOST_ACTIONS", "GroupPlan", "Plan", "Policy", "Refusal", "Step", "StepAction", "groups_of",
+           "held_refusal", "plan_prepare", "plan_release", "refused"]
 
 
 @dataclass(frozen=True)
@@ -36,153 +40,8 @@ class Policy:
     def reset_preference(self, dev: Device) -> str:
         return self.config.reset_preference(dev.address, dev.vendor, dev.device)
 
-
-@dataclass
-class Refusal:
-    """Why one device (or, with ``device`` "-", the whole request) is refused.
-
-    ``reason`` does not repeat the device: it reads as what is said about it ("is a PCI
-    bridge; ...") so that ``str()`` gives "0000:05:00.0 is a PCI bridge; ... (hint)".
-    A refusal of no single device (``device`` "-") has a whole sentence as its reason.
-    """
-    device: str
-    reason: str
-    hint: str
-    # Set when another owner holds the device's IOMMU group (R3): who, for the reply's "holders".
-    group: int | None = None
-    holder: Owner | None = None
-
-    def to_json(self) -> dict:
-        return {"device": self.device, "reason": self.reason, "hint": self.hint}
-
-    @property
-    def text(self) -> str:
-        """The reason with its device, without the hint."""
-        return self.reason if self.device in ("", "-") else f"{self.device} {self.reason}"
-
-    def __str__(self) -> str:
-        return f"{self.text} ({self.hint})"
-
-
-StepAction = Literal["claim", "bind", "keep", "skip", "reset", "activate", "restore", "drop", "update",
-                     "stop_unit", "unload_module", "load_module", "start_unit",
-                     "save_net", "set_net", "restore_net"]
-HOST_ACTIONS = ("stop_unit", "unload_module", "load_module", "start_unit")
-
-
-@dataclass
-class Step:
-    action: StepAction
-    group: int
-    address: PciAddress | None = None
-    detail: str = ""
-    name: str | None = None          # host actions: the unit or module
-    timeout: float | None = None     # host actions: seconds for the command
-
-    @property
-    def pci(self) -> PciAddress:
-        """The device of a device step (bind, reset, keep, restore, save_net, ...); a step
-        that names none here is a hostdevd bug."""
-        if self.address is None:
-            raise InternalError(f"{self.action} step of group {self.group} names no device")
-        return self.address
-
-    @property
-    def target(self) -> str:
-        """The unit or module of a host action step (stop_unit, load_module, ...)."""
-        if self.name is None:
-            raise InternalError(f"{self.action} step of group {self.group} names no unit or module")
-        return self.name
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"action": self.action, "group": self.group,
-                             "address": str(self.address) if self.address is not None else None,
-                             "detail": self.detail}
-        if self.name is not None:
-            d["name"] = self.name
-            d["timeout"] = self.timeout
-        return d
-
-    def __str__(self) -> str:
-        target = self.address or self.name or f"group {self.group}"
-        return f"{self.action:<8} {target}" + (f"  {self.detail}" if self.detail else "")
-
-
-@dataclass
-class GroupPlan:
-    group: int
-    requested: list[PciAddress] = field(default_factory=list)
-    bind: list[PciAddress] = field(default_factory=list)        # every endpoint that must sit on vfio-pci
-    companions: list[PciAddress] = field(default_factory=list)  # bound only because they share the group
-    skip: list[PciAddress] = field(default_factory=list)        # bridges, never bound
-    keep: list[PciAddress] = field(default_factory=list)        # already on vfio-pci/pci-stub: left as they are
-    already_held: bool = False                                  # this owner holds the group already
-    takeover: bool = False                                      # a domain borrows a reserved group
-
-    def to_json(self) -> dict:
-        return {"group": self.group, "requested": _strs(self.requested), "bind": _strs(self.bind),
-                "companions": _strs(self.companions), "skip": _strs(self.skip), "keep": _strs(self.keep),
-                "already_held": self.already_held, "takeover": self.takeover}
-
-
-def _strs(addresses: list[PciAddress]) -> list[str]:
-    return [str(a) for a in addresses]
-
-
-@dataclass
-class Plan:
-    action: Literal["prepare", "release"]
-    owner: Owner
-    groups: list[GroupPlan] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
-    refusals: list[Refusal] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    # Release only: groups whose claim merely shrinks (other requested devices still held).
-    keep_claims: dict[int, list[PciAddress]] = field(default_factory=dict)
-    # Release only: reserved groups that go back to the reservation, staying on vfio-pci.
-    to_reservation: list[int] = field(default_factory=list)
-    # Prepare only: VF network settings requested per address (<interface type='hostdev'>).
-    net: dict[PciAddress, NetRequest] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.refusals
-
-    def group(self, n: int) -> GroupPlan | None:
-        return next((g for g in self.groups if g.group == n), None)
-
-    def refusal_message(self) -> str:
-        return "; ".join(str(r) for r in self.refusals)
-
-    def refused(self) -> Refused:
-        """The exception for a refused plan: the per-device reasons and, where another owner
-        holds a group, the holders (decided here, once)."""
-        return refused(self.refusals)
-
-    def to_json(self) -> dict:
-        d = {"ok": self.ok, "action": self.action, "owner": self.owner.model_dump(),
-             "groups": [g.to_json() for g in self.groups],
-             "steps": [s.to_json() for s in self.steps],
-             "warnings": self.warnings}
-        if self.refusals:
-            d["refusals"] = [r.to_json() for r in self.refusals]
-        return d
-
-
-def held_refusal(device: str, group: int, holder: Owner) -> Refusal:
-    """R3: the group belongs to someone else. The planner says so, and the executor says the
-    same when it loses a race for the claim."""
-    held = f"held by {holder.kind} {holder.label()}"
-    reason = f"IOMMU group {group} is {held}" if device in ("", "-") else f"is in IOMMU group {group}, {held}"
-    return Refusal(device, reason,
-                   f"stop {holder.name} or release its devices first (`hostdevctl release --owner {holder.name}`)",
-                   group=group, holder=holder)
-
-
-def refused(refusals: list[Refusal]) -> Refused:
-    holders = {r.group: r.holder for r in refusals if r.holder is not None and r.group is not None}
-    return Refused("; ".join(str(r) for r in refusals), refusals=[r.to_json() for r in refusals],
-                   holders=[{"group": g, "owner": h.model_dump()} for g, h in sorted(holders.items())])
+    def vfio_driver(self, dev: Device) -> str | None:
+        return self.config.vfio_driver_for(dev.address, dev.vendor, dev.device)
 
 
 NO_IOMMU_HINT = ("enable VT-d / AMD-Vi in the firmware and boot with intel_iommu=on (Intel) or "
@@ -228,10 +87,12 @@ def _refuse_device(dev: Device, role: str, topo: Topology, policy: Policy,
 
 def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, ledger: Ledger,
                  policy: Policy | None = None, class_warnings: dict[PciAddress, str] | None = None,
-                 net_requests: dict[PciAddress, NetRequest] | None = None) -> Plan:
-    """Plan moving whole groups to vfio-pci for ``owner`` (all-or-nothing).
+                 net_requests: dict[PciAddress, NetRequest] | None = None,
+                 driver_models: Mapping[PciAddress, str] | None = None) -> Plan:
+    """Plan moving whole groups to vfio drivers for ``owner`` (all-or-nothing).
 
     ``net_requests``: MAC/VLAN a domain asks for per VF (``<interface type='hostdev'>``).
+    ``driver_models``: the vfio driver a domain names per device (``<driver model=…>``, R13).
     """
     policy = policy or Policy()
     plan = Plan("prepare", owner)
@@ -299,6 +160,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
     if not topo.iommu_active and not plan.refusals:
         plan.refusals.append(Refusal("-", "the IOMMU is off or absent", NO_IOMMU_HINT))
     _refuse_net(topo, plan)
+    drivers = _choose_drivers(topo, plan, policy, driver_models or {})
 
     planned_actions: set[tuple[str, str]] = set()
     for gp in plan.groups:
@@ -310,7 +172,8 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             for a in gp.bind:                  # held, but the kernel shows it off vfio-pci
                 if a not in gp.keep:
                     dev = topo.require(a)
-                    plan.steps.append(Step("bind", gp.group, a, f"held, but on {dev.driver or 'no driver'} -> {VFIO}"))
+                    plan.steps.append(Step("bind", gp.group, a, f"held, but on {dev.driver or 'no driver'} -> "
+                                           f"{drivers[a]}", driver=drivers[a].driver))
             continue
         plan.steps.append(Step("claim", gp.group, None, f"owner {owner.label()}"
                                + (", borrowed from the reservation" if gp.takeover else "")))
@@ -330,7 +193,7 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             if a in gp.keep:
                 plan.steps.append(Step("keep", gp.group, a, f"{role}, already on {drv}"))
             else:
-                plan.steps.append(Step("bind", gp.group, a, f"{role}, {drv} -> {VFIO}"))
+                plan.steps.append(Step("bind", gp.group, a, f"{role}, {drv} -> {drivers[a]}", driver=drivers[a].driver))
         for a in gp.bind:
             dev = topo.require(a)
             pref = policy.reset_preference(dev)
@@ -344,6 +207,23 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
                     " (libvirt sets them, managed='yes': recorded, verified after start)" if req.managed else "")))
         plan.steps.append(Step("activate", gp.group, None, "persist claim as active"))
     return plan
+
+
+def _choose_drivers(topo: Topology, plan: Plan, policy: Policy,
+                    models: Mapping[PciAddress, str]) -> dict[PciAddress, DriverChoice]:
+    """R13: the vfio driver of every member that may move; an override naming no vfio driver
+    refuses its device. A member already on a vfio driver stays there (kept as found)."""
+    out = {}
+    for gp in plan.groups:
+        for a in gp.bind:
+            dev = topo.require(a)
+            out[a] = choice = choose_driver(dev, topo.variants, models.get(a), policy.vfio_driver(dev))
+            if choice.refusal is not None:
+                plan.refusals.append(Refusal(str(a), choice.refusal, choice.hint))
+            elif a in gp.keep and choice.source != "default" and not same_driver(dev.driver, choice.driver):
+                plan.warnings.append(f"{a} is on {dev.driver or 'no driver'} already and stays there; "
+                                     f"{choice} applies when it is next bound")
+    return out
 
 
 def _vf_netdev(topo: Topology, address: PciAddress) -> tuple[str, int] | None:
@@ -478,14 +358,14 @@ def _plan_restore(plan: Plan, gp: GroupPlan, claim: Claim, topo: Topology) -> No
         else:
             target = rec.original_driver or "no driver"
             extra = f", driver_override {rec.original_override!r}" if rec.original_override else ""
-            plan.steps.append(Step("restore", claim.group, a, f"vfio-pci -> {target}{extra}"))
+            plan.steps.append(Step("restore", claim.group, a, f"{rec.vfio_driver or VFIO} -> {target}{extra}"))
     for dev in topo.group_members(claim.group):
         if dev.bridge:
             gp.skip.append(dev.address)
     users = topo.group_users.get(claim.group, 0)
     if users:
-        plan.warnings.append(f"group {claim.group}: /dev/vfio/{claim.group} is still open ({users} users); "
-                             "release waits for QEMU to close it")
+        plan.warnings.append(f"group {claim.group}: /dev/vfio/{claim.group} or a member's /dev/vfio/devices/vfioN "
+                             f"is still open ({users} users); release waits for QEMU to close it")
     for act in reversed(claim.host_actions):
         if act.kind == "unit":
             plan.steps.append(Step("start_unit", claim.group, None, "stopped for this group: started after the devices",

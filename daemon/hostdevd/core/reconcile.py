@@ -13,10 +13,9 @@ reached) and this module decides:
    ``active`` claim's bind or restore that sysfs shows done gets its record finished.
 2. With the running domains known: claims of domains that are gone are
    released (a stop event was missed); PCI devices a running domain uses
-   that no claim covers are adopted (a claim is created recording the best
-   known original drivers; a device already on vfio-pci whose original driver
-   hostdevd never saw gets ``original_driver=None``, stays on vfio-pci at
-   release, and a note says why).
+   that no claim covers are adopted (a claim recording the best known original drivers; a device
+   already on a vfio driver whose original driver hostdevd never saw gets ``original_driver=None``,
+   stays there at release, and a note says why).
 3. Devices on vfio-pci that no claim covers are reported, never touched.
 
 Every decision is taken under the group's lock against a fresh ledger, and
@@ -40,7 +39,9 @@ from .errors import HostdevError
 from .ledger import Claim, DeviceRecord, Owner, now
 from .logfields import log_action
 from .states import ClaimState, DeviceState
-from .topology import STUB_DRIVERS, VFIO, Device, Topology
+from .sysfs_vfio import open_nodes_text
+from .topology import STUB_DRIVERS, Device, Topology, is_vfio_driver
+from .variants import recorded
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -264,7 +265,7 @@ def _recover_one(engine: Engine, group: int, running: list[RunningDomain] | None
     if claim.state == ClaimState.ACTIVE:
         _recover_active(engine, claim, topo, report)
         return
-    users = engine.sysfs.vfio_group_users(group)
+    users = sum((nodes := engine.sysfs.vfio_open_nodes(group)).values())   # group node and member cdevs (R14)
     what = "half prepare" if claim.state == ClaimState.CLAIMED else "half release"
     dom = _find_running(running, claim.owner) if running is not None else None
     if claim.state == ClaimState.CLAIMED and dom is not None and all(a in dom.addresses
@@ -282,7 +283,7 @@ def _recover_one(engine: Engine, group: int, running: list[RunningDomain] | None
                        result="completed")
             return
     if users:
-        note = (f"group {group}: {what} for {claim.owner.label()} left as it is: /dev/vfio/{group} is open "
+        note = (f"group {group}: {what} for {claim.owner.label()} left as it is: {open_nodes_text(nodes)} open "
                 f"({users} users)")
         report.skipped.append(note)
         log_action(log, logging.WARNING, "reconcile", "%s", note, group=group, owner=claim.owner,
@@ -319,10 +320,10 @@ def release_gone(engine: Engine, running: list[RunningDomain], report: Reconcile
         with _holding(engine, claim, report, guard) as fresh:
             if fresh is None or fresh.state != ClaimState.ACTIVE or not fresh.owner.same(claim.owner):
                 continue
-            users = engine.sysfs.vfio_group_users(claim.group)
-            if users:
+            nodes = engine.sysfs.vfio_open_nodes(claim.group)
+            if users := sum(nodes.values()):
                 report.skipped.append(f"group {claim.group}: {claim.owner.label()} is not running but "
-                                      f"/dev/vfio/{claim.group} is open ({users} users); left claimed")
+                                      f"{open_nodes_text(nodes)} open ({users} users); left claimed")
                 continue
             try:
                 engine.release_group(fresh)
@@ -376,7 +377,7 @@ def adopt_domain(engine: Engine, dom: RunningDomain, report: ReconcileReport | N
                     continue
                 a = str(dev.address)
                 if dev.on_vfio:
-                    original, override = None, (dev.driver_override if dev.driver_override != VFIO else None)
+                    original, override = None, (None if is_vfio_driver(dev.driver_override) else dev.driver_override)
                     notes.append(f"{a} was already on {dev.driver} when adopted; its original driver is unknown, "
                                  "so it stays on vfio-pci at release")
                 else:
@@ -384,7 +385,8 @@ def adopt_domain(engine: Engine, dom: RunningDomain, report: ReconcileReport | N
                 records.append(DeviceRecord(address=a, role="requested" if dev.address in addrs else "companion",
                                             state=DeviceState.VFIO if dev.on_vfio else DeviceState.HOST,
                                             original_driver=original, original_override=override,
-                                            bound_by_us=False))
+                                            bound_by_us=False,
+                                            vfio_driver=recorded(dev.driver) if dev.on_vfio else None))
             if not engine.executor.adopt(Claim(group=group, owner=owner, state=ClaimState.ACTIVE, devices=records,
                                                notes=[f"{now()}: adopted from running domain {dom.name}"] + notes)):
                 continue

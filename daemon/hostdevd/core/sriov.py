@@ -171,7 +171,8 @@ def _refuse_if_assigned(topo: Topology, ledger: Ledger, pf: Device, plan: VfPlan
             plan.holders.append({"address": str(vf.address), "owner": claim.owner.name,
                                  "kind": claim.owner.kind, "group": claim.group})
         elif vf.on_vfio and vf.group is not None and topo.group_users.get(vf.group):
-            busy.append(f"{vf.address} (/dev/vfio/{vf.group} is open: a QEMU hostdevd does not know about)")
+            busy.append(f"{vf.address} (/dev/vfio/{vf.group} or its /dev/vfio/devices/vfioN is open: a QEMU "
+                        "hostdevd does not know about)")
     if held or busy:
         owners = sorted({h["owner"] for h in plan.holders})
         plan.refusals.append(

@@ -8,7 +8,8 @@ Two layers:
 * :class:`Sysfs` turns validated :class:`PciAddress` objects into paths, reads
   the attributes the rules need, and performs every write with a timeout. Its
   host-critical reads (mounts, routes, consoles) are in :mod:`.sysfs_critical`,
-  the other half of this module.
+  the other half of this module; its vfio reads (variant drivers, modules.alias, who holds a
+  group or a device cdev open) are in :mod:`.sysfs_vfio`.
 
 No other module builds a sysfs path. Paths are only ever built from a
 ``PciAddress`` (validated), an ``int`` group number, or a name read back from
@@ -26,18 +27,21 @@ from .address import PciAddress
 from .device import BRIDGE_CLASSES, Device
 from .errors import InvalidAddress, SysfsError, SysfsTimeout
 from .sysfs_critical import HostCriticalReads
+from .sysfs_vfio import VfioReads
 from .timedcall import TimedCaller
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WRITE_TIMEOUT = 10.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
+_MODALIAS_RE = re.compile(r"^pci:v[0-9A-F]{8}d[0-9A-F]{8}sv[0-9A-F]{8}sd[0-9A-F]{8}"
+                          r"bc[0-9A-F]{2}sc[0-9A-F]{2}i[0-9A-F]{2}$")
 _BOOT_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 class HostBackend(Protocol):
     """Raw file operations. Paths are relative to the backend's sysfs root
-    (``bus/pci/devices/...``) except the ``proc_*`` and ``dev_*`` methods."""
+    (``bus/pci/devices/...``) except the ``proc_*``, ``dev_*`` and ``modules_*`` methods."""
 
     def read(self, rel: str) -> str: ...
     def read_bytes(self, rel: str, size: int) -> bytes: ...
@@ -48,15 +52,19 @@ class HostBackend(Protocol):
     def proc_read(self, rel: str) -> str: ...
     def dev_exists(self, rel: str) -> bool: ...
     def vfio_group_users(self, group: int) -> int: ...
+    def dev_users(self, rels: list[str]) -> dict[str, int]: ...
+    def modules_read(self, rel: str) -> str: ...
 
 
 class RealHost:
     """The real filesystem under configurable roots (tests and the lab may point elsewhere)."""
 
-    def __init__(self, sys_root: str = "/sys", proc_root: str = "/proc", dev_root: str = "/dev"):
+    def __init__(self, sys_root: str = "/sys", proc_root: str = "/proc", dev_root: str = "/dev",
+                 modules_root: str = "/lib/modules"):
         self.sys_root = sys_root
         self.proc_root = proc_root
         self.dev_root = dev_root
+        self.modules_root = modules_root
 
     def _p(self, rel: str) -> str:
         return os.path.join(self.sys_root, rel)
@@ -96,23 +104,33 @@ class RealHost:
     def dev_exists(self, rel: str) -> bool:
         return os.path.exists(os.path.join(self.dev_root, rel))
 
+    def modules_read(self, rel: str) -> str:
+        with open(os.path.join(self.modules_root, rel), encoding="utf-8", errors="replace") as f:
+            return f.read()
+
     def vfio_group_users(self, group: int) -> int:
         """Count open file descriptors on /dev/vfio/<group> across all processes."""
-        target = os.path.join(self.dev_root, "vfio", str(int(group)))
-        users = 0
+        rel = f"vfio/{int(group)}"
+        return self.dev_users([rel])[rel]
+
+    def dev_users(self, rels: list[str]) -> dict[str, int]:
+        """Open file descriptors on each /dev/<rel> across all processes, in one pass over /proc."""
+        targets = {os.path.join(self.dev_root, r): r for r in rels}
+        users = dict.fromkeys(rels, 0)
         try:
             pids = [p for p in os.listdir(self.proc_root) if p.isdigit()]
         except OSError:
-            return 0
+            return users
         for pid in pids:
             fd_dir = os.path.join(self.proc_root, pid, "fd")
             try:
                 for fd in os.listdir(fd_dir):
                     try:
-                        if os.readlink(os.path.join(fd_dir, fd)) == target:
-                            users += 1
+                        rel = targets.get(os.readlink(os.path.join(fd_dir, fd)))
                     except OSError:
                         continue
+                    if rel is not None:
+                        users[rel] += 1
             except OSError:
                 continue
         return users
@@ -127,13 +145,14 @@ def _hex4(text: str) -> str:
     return f"{int(text.strip(), 16):04x}"
 
 
-class Sysfs(HostCriticalReads):
+class Sysfs(HostCriticalReads, VfioReads):
     """Validated reads and timed writes of PCI sysfs attributes."""
 
     def __init__(self, backend: HostBackend | None = None, write_timeout: float = DEFAULT_WRITE_TIMEOUT):
         self.backend = backend if backend is not None else RealHost()
         self.write_timeout = write_timeout
         self._writers = TimedCaller(name="sysfs-write")
+        self._variant_cache = {}     # kernel release -> its modules.alias (sysfs_vfio)
 
     # ----- paths ---------------------------------------------------------
     @staticmethod
@@ -310,6 +329,7 @@ class Sysfs(HostCriticalReads):
             has_vfio_dev=self.backend.exists(f"{d}/vfio-dev"),
             net=[n for n in net if _NAME_RE.match(n)],
             subsystem=self._subsystem(d),
+            modalias=m if (m := self._read(f"{d}/modalias")) and _MODALIAS_RE.match(m) else None,
         )
 
     def _subsystem(self, d: str) -> str | None:

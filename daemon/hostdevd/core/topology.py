@@ -12,13 +12,14 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .address import PciAddress
-from .device import BRIDGE_CLASSES, STUB_DRIVERS, VFIO, VFIO_DRIVERS, Device
+from .device import BRIDGE_CLASSES, STUB_DRIVERS, VFIO, VFIO_DRIVERS, Device, is_vfio_driver
 from .errors import InvalidAddress, ListingError, UnknownDevice
 from .sysfs import Sysfs
+from .variants import VariantTable
 
 # Device and its class/driver constants live in .device; re-exported for existing importers.
 __all__ = ["BRIDGE_CLASSES", "STUB_DRIVERS", "VFIO", "VFIO_DRIVERS", "Device", "Source", "Topology",
-           "from_snapshot", "from_sysfs", "refresh_groups"]
+           "from_snapshot", "from_sysfs", "is_vfio_driver", "refresh_groups"]
 
 Source = Literal["sysfs", "snapshot", "listing"]
 
@@ -30,8 +31,11 @@ class Topology:
     source: Source
     # Host-critical devices known for certain (live host): address -> reason.
     critical: dict[PciAddress, str] = field(default_factory=dict)
-    # Open file descriptors on /dev/vfio/<group> (QEMU holding the group); live host only.
+    # Open file descriptors on /dev/vfio/<group> and on its members' /dev/vfio/devices/vfioN
+    # (QEMU holding the group, legacy or iommufd); live host only.
     group_users: dict[int, int] = field(default_factory=dict)
+    # The kernel's vfio_pci: aliases and loaded drivers (core/variants.py); live host only.
+    variants: VariantTable | None = None
 
     @property
     def groups(self) -> dict[int, list[Device]]:
@@ -82,9 +86,9 @@ def from_sysfs(sysfs: Sysfs, with_critical: bool = True, listed_critical: Sequen
     active = sysfs.iommu_active() or any(d.group is not None for d in devices.values())
     critical = sysfs.host_critical(listed_critical) if with_critical else {}
     vfio_groups = {d.group for d in devices.values() if d.group is not None and d.on_vfio}
-    users = {g: n for g in sorted(vfio_groups) if (n := sysfs.vfio_group_users(g))}
+    users = {g: n for g in sorted(vfio_groups) if (n := sysfs.vfio_users(g))}
     return Topology(devices=devices, iommu_active=active, source="sysfs", critical=critical,
-                    group_users=users)
+                    group_users=users, variants=sysfs.vfio_variants())
 
 
 def from_snapshot(text: str) -> Topology:
@@ -141,6 +145,6 @@ def refresh_groups(topo: Topology, sysfs: Sysfs, groups: set[int]) -> Topology:
     for g in groups:
         users.pop(g, None)
         if any(d.group == g and d.on_vfio for d in devices.values()):
-            if n := sysfs.vfio_group_users(g):
+            if n := sysfs.vfio_users(g):
                 users[g] = n
     return replace(topo, devices=devices, group_users=users)

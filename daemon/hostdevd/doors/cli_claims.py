@@ -51,7 +51,8 @@ def cmd_plan(ctx: Context, out: Out) -> int:
         if not addrs:
             raise UsageError("nothing to plan: give a domain XML file or --device BDF")
         plan = plan_prepare(topo, addrs, owner, ledger, ctx.engine.policy if topo.source == "sysfs"
-                            else Policy.from_config(ctx.config), warnings, net_requests=_net_requests(ctx))
+                            else Policy.from_config(ctx.config), warnings, net_requests=_net_requests(ctx),
+                            driver_models=_driver_models(ctx))
     data = plan.to_json()
     data["source"] = topo.source
     if ctx.unparsed is not None:
@@ -66,6 +67,13 @@ def _net_requests(ctx: Context) -> dict[PciAddress, NetRequest]:
     if not getattr(ctx.args, "xml", None):
         return {}
     return net_requests(parse_domain(read_text(ctx.args.xml).encode()))
+
+
+def _driver_models(ctx: Context) -> dict[PciAddress, str]:
+    """The vfio driver each <hostdev> of the domain XML names with <driver model=…> (R13)."""
+    if not getattr(ctx.args, "xml", None):
+        return {}
+    return parse_domain(read_text(ctx.args.xml).encode()).driver_models()
 
 
 def cmd_prepare(ctx: Context, out: Out) -> int:
@@ -86,7 +94,7 @@ def cmd_prepare(ctx: Context, out: Out) -> int:
     try:
         done = ctx.engine.prepare_domain(DomainPrepare(owner, addrs, parsed, origin="cli"))
     except Refused as e:
-        plan = ctx.engine.plan_prepare(addrs, owner)
+        plan = ctx.engine.plan_prepare(addrs, owner, driver_models=_driver_models(ctx))
         data = plan.to_json()
         data["ok"] = False
         data.setdefault("refusals", e.refusals or [{"device": "-", "reason": e.message, "hint": e.hint or ""}])

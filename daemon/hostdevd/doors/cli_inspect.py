@@ -9,6 +9,8 @@ from ..core.checks import run_checks
 from ..core.ledger import Ledger
 from ..core.ledger_store import LedgerHealth, LedgerStore
 from ..core.states import ClaimState, HostActionState
+from ..core.topology import Topology
+from ..core.variants import DriverChoice, choose_driver
 from .cli_common import EXIT_OK, EXIT_PROBLEM, Context, Out, daemon_socket, table
 
 
@@ -22,15 +24,30 @@ def _owner_label(ledger: Ledger, addr: PciAddress) -> str | None:
     return label if claim.state == ClaimState.ACTIVE else f"{label} ({claim.state})"
 
 
+def _vfio_choices(ctx: Context, topo: Topology) -> dict[PciAddress, DriverChoice]:
+    """R13: the vfio driver each endpoint would be bound to (modules.alias, [vfio_drivers]); the live
+    host only (a listing or snapshot has no modalias, and needs no config)."""
+    if topo.source != "sysfs":
+        return {}
+    cfg = ctx.config
+    return {d.address: choose_driver(d, topo.variants, None, cfg.vfio_driver_for(d.address, d.vendor, d.device))
+            for d in topo.devices.values() if not d.bridge}
+
+
 def cmd_groups(ctx: Context, out: Out) -> int:
     topo, _ = ctx.topology()
     ledger = ctx.ledger() if topo.source == "sysfs" else Ledger()
+    choices = _vfio_choices(ctx, topo)
     data = topo.to_json()
     if ctx.unparsed is not None:
         data["unparsed"] = ctx.unparsed
     for g in data["groups"]:
         for d in g["devices"]:
             d["owner"] = _owner_label(ledger, PciAddress.parse(d["address"]))
+            if (c := choices.get(PciAddress.parse(d["address"]))) is not None:
+                d["vfio_driver"], d["vfio_driver_from"] = c.driver, c.source
+                if c.refusal:
+                    d["vfio_driver_refused"] = c.refusal
     if ctx.args.save:
         Path(ctx.args.save).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     if ctx.args.json:
@@ -44,6 +61,10 @@ def cmd_groups(ctx: Context, out: Out) -> int:
         notes = ["bridge"] if d["bridge"] else []
         if addr in topo.critical:
             notes.append("host-critical")
+        if (c := choices.get(addr)) is not None and c.refusal:
+            notes.append("vfio driver override refused")
+        elif c is not None and c.source != "default":
+            notes.append(f"vfio: {c}")
         rows.append([group, d["address"], d["class"], f"{d['vendor']}:{d['device']}",
                      d.get("driver") or ("" if topo.source == "listing" else "-"),
                      _owner_label(ledger, addr), ", ".join(notes), d.get("name") or ""])

@@ -97,7 +97,7 @@ class Hotplug:
                                      "libvirt_attached": False}
             if not live:
                 # Persistent definition only: nothing is bound now, the hook prepares the group at start.
-                plan = self.engine.check_attachable(owner, addrs)
+                plan = self.engine.check_attachable(owner, addrs, parsed.driver_models() if parsed else None)
                 for x in xmls:
                     self.adapter.attach_device(owner.name, owner.uuid, x, config=True, live=False)
                 reply.update(libvirt_attached=True, plan=plan.to_json(), groups=[],
@@ -106,7 +106,8 @@ class Hotplug:
                 return reply
             # An <interface type='hostdev'> carries the VF's MAC/VLAN: recorded (and set) as at start.
             with self.gate.lock(owner.name):
-                attached = self.engine.attach_prepare(owner, addrs, net_requests(parsed))
+                attached = self.engine.attach_prepare(owner, addrs, net_requests(parsed),
+                                                      parsed.driver_models() if parsed else None)
             reply.update(groups=attached.result.groups, plan=attached.plan.to_json(),
                          result=attached.result.to_json())
             done: list[str] = []

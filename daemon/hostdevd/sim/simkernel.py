@@ -35,7 +35,9 @@ Layout (relative to /sys, as the kernel builds it):
   net/route and net/ipv6_route (the default routes and the spec's ``routes``, IPv4 numbers in
   host byte order as the kernel prints them), cmdline, modules.
 * /dev (``dev_exists``): ``vfio/N`` while a member of group N is on a vfio driver,
-  ``vfio/vfio`` while vfio is loaded, block device nodes, ``kvm``.
+  ``vfio/vfio`` while vfio is loaded, block device nodes, ``kvm``; ``iommu`` and
+  ``vfio/devices/vfioN`` (iommufd and device cdevs), and /lib/modules/<release>/modules.alias:
+  :mod:`hostdevd.sim.simvfio`.
 
 Kernel semantics (drivers/base/bus.c, dd.c, driver.c; drivers/pci/pci-driver.c,
 pci-sysfs.c, iov.c; drivers/vfio):
@@ -72,6 +74,7 @@ pci-sysfs.c, iov.c; drivers/vfio):
 Test controls (all thread-safe; one lock, never held while a write hangs):
 
 * the outside world: ``open_group(n)`` / ``close_group(n)`` (QEMU and /dev/vfio/N),
+  ``open_device(bdf)`` / ``close_device(bdf)`` (QEMU with iommufd and /dev/vfio/devices/vfioN),
   ``load_module(name)`` / ``unload_module(name)`` (modprobe, rmmod), ``hot_unplug(bdf)``,
   ``set_refuse(driver, errno)``;
 * faults: ``fail_writes(pattern, errno, count=1, value=None)``, ``hang_writes(pattern)``
@@ -121,6 +124,7 @@ from .simspec import (
     lowest_free,
     vf_address,
 )
+from .simvfio import SimVfio
 
 __all__ = ["SimKernel", "VFIO_PCI", "PCI_STUB", "PCIEPORT", "VIRTIO_PCI"]
 
@@ -203,7 +207,7 @@ def _kstrtobool(data: str) -> bool:
 # ----------------------------------------------------------------------------------------
 # the kernel
 
-class SimKernel:
+class SimKernel(SimVfio):
     """An in-memory kernel behind the :class:`~hostdevd.sysfs.HostBackend` protocol.
 
     Thread-safe: one re-entrant lock guards all state; a write that hangs (fault
@@ -241,6 +245,7 @@ class SimKernel:
         self.default_route: str | None = None
         self.default_route6: str | None = None
         self.group_users: dict[int, int] = {}
+        self.cdev_users: dict[PciAddress, int] = {}        # open /dev/vfio/devices/vfioN, per device
         self.write_log: list[tuple[str, str]] = []
         self._rules: list[_Rule] = []
         self._hanging = 0
@@ -321,7 +326,7 @@ class SimKernel:
                     return
                 except _WaitForClose as w:
                     # The kernel's vfio remove() waits here for the group's user.
-                    while self.group_users.get(w.group, 0) > 0:
+                    while self._group_busy(w.group):
                         self._cond.wait()
 
     def readlink(self, rel: str) -> str:
@@ -369,6 +374,7 @@ class SimKernel:
                 "net/ipv6_route": self._proc_ipv6_route,
                 "cmdline": lambda: self.cmdline + "\n",
                 "sys/kernel/random/boot_id": lambda: self.boot_id + "\n",
+                "sys/kernel/osrelease": lambda: self.kernel_release + "\n",
                 "modules": self._proc_modules,
             }.get(rel.strip("/"))
             if gen is None:
@@ -384,6 +390,8 @@ class SimKernel:
                 return self._vfio_node(int(rel[5:]))
             if rel == "kvm":
                 return self.kvm
+            if (node := self._vfio_dev_node(rel)) is not None:
+                return node
             return any(b.name == rel for b in self._present_blocks())
 
     def vfio_group_users(self, group: int) -> int:
@@ -402,6 +410,9 @@ class SimKernel:
         with self._lock:
             if not self._vfio_node(group):
                 raise _oserror(errno.ENOENT, f"/dev/vfio/{group}")
+            if held := [str(d.addr) for d in self._members(group) if self.cdev_users.get(d.addr)]:
+                raise OSError(errno.EBUSY, f"group {group} is in use through the device cdev of "
+                              f"{', '.join(held)}", f"/dev/vfio/{group}")
             bad = [str(d.addr) for d in self._members(group) if not self._viable(d)]
             if bad:
                 raise OSError(errno.EPERM, f"group {group} is not viable "
@@ -452,7 +463,7 @@ class SimKernel:
             drvs = [d for d in self.drivers.values() if d.module == mod and d.loaded]
             for drv in drvs:
                 for dev in self._bound_to(drv.name):
-                    if drv.vfio and self.group_users.get(dev.group or -1, 0):
+                    if drv.vfio and (self.group_users.get(dev.group or -1, 0) or self.cdev_users.get(dev.addr)):
                         raise OSError(errno.EBUSY, f"rmmod: ERROR: Module {mod} is in use")
             for drv in drvs:
                 for dev in self._bound_to(drv.name):
@@ -632,7 +643,7 @@ class SimKernel:
             pf = self.devices.get(dev.physfn)
             if pf is not None and pf.sriov is not None and not pf.sriov.autoprobe:
                 return errno.ENODEV                       # pci_device_can_probe()
-        if not drv.driver_managed_dma and dev.group is not None and self.group_users.get(dev.group, 0):
+        if not drv.driver_managed_dma and self._group_busy(dev.group):
             return errno.EBUSY                            # iommu_device_use_default_domain()
         if drv.refuse:
             return drv.refuse
@@ -673,7 +684,8 @@ class SimKernel:
         """Would releasing ``dev`` block on an open vfio group? Then EBUSY or wait."""
         devs = [dev] + [self.devices[v] for v in (dev.sriov.vfs if dev.sriov else []) if v in self.devices]
         for d in devs:
-            if d.driver and self._on_vfio(d) and d.group is not None and self.group_users.get(d.group, 0):
+            if d.driver and self._on_vfio(d) and d.group is not None and (self.group_users.get(d.group, 0)
+                                                                         or self.cdev_users.get(d.addr)):
                 if self.open_group_unbind == "block":
                     raise _WaitForClose(d.group)
                 raise _oserror(errno.EBUSY)
@@ -740,6 +752,7 @@ class SimKernel:
             if pf is not None and pf.sriov is not None and dev.addr in pf.sriov.vfs:
                 pf.sriov.vfs.remove(dev.addr)
         self.devices.pop(dev.addr, None)
+        self.cdev_users.pop(dev.addr, None)
         self._changed()
 
     # ----- internals: write handlers -----------------------------------------------------
@@ -1219,7 +1232,10 @@ class _TreeBuilder:
         if dev.reset_methods:
             self.rw(f"{d}/reset", None, lambda data: k._w_reset(dev, data))
         if dev.vfio_index is not None and k._on_vfio(dev):
-            self.ro(f"{d}/vfio-dev/vfio{dev.vfio_index}/dev", f"511:{dev.vfio_index}\n")
+            if k.vfio_device_cdev:          # the cdev's dev_t; the vfio-dev/vfioN directory is there from 6.1
+                self.ro(f"{d}/vfio-dev/vfio{dev.vfio_index}/dev", f"511:{dev.vfio_index}\n")
+            else:
+                self.mkdir(f"{d}/vfio-dev/vfio{dev.vfio_index}")
         if not k._host_bound(dev):
             return
         sub = d

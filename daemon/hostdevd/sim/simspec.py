@@ -15,12 +15,18 @@ Spec (JSON or TOML; unknown keys are errors)::
       "cmdline": "...", "kvm": true,
       "open_group_unbind": "ebusy",   # or "block"
       "modules": ["kvm", "vfio"],     # extra loaded modules (drivers' modules are implied)
+      "kernel_release": "6.12.38+deb13-amd64",   # /proc/sys/kernel/osrelease, /lib/modules/<it>/
+      "modules_alias": true,          # false: no modules.alias (see hostdevd.sim.simvfio)
+      "iommufd": true,                # /dev/iommu (default: same as iommu)
+      "vfio_device_cdev": true,       # /dev/vfio/devices/vfioN for devices on a vfio driver
       "blacklisted_modules": [],      # load_module() raises EPERM for these
       "drivers": {                    # vfio-pci, pci-stub, pcieport are built in (override keys)
         "e1000e": {"ids": ["8086:10d3", "8086:*", "*:*:0403"],  # vendor:device[:class prefix]
                    "refuse": false,   # true or an errno name: every probe fails with it
                    "module": "e1000e", "loaded": true, "sriov_configure": true,
-                   "vfio": false, "driver_managed_dma": false}
+                   "vfio": false, "driver_managed_dma": false},
+        "mlx5_vfio_pci": {"vfio": true, "loaded": false,   # a variant: matched only through
+                          "aliases": ["vfio_pci:v000015B3d0000101Esv*sd*bc*sc*i*"]}  # driver_override
       },
       "devices": [{
         "address": "0000:01:00.0", "vendor": "8086", "device": "10d3",
@@ -76,7 +82,8 @@ VIRTIO_PCI = "virtio-pci"
 BUILTIN_DRIVERS: dict[str, dict[str, Any]] = {
     PCIEPORT: {"module": None, "driver_managed_dma": True, "sriov_configure": False},
     PCI_STUB: {"module": "pci_stub", "driver_managed_dma": True, "sriov_configure": False},
-    VFIO_PCI: {"module": "vfio_pci", "vfio": True, "driver_managed_dma": True, "sriov_configure": False},
+    VFIO_PCI: {"module": "vfio_pci", "vfio": True, "driver_managed_dma": True, "sriov_configure": False,
+               "aliases": ["vfio_pci:v*d*sv*sd*bc*sc*i*"]},
 }
 VFIO_DEPS = ("vfio", "vfio_pci_core", "vfio_iommu_type1", "irqbypass")
 HEX_RE = re.compile(r"^(?:0[xX])?[0-9a-fA-F]+$")
@@ -102,6 +109,7 @@ class SimDriver:
     vfio: bool = False
     driver_managed_dma: bool = False
     dynids: list[tuple[int, int]] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)    # its "vfio_pci:..." lines in modules.alias
 
     @property
     def host(self) -> bool:
@@ -257,9 +265,10 @@ class SpecLoader:
     TOP = {"format", "description", "comment", "iommu", "iommu_units", "interrupt_remapping",
            "unsafe_interrupts", "iommu_group_type", "cmdline", "kvm", "open_group_unbind", "modules",
            "blacklisted_modules", "drivers", "devices", "dm", "virtual_net", "mounts", "swaps",
-           "default_route", "default_route6", "routes", "iscsi"}
+           "default_route", "default_route6", "routes", "iscsi", "kernel_release", "modules_alias", "iommufd",
+           "vfio_device_cdev"}
     DRIVER = {"ids", "refuse", "module", "loaded", "sriov_configure", "vfio", "driver_managed_dma",
-              "comment"}
+              "comment", "aliases"}
     DEVICE = {"address", "name", "comment", "vendor", "device", "subsystem_vendor", "subsystem_device",
               "class", "revision", "header_type", "group", "driver", "driver_override", "boot_vga",
               "reset_method", "net", "block", "parent", "secondary_bus", "refuse_drivers", "sriov", "tty",
@@ -324,6 +333,13 @@ class SpecLoader:
         k.cmdline = self.typed(spec, "cmdline", (str,), "", default_cmdline)
         k.modules = {m.replace("-", "_") for m in self.names(spec, "modules", "")}
         k.blacklisted = {m.replace("-", "_") for m in self.names(spec, "blacklisted_modules", "")}
+        release = self.typed(spec, "kernel_release", (str,), "", k.kernel_release)
+        if not re.fullmatch(r"[A-Za-z0-9._+~-]{1,64}", release) or release in (".", ".."):
+            self.fail("", f"bad kernel_release {release!r}")
+        k.kernel_release = release
+        k.modules_alias = bool(self.typed(spec, "modules_alias", (bool,), "", True))
+        k.iommufd = bool(self.typed(spec, "iommufd", (bool,), "", k.iommu))
+        k.vfio_device_cdev = bool(self.typed(spec, "vfio_device_cdev", (bool,), "", True))
         self.drivers(spec.get("drivers", {}))
         devs = spec.get("devices", [])
         if not isinstance(devs, list):
@@ -366,6 +382,13 @@ class SpecLoader:
                           sriov_configure=bool(self.typed(v, "sriov_configure", (bool,), where, True)),
                           vfio=bool(self.typed(v, "vfio", (bool,), where, False)),
                           driver_managed_dma=bool(self.typed(v, "driver_managed_dma", (bool,), where, False)))
+            aliases = v.get("aliases", [])
+            if not isinstance(aliases, list) or not all(
+                    isinstance(a, str) and re.fullmatch(r"vfio_pci:[A-Za-z0-9*?]{1,120}", a) for a in aliases):
+                self.fail(where, f"aliases must be a list of \"vfio_pci:v...\" modaliases, got {aliases!r}")
+            if aliases and (not drv.vfio or drv.module is None):
+                self.fail(where, "aliases need a vfio driver with a module")
+            drv.aliases = list(aliases)
             if drv.vfio:
                 drv.driver_managed_dma = True
             if drv.module in self.k.blacklisted:
