@@ -119,8 +119,14 @@ def lab():
             step = "booting L1"
             vm.boot(share_dir=labvm.REPO_ROOT,
                     timeout=float(os.environ.get("HOSTDEVD_LAB_BOOT_TIMEOUT", 300)))
-            step = "installing hostdevd into L1"
-            vm.install_hostdevd()
+            if labvm.SUITE == "bookworm":
+                step = "installing hostdevd into L1"
+                vm.install_hostdevd()
+            else:
+                step = "building hostdevd's .deb"
+                debs = labvm.build_deb()
+                step = f"installing {debs[0].name} into the {labvm.SUITE} L1 with apt"
+                vm.install_deb(debs)
         except labvm.LabError as e:
             err = f"{step} failed:\n{e}"
         if err:

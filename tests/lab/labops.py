@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import time
 
-HCTL = "/opt/hostdevd/bin/hostdevctl"
+import labvm
+
+# bookworm's L1 has hostdevd in a venv; trixie's has it from the .deb, where an operator has it
+HCTL = "/opt/hostdevd/bin/hostdevctl" if labvm.SUITE == "bookworm" else "/usr/bin/hostdevctl"
 SYS = "/sys/bus/pci/devices"
 FAULT = "/run/hostdevd/fault"
 FAULT_DROPIN = "/etc/systemd/system/hostdevd.service.d/fault.conf"

@@ -54,6 +54,14 @@ DEP_NAMES = ["pydantic", "pydantic_core", "annotated_types", "typing_extensions"
              "typing_inspection", "pyudev", "pyroute2"]
 
 
+# The Debian release of L1: bookworm (hostdevd from wheels into a venv) or trixie (hostdevd
+# installed from its .deb with apt, as an operator would; a separate HOSTDEVD_LAB_DIR).
+SUITE = os.environ.get("HOSTDEVD_LAB_SUITE", "bookworm")
+# trixie's image carries hostdevd's dependencies: L1 has no network, apt must find them installed
+SUITE_PKGS = {"trixie": "python3-pydantic,python3-pyudev,python3-pyroute2"}
+GUEST_DEBS = "/root/debs"
+
+
 def lab_dir() -> Path:
     return Path(os.environ.get("HOSTDEVD_LAB_DIR", DEFAULT_LAB_DIR))
 
@@ -111,6 +119,9 @@ def _log(msg: str) -> None:
 def _script_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["HOSTDEVD_LAB_DIR"] = str(lab_dir())
+    env["SUITE"] = SUITE
+    if SUITE in SUITE_PKGS:
+        env["EXTRA_PKGS"] = SUITE_PKGS[SUITE]
     env.update(extra or {})
     return env
 
@@ -509,6 +520,37 @@ python3 -m venv --without-pip --system-site-packages {GUEST_VENV}
         _log(f"hostdevd installed in L1 {GUEST_VENV}: {info}")
         self.install_info = info
         return info
+
+
+    def install_deb(self, debs: list[Path], timeout: float = 600) -> dict:
+        """Upload .deb files and install them with apt (no network in L1: every dependency is
+        already in the image). Returns timing/info."""
+        t0 = time.monotonic()
+        self.run(f"rm -rf {GUEST_DEBS} && mkdir -p {GUEST_DEBS}", timeout=30)
+        for d in debs:
+            self.put(d, f"{GUEST_DEBS}/{d.name}")
+        names = " ".join(f"{GUEST_DEBS}/{d.name}" for d in debs)
+        r = self.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download {names}",
+                     timeout=timeout, check=False)
+        if r.rc != 0:
+            raise LabError(f"apt-get install of {[d.name for d in debs]} in L1 failed:\n{r}")
+        info = {"debs": [d.name for d in debs], "install_s": round(time.monotonic() - t0, 1),
+                "apt": r.stdout[-1500:]}
+        _log(f"installed in L1 with apt: {info['debs']} ({info['install_s']} s)")
+        self.install_info = info
+        return info
+
+
+def build_deb(src: str | os.PathLike = REPO_ROOT, timeout: float = 1200) -> list[Path]:
+    """packaging/build-deb.sh on the host; returns the .deb it left in dist/."""
+    p = subprocess.run([str(Path(src) / "packaging" / "build-deb.sh")], cwd=src, timeout=timeout,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        raise LabError(f"packaging/build-deb.sh failed (rc={p.returncode}):\n{p.stdout[-4000:]}")
+    debs = sorted((Path(src) / "dist").glob("hostdevd_*_all.deb"), key=lambda f: f.stat().st_mtime)
+    if not debs:
+        raise LabError(f"packaging/build-deb.sh left no hostdevd_*_all.deb in {src}/dist")
+    return debs[-1:]
 
 
 # Runs inside L1 (python3 -c). Root ports are fixed at 00:02.0..00:07.0 by
