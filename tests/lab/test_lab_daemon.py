@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from labops import drivers, wait_active, wait_drivers
 
 pytestmark = pytest.mark.lab
 
@@ -19,22 +20,6 @@ MSG_BIND = "3ed3dbad284a4a169e375538b43659fd"
 START_PAUSED = "virsh start --paused %s"
 
 
-def drivers(lab, *bdfs):
-    script = ("for b in {}; do d={}/$b; printf '%s %s\\n' $b "
-              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done"
-              ).format(" ".join(bdfs), SYS)
-    return dict(line.split() for line in lab.run(script, timeout=60).stdout.splitlines() if line.strip())
-
-
-def wait_drivers(lab, want: dict, timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = drivers(lab, *want)
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(1)
-
-
 def status(lab):
     return json.loads(lab.run([HCTL, "status", "--json"], timeout=60).stdout)
 
@@ -44,12 +29,6 @@ def daemon_status(lab):
                  "import json,hostdevd.doors.wire as w; print(json.dumps(w.call(w.DEFAULT_SOCKET, {'op':'status'})))"],
                 timeout=60)
     return json.loads(r.stdout)
-
-
-def wait_active(lab, unit="hostdevd", timeout=90):
-    r = lab.run(f"for i in $(seq {timeout}); do systemctl is-active -q {unit} && exit 0; sleep 1; done; "
-                f"systemctl status --no-pager {unit}; exit 1", timeout=timeout + 30, check=False)
-    assert r.rc == 0, r
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import labvm
+from labops import drivers, wait_active
 
 pytestmark = pytest.mark.lab
 
@@ -54,13 +55,6 @@ def hctl(vm, *args, check=True, timeout=240):
     return vm.run([HCTL, *args], timeout=timeout, check=check)
 
 
-def drivers(vm, *bdfs) -> dict:
-    script = ("for b in {}; do d={}/$b; printf '%s %s\\n' $b "
-              "\"$([ -e $d/driver ] && basename $(readlink $d/driver) || echo none)\"; done"
-              ).format(" ".join(bdfs), SYS)
-    return dict(line.split() for line in vm.run(script, timeout=60).stdout.splitlines() if line.strip())
-
-
 def vfs_of(vm, pf: str) -> list[str]:
     out = vm.run(f"for v in {SYS}/{pf}/virtfn*; do [ -e $v ] && basename $(readlink -f $v); done | sort -V",
                  timeout=60).stdout
@@ -69,13 +63,6 @@ def vfs_of(vm, pf: str) -> list[str]:
 
 def vfs_json(vm) -> dict:
     return {p["pf"]: p for p in json.loads(hctl(vm, "vfs", "--json").stdout)["pfs"]}
-
-
-def wait_active(vm, unit="hostdevd", timeout=120):
-    r = vm.run(f"for i in $(seq {timeout}); do systemctl is-active -q {unit} && exit 0; sleep 1; done; "
-               f"systemctl status --no-pager {unit}; journalctl -u {unit} --no-pager | tail -30; exit 1",
-               timeout=timeout + 30, check=False)
-    assert r.rc == 0, r
 
 
 def start_daemon(vm, config: str) -> None:
