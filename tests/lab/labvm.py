@@ -530,7 +530,7 @@ python3 -m venv --without-pip --system-site-packages {GUEST_VENV}
         for d in debs:
             self.put(d, f"{GUEST_DEBS}/{d.name}")
         names = " ".join(f"{GUEST_DEBS}/{d.name}" for d in debs)
-        r = self.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download {names}",
+        r = self.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y {names}",
                      timeout=timeout, check=False)
         if r.rc != 0:
             raise LabError(f"apt-get install of {[d.name for d in debs]} in L1 failed:\n{r}")

@@ -108,7 +108,7 @@ def test_package_upgrade_and_remove_while_a_domain_holds_the_pair_then_purge(lab
     lab.run(START % "tx1", timeout=300)
     pid = lab.run("systemctl show -p MainPID --value hostdevd", timeout=30).stdout.strip()
     before = claims(lab)
-    r = lab.run("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download /root/up.deb", timeout=300)
+    r = lab.run("DEBIAN_FRONTEND=noninteractive apt-get install -y /root/up.deb", timeout=300)
     print(r.stdout[-1500:])
     wait_active(lab)
     assert lab.run("systemctl show -p MainPID --value hostdevd", timeout=30).stdout.strip() != pid, \
@@ -129,12 +129,12 @@ def test_package_upgrade_and_remove_while_a_domain_holds_the_pair_then_purge(lab
     assert lab.run("test -s /var/lib/hostdevd/ledger.json", timeout=10, check=False).ok, said
     assert "claim" in said, said
     # reinstall: the daemon finds the claim of a domain that is not running and gives the pair back
-    lab.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download {deb}", timeout=300)
+    lab.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y {deb}", timeout=300)
     wait_active(lab)
     assert wait_drivers(lab, {a: "e1000e", b: "e1000e"}, timeout=120) == {a: "e1000e", b: "e1000e"}
     assert wait_no_claims(lab) == {}
     r = lab.run("DEBIAN_FRONTEND=noninteractive apt-get purge -y hostdevd", timeout=300)
     assert not lab.run("test -e /var/lib/hostdevd", timeout=10, check=False).ok, r.stdout[-1000:]
     assert not lab.run("test -e /etc/libvirt/hooks/qemu.d/hostdevd", timeout=10, check=False).ok
-    lab.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download {deb}", timeout=300)
+    lab.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y {deb}", timeout=300)
     wait_active(lab)
