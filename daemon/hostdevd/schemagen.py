@@ -1,4 +1,4 @@
-"""Write the JSON Schemas of the ledger and the config into schemas/.
+"""Write the JSON Schemas of the ledger, the config and the inventory (`groups --json`) into schemas/.
 
     python -m hostdevd.schemagen [DIR]     (default: ./schemas)
 
@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 from .core.config import config_json_schema
+from .core.inventory import inventory_json_schema
 from .core.ledger import ledger_json_schema
 
 SCHEMAS = {
     "ledger.schema.json": ledger_json_schema,
     "config.schema.json": config_json_schema,
+    "inventory.schema.json": inventory_json_schema,
 }
 
 

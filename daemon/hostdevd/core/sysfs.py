@@ -9,7 +9,8 @@ Two layers:
   the attributes the rules need, and performs every write with a timeout. Its
   host-critical reads (mounts, routes, consoles) are in :mod:`.sysfs_critical`,
   the other half of this module; its vfio reads (variant drivers, modules.alias, who holds a
-  group or a device cdev open) are in :mod:`.sysfs_vfio`.
+  group or a device cdev open) are in :mod:`.sysfs_vfio`; what only the inventory reports (NUMA
+  node, PCIe link, power state, names from the host's pci.ids) in :mod:`.sysfs_inventory`.
 
 No other module builds a sysfs path. Paths are only ever built from a
 ``PciAddress`` (validated), an ``int`` group number, or a name read back from
@@ -27,6 +28,7 @@ from .address import PciAddress
 from .device import BRIDGE_CLASSES, Device
 from .errors import InvalidAddress, SysfsError, SysfsTimeout
 from .sysfs_critical import HostCriticalReads
+from .sysfs_inventory import InventoryReads
 from .sysfs_vfio import VfioReads
 from .timedcall import TimedCaller
 
@@ -36,12 +38,13 @@ DEFAULT_WRITE_TIMEOUT = 10.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
 _MODALIAS_RE = re.compile(r"^pci:v[0-9A-F]{8}d[0-9A-F]{8}sv[0-9A-F]{8}sd[0-9A-F]{8}"
                           r"bc[0-9A-F]{2}sc[0-9A-F]{2}i[0-9A-F]{2}$")
+_SHARE_MAX = 16 << 20          # pci.ids is ~1.4 MB
 _BOOT_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 class HostBackend(Protocol):
     """Raw file operations. Paths are relative to the backend's sysfs root
-    (``bus/pci/devices/...``) except the ``proc_*``, ``dev_*`` and ``modules_*`` methods."""
+    (``bus/pci/devices/...``) except the ``proc_*``, ``dev_*``, ``modules_*`` and ``share_*`` methods."""
 
     def read(self, rel: str) -> str: ...
     def read_bytes(self, rel: str, size: int) -> bytes: ...
@@ -54,17 +57,19 @@ class HostBackend(Protocol):
     def vfio_group_users(self, group: int) -> int: ...
     def dev_users(self, rels: list[str]) -> dict[str, int]: ...
     def modules_read(self, rel: str) -> str: ...
+    def share_read(self, rel: str) -> str: ...
 
 
 class RealHost:
     """The real filesystem under configurable roots (tests and the lab may point elsewhere)."""
 
     def __init__(self, sys_root: str = "/sys", proc_root: str = "/proc", dev_root: str = "/dev",
-                 modules_root: str = "/lib/modules"):
+                 modules_root: str = "/lib/modules", share_root: str = "/usr/share"):
         self.sys_root = sys_root
         self.proc_root = proc_root
         self.dev_root = dev_root
         self.modules_root = modules_root
+        self.share_root = share_root
 
     def _p(self, rel: str) -> str:
         return os.path.join(self.sys_root, rel)
@@ -108,6 +113,11 @@ class RealHost:
         with open(os.path.join(self.modules_root, rel), encoding="utf-8", errors="replace") as f:
             return f.read()
 
+    def share_read(self, rel: str) -> str:
+        """A data file under /usr/share (pci.ids); capped, since nothing there needs more."""
+        with open(os.path.join(self.share_root, rel), encoding="utf-8", errors="replace") as f:
+            return f.read(_SHARE_MAX)
+
     def vfio_group_users(self, group: int) -> int:
         """Count open file descriptors on /dev/vfio/<group> across all processes."""
         rel = f"vfio/{int(group)}"
@@ -145,7 +155,7 @@ def _hex4(text: str) -> str:
     return f"{int(text.strip(), 16):04x}"
 
 
-class Sysfs(HostCriticalReads, VfioReads):
+class Sysfs(HostCriticalReads, VfioReads, InventoryReads):
     """Validated reads and timed writes of PCI sysfs attributes."""
 
     def __init__(self, backend: HostBackend | None = None, write_timeout: float = DEFAULT_WRITE_TIMEOUT):
@@ -153,6 +163,7 @@ class Sysfs(HostCriticalReads, VfioReads):
         self.write_timeout = write_timeout
         self._writers = TimedCaller(name="sysfs-write")
         self._variant_cache = {}     # kernel release -> its modules.alias (sysfs_vfio)
+        self._pci_ids = None         # the host's pci.ids, read on first use (sysfs_inventory)
 
     # ----- paths ---------------------------------------------------------
     @staticmethod

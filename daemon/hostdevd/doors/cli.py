@@ -5,7 +5,7 @@ takes --json. Read-only commands work without the daemon.
 
 This module holds the parser and main(); the commands live by topic in
 cli_inspect (groups, status, check), cli_claims (plan, prepare, release),
-cli_hotplug (attach, detach, check-migrate) and cli_sriov (vfs), and share
+cli_hotplug (attach, detach, check-migrate), cli_sriov (vfs) and cli_export (export), and share
 cli_common (Context, output helpers, daemon routing).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..core.errors import HostdevError, UsageError
 from ..core.sysfs import Sysfs
 from .cli_claims import cmd_plan, cmd_prepare, cmd_release
 from .cli_common import Context, Out, forget_stdin
+from .cli_export import cmd_export
 from .cli_hotplug import cmd_attach, cmd_check_migrate, cmd_detach
 from .cli_inspect import cmd_check, cmd_groups, cmd_status
 from .cli_sriov import cmd_vfs, cmd_vfs_set
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("domain", help="domain name")
     sp.add_argument("--xml", metavar="FILE", help="judge this domain XML (virsh dumpxml) instead of asking libvirt")
     sp.set_defaults(func=cmd_check_migrate)
+
+    sp = sub.add_parser("export", parents=[common], help="passthrough config for OpenStack Nova ([pci] device_spec "
+                        "and alias) or KubeVirt (permittedHostDevices): whole IOMMU groups only")
+    sp.add_argument("target", choices=["nova", "kubevirt"])
+    source_opts(sp)
+    sp.add_argument("--resource-domain", metavar="DOMAIN",
+                    help="kubevirt: the domain of every resourceName (default: the vendor's, e.g. intel.com)")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("status", parents=[common], help="the ledger: claims, owners, recorded drivers")
     sp.set_defaults(func=cmd_status)

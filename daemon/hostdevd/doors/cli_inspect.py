@@ -1,13 +1,17 @@
-"""hostdevctl's read-only views: groups (the host's IOMMU groups), status (the ledger), check (the host)."""
+"""hostdevctl's read-only views: groups (the host's IOMMU groups; --json is the versioned inventory,
+core/inventory.py), status (the ledger), check (the host)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from ..core.address import PciAddress
+from ..core.assignable import group_verdicts
 from ..core.checks import run_checks
+from ..core.inventory import add_inventory
 from ..core.ledger import Ledger
 from ..core.ledger_store import LedgerHealth, LedgerStore
+from ..core.planner import Policy
 from ..core.states import ClaimState, HostActionState
 from ..core.topology import Topology
 from ..core.variants import DriverChoice, choose_driver
@@ -34,6 +38,15 @@ def _vfio_choices(ctx: Context, topo: Topology) -> dict[PciAddress, DriverChoice
             for d in topo.devices.values() if not d.bridge}
 
 
+def _inventory(ctx: Context, topo: Topology, ledger: Ledger, data: dict) -> dict:
+    """The hostdevd-inventory/1 keys (core/inventory.py); sysfs facts from the live host only."""
+    for d in data["ungrouped"]:        # every device has an owner key in /1 (a reservation may name one)
+        d["owner"] = _owner_label(ledger, PciAddress.parse(d["address"]))
+    facts = ({a: ctx.sysfs.device_facts(a, d.vendor, d.device) for a, d in topo.devices.items()}
+             if topo.source == "sysfs" else {})
+    return add_inventory(data, topo, ledger, group_verdicts(topo, Policy.from_config(ctx.config)), facts)
+
+
 def cmd_groups(ctx: Context, out: Out) -> int:
     topo, _ = ctx.topology()
     ledger = ctx.ledger() if topo.source == "sysfs" else Ledger()
@@ -48,6 +61,8 @@ def cmd_groups(ctx: Context, out: Out) -> int:
                 d["vfio_driver"], d["vfio_driver_from"] = c.driver, c.source
                 if c.refusal:
                     d["vfio_driver_refused"] = c.refusal
+    if ctx.args.json or ctx.args.save:
+        data = _inventory(ctx, topo, ledger, data)
     if ctx.args.save:
         Path(ctx.args.save).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     if ctx.args.json:

@@ -37,7 +37,8 @@ Layout (relative to /sys, as the kernel builds it):
 * /dev (``dev_exists``): ``vfio/N`` while a member of group N is on a vfio driver,
   ``vfio/vfio`` while vfio is loaded, block device nodes, ``kvm``; ``iommu`` and
   ``vfio/devices/vfioN`` (iommufd and device cdevs), and /lib/modules/<release>/modules.alias:
-  :mod:`hostdevd.sim.simvfio`.
+  :mod:`hostdevd.sim.simvfio`. numa_node, power_state and the PCIe link attributes of each
+  device, and /usr/share/misc/pci.ids (``share_read``): :mod:`hostdevd.sim.siminventory`.
 
 Kernel semantics (drivers/base/bus.c, dd.c, driver.c; drivers/pci/pci-driver.c,
 pci-sysfs.c, iov.c; drivers/vfio):
@@ -106,6 +107,7 @@ from typing import Any
 
 from ..core.address import PciAddress
 from ..core.errors import ConfigError
+from .siminventory import SimShare
 from .simspec import (
     LEGACY_TTYS,
     PCI_STUB,
@@ -207,7 +209,7 @@ def _kstrtobool(data: str) -> bool:
 # ----------------------------------------------------------------------------------------
 # the kernel
 
-class SimKernel(SimVfio):
+class SimKernel(SimVfio, SimShare):
     """An in-memory kernel behind the :class:`~hostdevd.sysfs.HostBackend` protocol.
 
     Thread-safe: one re-entrant lock guards all state; a write that hangs (fault
@@ -726,7 +728,7 @@ class SimKernel(SimVfio):
                       header_type=0, group=group, subsystem_vendor=pf.subsystem_vendor,
                       subsystem_device=pf.subsystem_device, revision=pf.revision,
                       reset_methods=list(sr.vf_reset_method), supported_resets=list(sr.vf_reset_method),
-                      net=net, physfn=pf.addr, refuse_drivers=set(sr.vf_refuse_drivers))
+                      net=net, physfn=pf.addr, refuse_drivers=set(sr.vf_refuse_drivers), facts=pf.facts.for_vf())
             self.devices[addr] = vf
             sr.vfs.append(addr)
             new.append(vf)
@@ -1192,7 +1194,8 @@ class _TreeBuilder:
         self.ro(f"{d}/revision", f"0x{dev.revision:02x}\n")
         self.ro(f"{d}/config", lambda: self.config(dev))
         self.ro(f"{d}/enable", "1\n")
-        self.ro(f"{d}/numa_node", "-1\n")
+        for name, text in dev.facts.files().items():      # numa_node, power_state, *_link_* (siminventory)
+            self.ro(f"{d}/{name}", text)
         self.ro(f"{d}/modalias", f"pci:v0000{dev.vendor:04X}d0000{dev.device:04X}sv0000{dev.subsystem_vendor:04X}"
                 f"sd0000{dev.subsystem_device:04X}bc{dev.pci_class >> 16:02X}sc{dev.pci_class >> 8 & 0xFF:02X}"
                 f"i{dev.pci_class & 0xFF:02X}\n")

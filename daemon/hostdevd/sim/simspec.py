@@ -45,8 +45,11 @@ Spec (JSON or TOML; unknown keys are errors)::
         "sriov": {"totalvfs": 8, "numvfs": 0, "vf_device": "1520", "vf_vendor": "8086",
                   "vf_driver": "igbvf", "offset": 1, "stride": 1, "autoprobe": true,
                   "vfs_share_group": false, "vf_ifname": "enp3s0f0v{n}",
-                  "vf_refuse_drivers": []}
+                  "vf_refuse_drivers": []},
+        "numa_node": 0, "power_state": "D0",         # inventory facts: hostdevd.sim.siminventory
+        "pcie_link": {"speed": 8.0, "width": 4, "max_speed": 8.0, "max_width": 4}
       }],
+      "pci_ids": {"8086": {"name": "Intel Corporation", "devices": {"10d3": "82574L Gigabit Network Connection"}}},
       "dm": [{"name": "dm-0", "slaves": ["nvme0n1p3"], "dev": "253:0", "dm_name": "vg-root"}],
       "iscsi": [{"session": 1, "host": 3, "address": "10.0.0.7", "persistent_address": "10.0.0.7",
                  "block": ["sdb", "sdb1"]}],         # software iSCSI: disks under platform/hostH/sessionS
@@ -69,6 +72,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..core.address import PciAddress
 from ..core.errors import ConfigError, InvalidAddress
+from .siminventory import SimFacts, load_facts, load_pci_ids
 
 if TYPE_CHECKING:
     from .simkernel import SimKernel
@@ -211,6 +215,7 @@ class SimDevice:
     tty: list[str] = field(default_factory=list)
     vfio_index: int | None = None
     resets: int = 0
+    facts: SimFacts = field(default_factory=SimFacts)     # numa_node, power_state, PCIe link
 
     @property
     def bridge(self) -> bool:
@@ -266,13 +271,13 @@ class SpecLoader:
            "unsafe_interrupts", "iommu_group_type", "cmdline", "kvm", "open_group_unbind", "modules",
            "blacklisted_modules", "drivers", "devices", "dm", "virtual_net", "mounts", "swaps",
            "default_route", "default_route6", "routes", "iscsi", "kernel_release", "modules_alias", "iommufd",
-           "vfio_device_cdev"}
+           "vfio_device_cdev", "pci_ids"}
     DRIVER = {"ids", "refuse", "module", "loaded", "sriov_configure", "vfio", "driver_managed_dma",
               "comment", "aliases"}
     DEVICE = {"address", "name", "comment", "vendor", "device", "subsystem_vendor", "subsystem_device",
               "class", "revision", "header_type", "group", "driver", "driver_override", "boot_vga",
               "reset_method", "net", "block", "parent", "secondary_bus", "refuse_drivers", "sriov", "tty",
-              "virtio"}
+              "virtio", "numa_node", "power_state", "pcie_link"}
     SRIOV = {"totalvfs", "numvfs", "vf_vendor", "vf_device", "vf_driver", "offset", "stride", "autoprobe",
              "vfs_share_group", "vf_ifname", "vf_refuse_drivers", "vf_reset_method"}
 
@@ -340,6 +345,7 @@ class SpecLoader:
         k.modules_alias = bool(self.typed(spec, "modules_alias", (bool,), "", True))
         k.iommufd = bool(self.typed(spec, "iommufd", (bool,), "", k.iommu))
         k.vfio_device_cdev = bool(self.typed(spec, "vfio_device_cdev", (bool,), "", True))
+        k.pci_ids_text = load_pci_ids(self, spec.get("pci_ids"))
         self.drivers(spec.get("drivers", {}))
         devs = spec.get("devices", [])
         if not isinstance(devs, list):
@@ -473,6 +479,7 @@ class SpecLoader:
                    net=self.names(raw, "net", where), parent=parent, secondary_bus=sec,
                    refuse_drivers=set(self.names(raw, "refuse_drivers", where)))
         dev.tty = self.names(raw, "tty", where)
+        dev.facts = load_facts(self, raw, where)
         if (dev.net or raw.get("block") or dev.tty) and (driver is None or not k.drivers[driver].host):
             self.fail(where, "net/block/tty devices need the device bound to a host driver")
         for name in dev.tty:
