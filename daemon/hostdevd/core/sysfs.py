@@ -225,19 +225,8 @@ class Sysfs(HostCriticalReads, VfioReads, InventoryReads):
         except OSError:
             return groups
         for name in names:
-            if not name.isdigit():
-                continue
-            members = []
-            try:
-                entries = self.backend.listdir(f"kernel/iommu_groups/{int(name)}/devices")
-            except OSError:
-                entries = []
-            for e in entries:
-                try:
-                    members.append(PciAddress.parse(e))
-                except InvalidAddress:
-                    continue  # non-PCI group members (platform devices) are not ours
-            groups[int(name)] = sorted(members)
+            if name.isdigit():
+                groups[int(name)] = self.group_member_addresses(int(name))
         return groups
 
     def iommu_active(self) -> bool:

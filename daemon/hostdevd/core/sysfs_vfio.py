@@ -97,6 +97,7 @@ class VfioReads:
         return names[0] if names else None
 
     def group_member_addresses(self, group: int) -> list[PciAddress]:
+        """The group's PCI members, sorted; non-PCI members (platform devices) are not ours."""
         try:
             entries = self.backend.listdir(f"kernel/iommu_groups/{int(group)}/devices")
         except OSError:
