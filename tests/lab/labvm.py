@@ -417,8 +417,17 @@ class LabVM:
         res = Result(cmd, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
                      time.monotonic() - t0, timeout)
         if check and rc != 0:
+            if "domain is not running" in res.stderr:
+                res.stderr += self._stopped_domains_note()
             raise GuestCommandError(res)
         return res
+
+    def _stopped_domains_note(self) -> str:
+        """Why an L2 stopped on its own: its state reason and the tails of its logs."""
+        r = self.run("for d in $(virsh list --all --name); do echo \"== $d: $(virsh domstate --reason $d)\"; "
+                     "tail -n 8 /var/log/libvirt/qemu/$d.log /var/log/libvirt/qemu/$d-serial.log 2>/dev/null; "
+                     "done", timeout=60, check=False)
+        return "\n--- L2 domains (lab diagnostics)\n" + r.stdout[-4000:]
 
     def put(self, local: str | os.PathLike | bytes, remote: str, mode: str | None = None) -> None:
         """Copy a host file (path) or bytes to remote in L1; optional chmod mode like '755'."""

@@ -38,7 +38,7 @@ L2_XML = """<domain type='{vt}'>
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>/var/lib/libvirt/images/l2-vmlinuz</kernel>
     <initrd>/var/lib/libvirt/images/l2-initrd.img</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+    <cmdline>console=ttyS0 panic=-1 no_timer_check quiet</cmdline>
   </os>
   <features><acpi/></features>
   <on_reboot>destroy</on_reboot>

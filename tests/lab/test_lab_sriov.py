@@ -91,7 +91,7 @@ def l2_xml(name: str, devices: str) -> str:
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type>
     <kernel>/var/lib/libvirt/images/l2-vmlinuz</kernel><initrd>/var/lib/libvirt/images/l2-initrd.img</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet</cmdline></os>
+    <cmdline>console=ttyS0 panic=-1 no_timer_check quiet</cmdline></os>
   <on_reboot>destroy</on_reboot>
   <devices>
     <controller type='usb' model='none'/>
