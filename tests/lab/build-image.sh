@@ -21,6 +21,8 @@ SUITE=${SUITE:-bookworm}
 # Bump when the image contents change: an image with another revision is rebuilt.
 IMAGE_REV=hostdevd-lab-1
 [ "$SUITE" = bookworm ] || IMAGE_REV=$IMAGE_REV-$SUITE-1
+# a change to the extra packages is a new image
+[ -z "${EXTRA_PKGS:-}" ] || IMAGE_REV=$IMAGE_REV-$(printf %s "$EXTRA_PKGS" | md5sum | cut -c1-8)
 # Debian packages added to the image (comma-separated): the trixie lab adds hostdevd's
 # dependencies, since it installs hostdevd as an operator would, with apt and no network.
 EXTRA_PKGS=${EXTRA_PKGS:-}

@@ -41,9 +41,12 @@ def pytest_collection_modifyitems(config, items):
         if LAB_DIR_PATH in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.lab)
     # tests that keep a nested L2 running go last: if L1 stalls there, nothing else is lost;
-    # reboots and power cuts after them (L1 is in a new boot afterwards)
-    items.sort(key=lambda it: (it.get_closest_marker("lab_l2") is not None,
-                               it.get_closest_marker("lab_reboot") is not None))
+    # reboots and power cuts after them (L1 is in a new boot afterwards); the Debian 13 session
+    # starts with its own tests and ends with the package's removal (lab_last)
+    items.sort(key=lambda it: (it.get_closest_marker("lab_last") is not None,
+                               it.get_closest_marker("lab_l2") is not None,
+                               it.get_closest_marker("lab_reboot") is not None,
+                               it.get_closest_marker("trixie_only") is None))
 
 
 # --------------------------------------------------------------------------- L1 kernel stalls

@@ -8,8 +8,16 @@ import time
 import labvm
 
 # bookworm's L1 has hostdevd in a venv; trixie's has it from the .deb, where an operator has it
-HCTL = "/opt/hostdevd/bin/hostdevctl" if labvm.SUITE == "bookworm" else "/usr/bin/hostdevctl"
+PACKAGED = labvm.SUITE != "bookworm"
+HCTL = "/usr/bin/hostdevctl" if PACKAGED else "/opt/hostdevd/bin/hostdevctl"
+HOSTDEVD = "/usr/bin/hostdevd" if PACKAGED else "/opt/hostdevd/bin/hostdevd"
+PYTHON = "/usr/bin/python3" if PACKAGED else "/opt/hostdevd/bin/python"
 SYS = "/sys/bus/pci/devices"
+CONF = "/etc/hostdevd/hostdevd.toml"
+HOOK = "/etc/libvirt/hooks/qemu.d/hostdevd"
+PKG_CONF = "/root/hostdevd.toml.pkg"   # the package's own config, kept to give it back
+# libvirt as one daemon, or as the per-driver daemons current distributions default to
+MODULAR = ("virtqemud", "virtnodedevd", "virtnetworkd")
 FAULT = "/run/hostdevd/fault"
 FAULT_DROPIN = "/etc/systemd/system/hostdevd.service.d/fault.conf"
 
@@ -92,3 +100,62 @@ def wait_paused(vm, boundary: str, timeout: float = 120) -> None:
 
 def journal(vm, *args: str, timeout: float = 60) -> str:
     return vm.run("journalctl --no-pager -o cat " + " ".join(args), timeout=timeout).stdout
+
+
+def libvirt_mode(vm) -> str:
+    """'modular' when virtqemud runs (or is socket-activated), else 'libvirtd'."""
+    r = vm.run("systemctl is-active -q virtqemud.service virtqemud.socket", timeout=30, check=False)
+    return "modular" if r.ok else "libvirtd"
+
+
+def restart_libvirt(vm, timeout: int = 240) -> None:
+    """Restart whichever libvirt runs, so that it re-reads the hooks directory."""
+    units = " ".join(f"{u}.service" for u in MODULAR) if libvirt_mode(vm) == "modular" else "libvirtd.service"
+    vm.run(f"systemctl restart {units}", timeout=timeout)
+
+
+def switch_libvirt(vm, mode: str) -> None:
+    """Monolithic libvirtd, or the modular daemons (socket-activated, as libvirt documents)."""
+    mono = "libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket"
+    socks = " ".join(f"{u}.socket {u}-ro.socket {u}-admin.socket" for u in MODULAR)
+    svcs = " ".join(f"{u}.service" for u in MODULAR)
+    if mode == "modular":
+        cmd = (f"systemctl stop {mono}; systemctl disable -q {mono}; systemctl enable -q --now {socks} && "
+               f"systemctl start {svcs}")
+    else:
+        cmd = (f"systemctl stop {svcs} {socks}; systemctl disable -q {socks} {svcs}; "
+               f"systemctl enable -q --now {mono} && systemctl start libvirtd.service")
+    vm.run(cmd, timeout=240)
+    assert libvirt_mode(vm) == mode
+    vm.run("for i in $(seq 60); do virsh -q uri >/dev/null 2>&1 && exit 0; sleep 1; done; exit 1", timeout=90)
+
+
+def use_daemon(vm, config: str | None = None) -> None:
+    """hostdevd running with `config` (None: the installed default) and libvirt aware of its hook.
+    bookworm installs unit and hook from the venv; trixie has both from the package already."""
+    vm.run("systemctl stop hostdevd 2>/dev/null; mkdir -p /etc/hostdevd", timeout=120, check=False)
+    if PACKAGED:
+        vm.run(f"test -e {PKG_CONF} || cp -p {CONF} {PKG_CONF}", timeout=30)
+    if config is not None:
+        # 0644: a file the guest agent creates may be writable by others, which hostdevd refuses
+        # at start (StrictModes, as sshd does).
+        vm.put(config.encode(), CONF, mode="644")
+    elif PACKAGED:
+        vm.run(f"cp -p {PKG_CONF} {CONF}", timeout=30)
+    had_hook = vm.run(f"test -x {HOOK}", timeout=10, check=False).ok
+    if not PACKAGED:
+        vm.run(f"{HOSTDEVD} install", timeout=120)
+    vm.run("systemctl restart hostdevd", timeout=120)
+    if not had_hook:
+        restart_libvirt(vm)
+    wait_active(vm)
+
+
+def leave_daemon(vm, extra: str = "") -> None:
+    """Undo use_daemon: bookworm stops hostdevd and removes its hook (the venv stays); trixie's
+    package stays installed and running, with its own config back. `extra`: more files to remove."""
+    if PACKAGED:
+        vm.run(f"rm -f {extra}; cp -p {PKG_CONF} {CONF} && systemctl restart hostdevd", timeout=180, check=False)
+        return
+    vm.run(f"systemctl stop hostdevd; rm -f {CONF} {HOOK} {extra}", timeout=120, check=False)
+    restart_libvirt(vm)

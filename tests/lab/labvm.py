@@ -57,8 +57,9 @@ DEP_NAMES = ["pydantic", "pydantic_core", "annotated_types", "typing_extensions"
 # The Debian release of L1: bookworm (hostdevd from wheels into a venv) or trixie (hostdevd
 # installed from its .deb with apt, as an operator would; a separate HOSTDEVD_LAB_DIR).
 SUITE = os.environ.get("HOSTDEVD_LAB_SUITE", "bookworm")
-# trixie's image carries hostdevd's dependencies: L1 has no network, apt must find them installed
-SUITE_PKGS = {"trixie": "python3-pydantic,python3-pyudev,python3-pyroute2"}
+# Debian 13 packages the image carries for hostdevd's .deb (L1 has no apt lists) and for its unit suite
+SUITE_PKGS = {"trixie": "python3-pydantic,python3-pyudev,python3-pyroute2,python3-prometheus-client,"
+                        "python3-pytest,python3-hypothesis"}
 GUEST_DEBS = "/root/debs"
 
 

@@ -21,9 +21,11 @@ from labops import (
     disable_fault_knob,
     drivers,
     enable_fault_knob,
+    leave_daemon,
     main_pid,
     owners,
     set_fault,
+    use_daemon,
     wait_active,
     wait_drivers,
     wait_no_claims,
@@ -51,7 +53,7 @@ def pair(lab):
     """hostdevd with its hook and the fault knob; domains fk1..fk4 each ask for nic2a."""
     topo = lab.topology()
     a, b = topo["nic2a"], topo["nic2b"]
-    lab.run("/opt/hostdevd/bin/hostdevd install && systemctl restart libvirtd", timeout=240)
+    use_daemon(lab)
     enable_fault_knob(lab)
     for name in ("fk1", "fk2", "fk3", "fk4"):
         lab.labsh(f"mkdom {name} {a} && virsh -q define /root/{name}.xml", timeout=120)
@@ -60,8 +62,7 @@ def pair(lab):
     lab.run("for d in fk1 fk2 fk3 fk4; do virsh -q destroy $d; virsh -q undefine $d; done",
             timeout=240, check=False)
     disable_fault_knob(lab)
-    lab.run("systemctl stop hostdevd; rm -f /etc/libvirt/hooks/qemu.d/hostdevd; systemctl restart libvirtd",
-            timeout=240, check=False)
+    leave_daemon(lab)
     lab.run(f"for d in fk1 fk2 fk3 fk4; do {HCTL} --no-daemon release --owner $d; done", timeout=240,
             check=False)
 
@@ -74,6 +75,7 @@ def vfio(a: str, b: str) -> dict[str, str]:
     return {a: "vfio-pci", b: "vfio-pci"}
 
 
+@pytest.mark.lab_trixie
 def test_kill9_at_every_boundary_of_prepare(lab, pair):
     """The start in flight fails with hostdevd's line; the restarted daemon returns the group."""
     a, b, g = pair

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from labops import HCTL
 
 pytestmark = pytest.mark.lab
+# also run in the Debian 13 lab (hostdevd from its package, the daemon running)
+both_stacks = pytest.mark.lab_trixie
 
-HCTL = "/opt/hostdevd/bin/hostdevctl"
 SYS = "/sys/bus/pci/devices"
 
 
@@ -35,6 +37,7 @@ def clean_ledger(lab):
     assert status["claims"] == {}, f"test left claims behind: {status['claims']}"
 
 
+@both_stacks
 def test_groups_match_the_kernel(lab):
     kernel = json.loads(lab.run(
         "python3 -c 'import os,json; b=\"/sys/kernel/iommu_groups\"; "
@@ -49,6 +52,7 @@ def test_groups_match_the_kernel(lab):
     assert by_addr[topo["nic1"]]["vendor"] == "8086" and by_addr[topo["nic1"]]["device"] == "10d3"
 
 
+@both_stacks
 def test_check_in_guest_reports_iommu_and_remapping(lab):
     r = hctl(lab, "check", "--json", check=False)
     checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
@@ -68,6 +72,7 @@ def test_check_on_this_host_without_iommu():
         assert r.returncode == 1 and "no IOMMU" in r.stdout, r.stdout + r.stderr
 
 
+@both_stacks
 @pytest.mark.parametrize("name,companions,bridges", [
     ("nic1", [], []),
     ("nic2a", ["nic2b"], []),
@@ -105,6 +110,7 @@ def test_preset_driver_override_is_restored(lab, clean_ledger):
         lab.run(f"echo > {SYS}/{nic}/driver_override", timeout=10)
 
 
+@both_stacks
 def test_nvme_vf_prepare_release(lab, clean_ledger):
     pf = lab.topology()["nvme_pf"]
     lab.run(f"echo 0 > {SYS}/{pf}/sriov_drivers_autoprobe; echo 0 > {SYS}/{pf}/sriov_numvfs; "

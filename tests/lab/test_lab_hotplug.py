@@ -16,10 +16,10 @@ import re
 import time
 
 import pytest
+from labops import HCTL, PYTHON, leave_daemon, use_daemon
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_l2]
 
-HCTL = "/opt/hostdevd/bin/hostdevctl"
 HOOK = "/etc/libvirt/hooks/qemu.d/hostdevd"
 CONFIG = "/etc/hostdevd/hostdevd.toml"
 SYS = "/sys/bus/pci/devices"
@@ -80,7 +80,7 @@ def wait_for(what, pred, timeout=60.0, interval=1.0):
 
 
 def daemon_status(lab):
-    r = lab.run(["/opt/hostdevd/bin/python", "-c",
+    r = lab.run([PYTHON, "-c",
                  "import json,hostdevd.doors.wire as w; print(json.dumps(w.call(w.DEFAULT_SOCKET, {'op':'status'})))"],
                 timeout=60)
     return json.loads(r.stdout)
@@ -119,9 +119,8 @@ def wait_active(lab, unit="hostdevd", timeout=90):
 @pytest.fixture(scope="module")
 def hot(lab):
     topo = lab.topology()
-    lab.run(f"/opt/hostdevd/bin/hostdevd install && cp {CONFIG} /root/hostdevd.toml.orig", timeout=120)
-    lab.run("systemctl start hostdevd && systemctl restart libvirtd", timeout=180)
-    wait_active(lab)
+    use_daemon(lab)
+    lab.run(f"cp {CONFIG} /root/hostdevd.toml.orig", timeout=60)
     vt = lab.labsh("virt_type", timeout=60).stdout.strip()
     lab.write_text("/root/l2hot.xml", L2_XML.format(vt=vt, serial=SERIAL))
     lab.run(f"rm -f {SERIAL}; virsh -q define /root/l2hot.xml", timeout=60)
@@ -137,9 +136,9 @@ def hot(lab):
         lab.run(f"for o in l2hot drifty hostact; do {HCTL} release --owner $o; done", timeout=300, check=False)
         lab.run(f"echo 0 > {SYS}/{topo['nvme_pf']}/sriov_numvfs", timeout=60, check=False)
         lab.run(f"cp /root/hostdevd.toml.orig {CONFIG}; systemctl stop {DUMMY}; "
-                f"rm -f /etc/systemd/system/{DUMMY}; modprobe e1000; "
-                f"systemctl stop hostdevd; rm -f {HOOK}; systemctl daemon-reload; systemctl restart libvirtd",
+                f"rm -f /etc/systemd/system/{DUMMY}; modprobe e1000; systemctl daemon-reload",
                 timeout=180, check=False)
+        leave_daemon(lab)
         lab.run(f"for o in l2hot drifty hostact; do {HCTL} --no-daemon release --owner $o; done", timeout=300,
                 check=False)
         if TIMINGS:
@@ -149,6 +148,7 @@ def hot(lab):
 # --------------------------------------------------------------------------- hostdevctl attach / detach
 
 
+@pytest.mark.lab_trixie
 def test_attach_prepares_the_group_and_plugs_into_the_running_guest(lab, hot):
     a, b = hot["nic2a"], hot["nic2b"]
     since = now(lab)
@@ -191,6 +191,7 @@ def test_check_migrate_and_the_migrate_hook_while_attached(lab, hot):
     assert journal(lab, since, "migrate", "DOMAIN_NAME=l2hot", "RESULT=blocked")
 
 
+@pytest.mark.lab_trixie
 def test_detach_waits_for_the_guest_then_gives_the_group_back(lab, hot):
     a, b = hot["nic2a"], hot["nic2b"]
     since = now(lab)

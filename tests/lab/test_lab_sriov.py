@@ -28,13 +28,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import labvm
-from labops import drivers, wait_active
+from labops import HCTL, drivers, leave_daemon, use_daemon
 
 pytestmark = pytest.mark.lab
 
-HCTL = "/opt/hostdevd/bin/hostdevctl"
 SYS = "/sys/bus/pci/devices"
-CONF = "/etc/hostdevd/hostdevd.toml"
 HOOK_LOG_DIR = "/var/log/lab-hook-xml"
 TIMINGS: dict = {}
 
@@ -66,19 +64,12 @@ def vfs_json(vm) -> dict:
 
 
 def start_daemon(vm, config: str) -> None:
-    """Config, unit and hook installed; hostdevd (re)started; libvirtd restarted to find the hook."""
-    vm.run("systemctl stop hostdevd 2>/dev/null; mkdir -p /etc/hostdevd", timeout=120, check=False)
-    # 0644: a file the guest agent creates may be writable by others, which hostdevd refuses
-    # at start (StrictModes, as sshd does).
-    vm.put(config.encode(), CONF, mode="644")
-    vm.run("/opt/hostdevd/bin/hostdevd install", timeout=120)
-    vm.run("systemctl restart hostdevd && systemctl restart libvirtd", timeout=240)
-    wait_active(vm)
+    """hostdevd (re)started with `config`, its hook where libvirt finds it."""
+    use_daemon(vm, config)
 
 
 def stop_daemon(vm, pf: str | None) -> None:
-    vm.run(f"systemctl stop hostdevd; rm -f {CONF} /etc/libvirt/hooks/qemu.d/hostdevd "
-           "/etc/libvirt/hooks/qemu.d/50-xml-log; systemctl restart libvirtd", timeout=240, check=False)
+    leave_daemon(vm, extra="/etc/libvirt/hooks/qemu.d/50-xml-log")
     if pf:
         vm.run(f"echo 0 > {SYS}/{pf}/sriov_numvfs; udevadm settle", timeout=120, check=False)
 
@@ -172,6 +163,7 @@ def test_vfs_set_through_the_daemon_and_timings(lab, nvme):
     assert "(unchanged)" in r.stdout
 
 
+@pytest.mark.lab_trixie
 def test_vf_to_l2_refuses_numvfs_change_and_comes_back(lab, nvme):
     pf = nvme
     vfs = vfs_of(lab, pf)

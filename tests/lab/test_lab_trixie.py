@@ -16,7 +16,7 @@ import labvm
 import pytest
 from labops import claims, drivers, owners, wait_active, wait_drivers, wait_no_claims
 
-pytestmark = [pytest.mark.lab, pytest.mark.lab_trixie]
+pytestmark = [pytest.mark.lab, pytest.mark.lab_trixie, pytest.mark.trixie_only]
 
 HCTL = "/usr/bin/hostdevctl"
 START = "virsh start --paused %s"
@@ -98,6 +98,7 @@ def test_kill9_and_libvirt_restart_keep_the_claim(lab, trixie):
     assert wait_drivers(lab, {a: "e1000e", b: "e1000e"}) == {a: "e1000e", b: "e1000e"}
 
 
+@pytest.mark.lab_last
 def test_package_upgrade_and_remove_while_a_domain_holds_the_pair_then_purge(lab, trixie):
     a, b = trixie["nic2a"], trixie["nic2b"]
     deb = lab.run("ls /root/debs/hostdevd_*_all.deb", timeout=30).stdout.split()[0]
