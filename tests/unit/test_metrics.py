@@ -318,7 +318,8 @@ def test_daemon_serves_http_counts_hooks_and_answers_hostdevctl(tmp_path):
         assert not r["ok"] and r["error"]["code"] == "REFUSED"
         _, _, body = _get(f"http://127.0.0.1:{port}/metrics")
         assert val(body, "hostdevd_daemon_running") == 1 and val(body, "hostdevd_udev_watching") == 0
-        assert val(body, "hostdevd_libvirt_connected") == 0 and val(body, "hostdevd_ledger_read_only") == 0
+        assert val(body, "hostdevd_ledger_read_only") == 0
+        assert "hostdevd_libvirt_connected" not in body                # run without libvirt: absent
         assert val(body, "hostdevd_hook_request_duration_seconds_count", op="prepare", result="ok") == 1
         assert val(body, "hostdevd_hook_request_duration_seconds_count", op="prepare", result="refused") == 1
         assert val(body, "hostdevd_api_requests_total", op="status", origin="api", result="ok") == 1
@@ -366,3 +367,15 @@ def test_without_listen_the_daemon_opens_no_port():
         assert daemon.metrics_server is None
         assert wire.call(sock, {"op": "status"}, timeout=10)["metrics"] == {"listen": None, "port": None,
                                                                              "error": None}
+
+
+def test_libvirt_connection_state_follows_the_daemon():
+    from .test_service import FakeAdapter
+
+    with running_daemon("lab", adapter=FakeAdapter()) as (daemon, _, sock):
+        assert daemon.wait_idle()
+        text = lambda: wire.call(sock, {"op": "metrics"}, timeout=10)["text"]  # noqa: E731
+        assert val(text(), "hostdevd_libvirt_connected") == 1
+        assert val(text(), "hostdevd_operations_total", operation="reconcile", result="ok") >= 2  # start, connect
+        daemon.on_libvirt_disconnected("test")
+        assert val(text(), "hostdevd_libvirt_connected") == 0

@@ -172,8 +172,9 @@ def state_families(st: OpState) -> Iterator[GaugeMetricFamily]:
                  [([], 1 if st.daemon is not None else 0)])
     if st.daemon is not None:
         d = st.daemon
-        yield _gauge("hostdevd_libvirt_connected", "1 while the daemon is connected to libvirt; 0 while "
-                     "disconnected or not used (--no-libvirt).", [], [([], 1 if d.libvirt == "connected" else 0)])
+        if d.libvirt != "not used":         # --no-libvirt: absent, not an alert
+            yield _gauge("hostdevd_libvirt_connected", "1 while the daemon is connected to libvirt, 0 while it "
+                         "is not (it reconnects by itself).", [], [([], 1 if d.libvirt == "connected" else 0)])
         yield _gauge("hostdevd_udev_watching", "1 while the daemon watches udev for PCI uevents.", [],
                      [([], 1 if d.udev_watching else 0)])
         yield _gauge("hostdevd_ledger_read_only", "1 when the daemon found no readable ledger generation at "
