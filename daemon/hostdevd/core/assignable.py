@@ -17,7 +17,7 @@ from .topology import Topology
 
 PROBE = Owner(name="hostdevd-assignable", kind="manual")
 BRIDGES_ONLY = Refusal("-", "the group holds only PCI bridges, which stay with the host: nothing to hand over",
-                       "pass an endpoint device; bridges are never bound to vfio-pci")
+                       "pass an endpoint device; bridges are never bound to vfio-pci", code="bridges_only")
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,34 @@ class SriovConfig(_Strict):
         "Seconds to wait for the VFs to appear (udev). Real NICs take tens of seconds for many VFs."))
 
 
+def _check_listen(value: str) -> str:
+    """Empty (off), or HOST:PORT: an IPv4 address, [IPv6] or a host name, and a port 1-65535 (127.0.0.1:9477)."""
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        ok_host = ":" in host and all(c in "0123456789abcdefABCDEF:." for c in host[1:-1])
+    else:
+        ok_host = bool(_HOST_RE.match(host))
+    if not sep or not ok_host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (127.0.0.1:9477, [::1]:9477), or \"\" for off")
+    return value
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})$")
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics (README "Metrics"). Off unless asked: they show the host's devices and which
+    domain holds which IOMMU group."""
+    listen: Annotated[str, AfterValidator(_check_listen)] = Field(default="", description=(
+        "Where the daemon serves /metrics over HTTP: HOST:PORT (e.g. 127.0.0.1:9477; [::1]:9477 for IPv6), "
+        "or empty for off. Any address is allowed: the endpoint has no authentication, so listen on "
+        "loopback unless a firewall guards it. The packaged unit allows only AF_UNIX and AF_NETLINK "
+        "sockets: serving HTTP needs a drop-in adding AF_INET (AF_INET6). `hostdevctl metrics` and its "
+        "--textfile work whether it is set or not."))
+
+
 class Config(_Strict):
     libvirt_uri: str = "qemu:///system"
     state_dir: str = "/var/lib/hostdevd"
@@ -213,6 +241,7 @@ class Config(_Strict):
         "The vfio driver a device is bound to instead of the one modules.alias picks (vfio-pci or a "
         "variant such as mlx5_vfio_pci), keyed by address or vendor:device (an address wins). A "
         "domain's <driver model='...'/> wins over it; a name that is not a vfio driver is refused."))
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     host_actions: list[HostActionConfig] = Field(default_factory=list, description=(
         "Per-device host actions around binding: units to stop and modules to unload before a matching "
         "device's group goes to vfio-pci, undone after release and on rollback."))

@@ -31,6 +31,7 @@ from .reservations import ReservationReport, apply_reservations
 from .sriov import SriovReport, VfResult, set_vfs_by_hand
 from .sriov import apply_config as apply_sriov_config
 from .sysfs import RealHost, Sysfs
+from .telemetry import Telemetry
 from .topology import Topology, from_sysfs, refresh_groups
 from .vf_wait import SysfsPollWaiter, VfWaiter
 from .vfnet import NetlinkBackend, VfNetManager
@@ -48,6 +49,10 @@ class Engine:
         self.config = config or Config()
         self.sysfs = sysfs or Sysfs(RealHost(self.config.sysfs_root), self.config.write_timeout)
         self.store = store or LedgerStore(self.config.state_dir)
+        # Counts and durations of what the engine does; a door installs a recorder (doors/metrics.py).
+        # The executor and the ledger store share it.
+        self.telemetry = Telemetry()
+        self.store.telemetry = self.telemetry
         self.policy = Policy.from_config(self.config)
         # The doors plug in pyroute2 and udev on a real host (doors/wiring.py); the core's defaults
         # are none (VF MAC/VLAN not handled) and sysfs polling for new VFs.
@@ -98,22 +103,23 @@ class Engine:
         ``driver_models``: the vfio driver per address a domain names (``<driver model=…>``, R13).
         """
         addresses = list(addresses)
-        scan = self.topology()
-        groups = groups_of(scan, addresses)
-        with self.locks.hold(groups):
-            # Plan under the group locks, against a fresh ledger and freshly read group
-            # members: no stale decisions.
-            topo = refresh_groups(scan, self.sysfs, groups)
-            plan = plan_prepare(topo, addresses, owner, self.ledger(), self.policy, net_requests=net,
-                                driver_models=driver_models)
-            if not plan.ok:
-                raise plan.refused()
-            return plan, self.executor.prepare(plan)
+        with self.telemetry.timed("prepare"):
+            scan = self.topology()
+            groups = groups_of(scan, addresses)
+            with self.locks.hold(groups):
+                # Plan under the group locks, against a fresh ledger and freshly read group
+                # members: no stale decisions.
+                topo = refresh_groups(scan, self.sysfs, groups)
+                plan = plan_prepare(topo, addresses, owner, self.ledger(), self.policy, net_requests=net,
+                                    driver_models=driver_models)
+                if not plan.ok:
+                    raise plan.refused()
+                return plan, self.executor.prepare(plan)
 
     def release(self, owner: Owner, addresses: Iterable[PciAddress] | None = None) -> tuple[Plan, Result]:
         ledger = self.ledger()
         groups = [c.group for c in ledger.claims_of(owner)]
-        with self.locks.hold(groups):
+        with self.telemetry.timed("release"), self.locks.hold(groups):
             plan = plan_release(self.topology(with_critical=False), owner, self.ledger(),
                                 list(addresses) if addresses is not None else None)
             return plan, self.executor.release(plan)
@@ -129,7 +135,7 @@ class Engine:
         topo = self.topology(with_critical=False)
         dev = resolve_pf(topo, pf)
         devs = ([dev] + vfs_of(topo, dev)) if dev is not None else []
-        with self.locks.hold(d.group for d in devs if d.group is not None):
+        with self.telemetry.timed("set_vfs"), self.locks.hold(d.group for d in devs if d.group is not None):
             plan = self.plan_vfs(pf, numvfs, autoprobe)
             return self.executor.apply_vf_plan(plan, self.vf_waiter, timeout)
 
@@ -159,9 +165,10 @@ class Engine:
 
     def release_group(self, claim: Claim) -> Result:
         """Release one claim's group whoever owns it; the caller holds the group lock."""
-        plan = plan_release(self.topology(with_critical=False), claim.owner, self.ledger(),
-                            claim.requested_pci or None, group=claim.group)
-        return self.executor.release(plan)
+        with self.telemetry.timed("release"):
+            plan = plan_release(self.topology(with_critical=False), claim.owner, self.ledger(),
+                                claim.requested_pci or None, group=claim.group)
+            return self.executor.release(plan)
 
     # ---- use-cases the doors call (typed in, typed out) ----
     def prepare_domain(self, req: DomainPrepare) -> Prepared:
@@ -171,7 +178,9 @@ class Engine:
         addrs = list(req.addresses)
         picks: dict[PciAddress, NetRequest] = {}
         if req.parsed is not None and req.parsed.networks and req.networks is not None:
-            found = pick_pool_vfs(req.parsed, req.owner, req.networks, self.topology, self.ledger(), self.policy)
+            with self.telemetry.refusals("prepare"):
+                found = pick_pool_vfs(req.parsed, req.owner, req.networks, self.topology, self.ledger(),
+                                      self.policy)
             extras["networks"] = found.networks
             extras["warnings"] = extras.get("warnings", []) + found.warnings
             picks = found.vfs
@@ -180,7 +189,8 @@ class Engine:
             return Prepared(req.owner, extras=extras, note="no PCI host device to prepare")
         # phase "start" (libvirt's 'start begin' hook): a VF from a hostdev network is known only
         # now, and libvirt already set its MAC/VLAN: recorded and verified, not written.
-        net = net_requests(req.parsed, resolved_by_libvirt=req.phase == "start")
+        with self.telemetry.refusals("prepare"):
+            net = net_requests(req.parsed, resolved_by_libvirt=req.phase == "start")
         net.update(picks)
         t0 = time.monotonic()
         with req.serialize() if req.serialize is not None else nullcontext():
@@ -278,7 +288,10 @@ class Engine:
         ledger is read-only (no readable generation): there is nothing to compare, nothing to record."""
         if self.store.read_only is not None:
             return ReconcileReport(libvirt=running is not None, skipped=[f"read-only: {self.store.read_only}"])
-        return reconcile(self, running, listed_at=listed_at, guard=guard)
+        with self.telemetry.timed("reconcile"):
+            report = reconcile(self, running, listed_at=listed_at, guard=guard)
+        self.telemetry.reconciled()
+        return report
 
     def adopt_domain(self, dom: RunningDomain, report: ReconcileReport | None = None) -> list[int]:
         """Claims for the devices a running domain uses that no claim covers."""

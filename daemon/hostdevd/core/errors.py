@@ -77,9 +77,11 @@ class Refused(HostdevError):
     code = "REFUSED"
 
     def __init__(self, message: str, hint: str | None = None, refusals: list | None = None,
-                 holders: list[dict] | None = None):
+                 holders: list[dict] | None = None, codes: list[str] | None = None):
         super().__init__(message, hint)
         self.refusals = refusals or []
+        # The refusals' reason codes (core/plan.py REFUSAL_CODES): bounded, for metrics.
+        self.codes = codes or []
         # Who holds the groups refused for ownership: [{"group": N, "owner": {...}}] (R3).
         self.holders = holders or []
 

@@ -190,7 +190,7 @@ class Executor(RecordSteps, SriovSteps):
                 raise refused([held_refusal(str(gp.requested[0]) if gp.requested else "-", gp.group, holder.owner)])
             if holder is not None:
                 raise Refused(f"IOMMU group {gp.group} is already being prepared for {plan.owner.label()}",
-                              "wait for the first request to finish")
+                              "wait for the first request to finish", codes=["busy"])
             records = [self._record(a, "companion" if a in gp.companions else "requested",
                                     DeviceState.VFIO if a in gp.keep else DeviceState.HOST) for a in gp.bind]
             # A reservation's claim says so in the same transaction (never a second write).
@@ -212,6 +212,10 @@ class Executor(RecordSteps, SriovSteps):
         return name or driver
 
     def _bind_step(self, plan: Plan, group: int, addr: PciAddress, undo: list, driver: str = VFIO) -> None:
+        with self.telemetry.timed("bind"):
+            self._bind_device(plan, group, addr, undo, driver)
+
+    def _bind_device(self, plan: Plan, group: int, addr: PciAddress, undo: list, driver: str) -> None:
         self._boundary(f"bind:{addr}")
         if same_driver(self.sysfs.driver(addr), driver):
             self._set_state(group, addr, state=DeviceState.VFIO, vfio_driver=recorded(driver))
@@ -307,6 +311,10 @@ class Executor(RecordSteps, SriovSteps):
         probed unless driver_override names a driver, and a device whose
         override pointed elsewhere would land on the wrong driver.
         """
+        with self.telemetry.timed("unbind"):
+            self._restore_device(group, rec)
+
+    def _restore_device(self, group: int, rec: DeviceRecord) -> None:
         addr = rec.pci
         self._boundary(f"restore:{addr}")
         if not self.sysfs.exists(addr):

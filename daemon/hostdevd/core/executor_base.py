@@ -8,6 +8,7 @@ from .address import PciAddress
 from .ledger import DeviceRecord
 from .ledger_store import LedgerStore
 from .sysfs import Sysfs
+from .telemetry import Telemetry
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
@@ -27,6 +28,11 @@ class ExecutorBase:
         # Called at every step boundary with a name ("claim:12", "bind:0000:01:00.0", ...);
         # tests use it to crash the executor at each boundary.
         self.on_step = on_step
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """The engine's (shared through the ledger store it gives the executor)."""
+        return self.store.telemetry
 
     def _boundary(self, name: str) -> None:
         if self.on_step:

@@ -35,7 +35,8 @@ class SriovSteps(ExecutorBase):
         rolled back meaningfully: the old VFs are gone once 0 was written)."""
         if not plan.ok:
             raise Refused("; ".join(plan.refusals), plan.hint or None,
-                          refusals=[{"device": plan.pf, "reason": r, "hint": plan.hint} for r in plan.refusals])
+                          refusals=[{"device": plan.pf, "reason": r, "hint": plan.hint} for r in plan.refusals],
+                          codes=["sriov"])
         pf = PciAddress.parse(plan.pf)
         result = VfResult(plan.pf, plan.wanted, waiter=waiter.name)
         if plan.noop:

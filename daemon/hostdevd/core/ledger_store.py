@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 from .errors import LedgerDamaged, LedgerError, LedgerReadOnly, LedgerSaveFailed
 from .ledger import DAMAGED_INFIX, LEDGER_FILE, LEDGER_VERSION, Ledger, now
 from .logfields import log_action
+from .telemetry import Telemetry
 
 log = logging.getLogger("hostdevd.ledger")
 
@@ -83,6 +85,8 @@ class LedgerStore:
         # Set by recover(): what the start found, and why every change is refused (None: it is not).
         self.health: LedgerHealth | None = None
         self.read_only: str | None = None
+        # Save durations go here (the engine shares its own, core/telemetry.py).
+        self.telemetry = Telemetry()
 
     # ------------------------------------------------------------------ read
     def _load_file(self, path: Path) -> Ledger:
@@ -218,6 +222,7 @@ class LedgerStore:
 
     def _write(self, ledger: Ledger, keep_previous: bool = True) -> None:
         ledger.updated = now()
+        t0 = time.monotonic()
         data = ledger.model_dump_json(indent=2).encode() + b"\n"
         tmp = self.path.with_name(f".{LEDGER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
@@ -241,8 +246,10 @@ class LedgerStore:
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            self.telemetry.ledger_saved(time.monotonic() - t0, ok=False)
             raise self._save_failed(e) from e
         self.saves += 1
+        self.telemetry.ledger_saved(time.monotonic() - t0, ok=True)
 
     def _keep_previous(self) -> None:
         """One previous generation, for recover() and an operator: ledger.json.bak. A hard link,

@@ -70,6 +70,10 @@ def _expected(rec: DeviceRecord, dev: Device) -> str | None:
     return None
 
 
+expected_driver = _expected
+"""For :mod:`.opstate`: drift judged without the daemon."""
+
+
 def _log_drift(entry: dict, claim: Claim, ev: PciEvent | None) -> None:
     addr, driver = entry["address"], entry["driver"]
     if is_vfio_driver(entry["expected"]):

@@ -13,6 +13,13 @@ from .errors import InternalError, Refused
 from .ledger import Owner
 from .netreq import NetRequest
 
+REFUSAL_CODES = (
+    "unknown_device", "no_iommu", "bridge", "bridges_only", "held", "busy", "policy_deny", "policy_allow",
+    "host_critical", "sriov_pf_with_vfs", "group_changed", "vfio_driver", "not_a_vf", "vf_without_netdev",
+    "vlan_trunk", "no_free_vf", "sriov", "not_running", "other",
+)
+"""Why a request was refused, as a stable code per planner rule (a refusal's ``code``)."""
+
 
 @dataclass
 class Refusal:
@@ -28,6 +35,8 @@ class Refusal:
     # Set when another owner holds the device's IOMMU group (R3): who, for the reply's "holders".
     group: int | None = None
     holder: Owner | None = None
+    # Which rule refused, one of REFUSAL_CODES: stable and bounded (metrics count refusals by it).
+    code: str = "other"
 
     def to_json(self) -> dict:
         return {"device": self.device, "reason": self.reason, "hint": self.hint}
@@ -156,10 +165,11 @@ def held_refusal(device: str, group: int, holder: Owner) -> Refusal:
     reason = f"IOMMU group {group} is {held}" if device in ("", "-") else f"is in IOMMU group {group}, {held}"
     return Refusal(device, reason,
                    f"stop {holder.name} or release its devices first (`hostdevctl release --owner {holder.name}`)",
-                   group=group, holder=holder)
+                   group=group, holder=holder, code="held")
 
 
 def refused(refusals: list[Refusal]) -> Refused:
     holders = {r.group: r.holder for r in refusals if r.holder is not None and r.group is not None}
     return Refused("; ".join(str(r) for r in refusals), refusals=[r.to_json() for r in refusals],
-                   holders=[{"group": g, "owner": h.model_dump()} for g, h in sorted(holders.items())])
+                   holders=[{"group": g, "owner": h.model_dump()} for g, h in sorted(holders.items())],
+                   codes=[r.code for r in refusals])

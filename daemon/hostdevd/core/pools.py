@@ -62,7 +62,8 @@ def pick_pool_vfs(parsed: DomainRequest, owner: Owner, lookup: NetworkLookup, to
             raise Refused(f"hostdev network {ref.network!r} has no VF {owner.name} could get: "
                           + "; ".join(r.text for r in list(why.values())[:4]),
                           "free a VF of the pool (stop a domain using one) or create more VFs "
-                          "(`hostdevctl vfs set`)", refusals=err.refusals, holders=err.holders)
+                          "(`hostdevctl vfs set`)", refusals=err.refusals, holders=err.holders,
+                          codes=["no_free_vf", *err.codes])
         if pool and not net.managed:
             # libvirt sets its MAC after this hook and restores it itself: saved now, verified.
             picks.vfs[ok[0]] = NetRequest(mac=ref.mac, managed=True)

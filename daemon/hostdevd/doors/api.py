@@ -15,7 +15,8 @@ Ops (``v`` is 1 for all):
 
 ``ping``      -> ``{"version", "pid"}``
 ``status``    -> ``{"daemon": {...libvirt state...}, "claims": [...], "reservations": [...], "drift": [...],
-                 "udev": {...}}``
+                 "udev": {...}, "metrics": {"listen", "port", "error"}}``
+``metrics``   -> ``{"text"}``: the Prometheus exposition text (README "Metrics")
 ``prepare``   ``{"domain": {"name", "uuid"?}, "xml" | "addresses", "origin"?, "phase"?}`` -> claims + plan
               (phase "start": libvirt's 'start begin' hook, where a hostdev network's VF is known)
 ``release``   ``{"domain", "xml"?, "addresses"?}``: without addresses, every claim of the domain
@@ -58,6 +59,7 @@ from ..core.errors import (
     UnknownOp,
     UnsupportedVersion,
 )
+from ..core.telemetry import Telemetry
 from .wire import MAX_MESSAGE, PROTOCOL_VERSION, LineReader, call, encode, socket_path  # noqa: F401 (re-export)
 
 log = logging.getLogger("hostdevd.api")
@@ -125,6 +127,10 @@ class StatusRequest(_Request):
     op: Literal["status"]
 
 
+class MetricsRequest(_Request):
+    op: Literal["metrics"]
+
+
 class PrepareRequest(_Devices):
     op: Literal["prepare"]
     domain: DomainRef
@@ -180,6 +186,7 @@ class VfsSetRequest(_Request):
 REQUESTS: dict[str, type[_Request]] = {
     "ping": PingRequest,
     "status": StatusRequest,
+    "metrics": MetricsRequest,
     "prepare": PrepareRequest,
     "vfs_set": VfsSetRequest,
     "release": ReleaseRequest,
@@ -224,8 +231,10 @@ class Dispatcher:
     HostdevError) becomes the error reply.
     """
 
-    def __init__(self, service: Any):
+    def __init__(self, service: Any, telemetry: Telemetry | None = None):
         self.service = service
+        # Every answered request is counted (op, origin, result); a hook's is libvirt waiting.
+        self.telemetry = telemetry or Telemetry()
 
     def parse(self, line: bytes) -> _Request:
         try:
@@ -258,18 +267,26 @@ class Dispatcher:
             raise BadRequest(_validation_message(op, e)) from None
 
     def handle(self, line: bytes, peer: Peer) -> dict:
+        t0 = time.monotonic()
+        op, origin, result = "invalid", "api", "error"
         try:
             req = self.parse(line)
-            result = getattr(self.service, f"op_{req.op}")(req, peer)
+            op, origin = req.op, getattr(req, "origin", "api")     # both bounded by the request models
             reply = {"v": PROTOCOL_VERSION, "ok": True}
-            reply.update(result or {})
+            reply.update(getattr(self.service, f"op_{req.op}")(req, peer) or {})
+            result = "ok"
             return reply
+        except Refused as e:
+            result = "refused"
+            return error_reply(e)
         except HostdevError as e:
             return error_reply(e)
         except Exception as e:  # a bug must not take the server down; say so and log it
             log.exception("internal error serving a request")
             return error_reply(InternalError(f"internal error: {_one_line(e, 200)}",
                                              "see `journalctl -u hostdevd`; please report it"))
+        finally:
+            self.telemetry.request(op, origin, result, time.monotonic() - t0)
 
 
 # --------------------------------------------------------------------------- server

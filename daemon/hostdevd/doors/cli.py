@@ -5,7 +5,8 @@ takes --json. Read-only commands work without the daemon.
 
 This module holds the parser and main(); the commands live by topic in
 cli_inspect (groups, status, check), cli_claims (plan, prepare, release),
-cli_hotplug (attach, detach, check-migrate), cli_sriov (vfs) and cli_export (export), and share
+cli_hotplug (attach, detach, check-migrate), cli_sriov (vfs), cli_export (export) and cli_metrics
+(metrics), and share
 cli_common (Context, output helpers, daemon routing).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .cli_common import Context, Out, forget_stdin
 from .cli_export import cmd_export
 from .cli_hotplug import cmd_attach, cmd_check_migrate, cmd_detach
 from .cli_inspect import cmd_check, cmd_groups, cmd_status
+from .cli_metrics import cmd_metrics
 from .cli_sriov import cmd_vfs, cmd_vfs_set
 
 if TYPE_CHECKING:
@@ -113,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("status", parents=[common], help="the ledger: claims, owners, recorded drivers")
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("metrics", parents=[common], help="Prometheus metrics: the daemon's (counters included), "
+                        "or the host's state computed here without it")
+    sp.add_argument("--textfile", metavar="DIR", help="write DIR/hostdevd.prom atomically for node_exporter's "
+                    "textfile collector instead of printing")
+    sp.set_defaults(func=cmd_metrics)
 
     sp = sub.add_parser("vfs", parents=[common], help="SR-IOV PFs and their VFs: group, driver, owner, MAC, VLAN")
     sp.set_defaults(func=cmd_vfs)

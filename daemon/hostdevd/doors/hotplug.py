@@ -40,7 +40,8 @@ def affect(live: bool, config: bool, active: bool | None, op: str, name: str) ->
         live, config = bool(active), not active
     if live and not active:
         raise Refused(f"{name} is not running: nothing to {op} live",
-                      f"leave out --live to change {name}'s persistent definition (--config), or start it")
+                      f"leave out --live to change {name}'s persistent definition (--config), or start it",
+                      codes=["not_running"])
     return live, config
 
 

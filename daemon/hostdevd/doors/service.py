@@ -48,6 +48,7 @@ from ..core.engine import DomainPrepare, Engine, request_extras
 from ..core.errors import BadRequest, HostdevError, LibvirtFailure, LibvirtUnavailable
 from ..core.ledger import Owner
 from ..core.logfields import log_action
+from ..core.opstate import DaemonFacts, OpState, op_state
 from ..core.pci_events import PciEvent
 from ..core.reservations import ReservationReport
 from ..core.sriov import SriovReport
@@ -56,6 +57,7 @@ from .api import ApiServer, Dispatcher, Peer
 from .events import DRIFT_GRACE, EventWorker
 from .gate import DomainGate
 from .hotplug import Hotplug, hostdev_xml
+from .metrics import Metrics, MetricsServer, parse_listen
 from .ports import LibvirtAdapter
 from .translate import norm_uuid, request_devices, request_owner
 from .wire import socket_path
@@ -77,7 +79,14 @@ class Daemon:
         self.engine = engine or Engine(self.config)
         self.adapter = adapter
         self.gate = DomainGate()
-        self.dispatcher = Dispatcher(self)
+        # Prometheus metrics (doors/metrics.py): counted from the start, served over HTTP only when
+        # [metrics] listen is set (start()), and always over the socket (op metrics).
+        self.metrics = Metrics(self.metrics_state, process=True)
+        if self.metrics.recorder is not None:
+            self.engine.telemetry.install(self.metrics.recorder)
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_error: str | None = None
+        self.dispatcher = Dispatcher(self, telemetry=self.engine.telemetry)
         self.server = ApiServer(sock_path or socket_path(self.config.runtime_dir), self.dispatcher,
                                 read_timeout=read_timeout, allowed_uids=allowed_uids)
         self.worker = EventWorker(self.engine, self.gate, adapter)
@@ -121,12 +130,44 @@ class Daemon:
             raise
         if self.adapter is not None:
             self.adapter.start(self)
+        self._serve_metrics()
         log_action(log, logging.INFO, "daemon", "hostdevd %s started (socket %s, libvirt %s)", __version__,
                    self.server.path, self.adapter.uri if self.adapter else "not used", action="start",
                    result="ok")
 
+    def _serve_metrics(self) -> None:
+        """HTTP /metrics when configured. A listener that cannot bind is logged and said in
+        ``status``, and the daemon runs on: metrics are no reason to refuse domain starts."""
+        listen = self.config.metrics.listen
+        if not listen:
+            return
+        try:
+            self.metrics_server = MetricsServer(self.metrics.registry, *parse_listen(listen))
+        except OSError as e:
+            self.metrics_error = f"cannot listen on {listen}: {e.strerror or e}"
+            log_action(log, logging.ERROR, "daemon", "metrics: %s (the unit allows only AF_UNIX and AF_NETLINK "
+                       "unless a drop-in adds AF_INET/AF_INET6; README \"Metrics\")", self.metrics_error,
+                       action="metrics", result="failed")
+            return
+        log.info("serving metrics on http://%s/metrics", listen)
+
+    def metrics_state(self) -> OpState:
+        """What the state families count, read now: the topology and ledger ``status`` reads."""
+        facts = DaemonFacts(libvirt=self._libvirt_state(), drift=len(self.worker.pci.drift()),
+                            udev_watching=bool(self.udev is not None and getattr(self.udev, "watching", False)),
+                            read_only=self.engine.store.read_only is not None)
+        return op_state(self.engine.topology(with_critical=False), self.engine.ledger(), facts)
+
+    def _libvirt_state(self) -> str:
+        if self.adapter is None:
+            return "not used"
+        return "connected" if self.libvirt_connected else "disconnected"
+
     def stop(self, drain_timeout: float = 20.0) -> None:
         """Stop serving; never rebinds anything (host shutdown keeps devices where they are)."""
+        if self.metrics_server is not None:
+            with contextlib.suppress(Exception):
+                self.metrics_server.stop()
         drained = self.server.stop(drain_timeout)
         if self.adapter is not None:
             with contextlib.suppress(Exception):
@@ -250,7 +291,14 @@ class Daemon:
             "udev": {"watching": bool(self.udev is not None and getattr(self.udev, "watching", False)),
                      "error": getattr(self.udev, "error", None) if self.udev is not None else "not used",
                      **self.worker.pci.state()},
+            "metrics": {"listen": self.config.metrics.listen or None,
+                        "port": self.metrics_server.port if self.metrics_server is not None else None,
+                        "error": self.metrics_error},
         }
+
+    def op_metrics(self, req: api.MetricsRequest, peer: Peer) -> dict:
+        """The exposition text, for ``hostdevctl metrics`` (what HTTP /metrics serves)."""
+        return {"text": self.metrics.text()}
 
     def op_prepare(self, req: api.PrepareRequest, peer: Peer) -> dict:
         # Hook requests (origin "hook") must not call libvirt about their domain: nothing below does.
@@ -284,17 +332,19 @@ class Daemon:
         parsed, addrs = request_devices(req.xml, req.addresses, fragment=True)
         if not addrs:
             raise BadRequest("attach: the XML names no PCI host device")
-        hotplug = self._need_hotplug("attach")
-        owner, active = self._resolve(req.domain)
-        return hotplug.attach(owner, active, parsed, addrs, req.xml, bool(req.live), bool(req.config))
+        with self.engine.telemetry.timed("attach"):
+            hotplug = self._need_hotplug("attach")
+            owner, active = self._resolve(req.domain)
+            return hotplug.attach(owner, active, parsed, addrs, req.xml, bool(req.live), bool(req.config))
 
     def op_detach(self, req: api.DetachRequest, peer: Peer) -> dict:
         _, addrs = request_devices(req.xml, req.addresses, fragment=True)
         if not addrs:
             raise BadRequest("detach: the XML names no PCI host device")
-        hotplug = self._need_hotplug("detach")
-        owner, active = self._resolve(req.domain)
-        return hotplug.detach(owner, active, addrs, req.xml, bool(req.live), bool(req.config), req.timeout)
+        with self.engine.telemetry.timed("detach"):
+            hotplug = self._need_hotplug("detach")
+            owner, active = self._resolve(req.domain)
+            return hotplug.detach(owner, active, addrs, req.xml, bool(req.live), bool(req.config), req.timeout)
 
     def op_migrate_check(self, req: api.MigrateCheckRequest, peer: Peer) -> dict:
         """Does the domain hold assigned devices that block live migration, which can be unplugged first?
