@@ -49,9 +49,9 @@ GUEST_WHEELS = "/root/wheels"
 # Must match what the project needs at run time; CPython 3.11 manylinux x86_64 like
 # the guest's bookworm python3.11. libvirt-python, systemd-python and lxml come
 # from Debian packages through --system-site-packages.
-DEP_REQUIREMENTS = ["pydantic>=2.5,<3", "pyudev>=0.24", "pyroute2>=0.7"]
+DEP_REQUIREMENTS = ["pydantic>=2.5,<3", "pyudev>=0.24", "pyroute2>=0.7", "prometheus_client>=0.16"]
 DEP_NAMES = ["pydantic", "pydantic_core", "annotated_types", "typing_extensions",
-             "typing_inspection", "pyudev", "pyroute2"]
+             "typing_inspection", "pyudev", "pyroute2", "prometheus_client"]
 
 
 # The Debian release of L1: bookworm (hostdevd from wheels into a venv) or trixie (hostdevd
@@ -515,6 +515,7 @@ python3 -m venv --without-pip --system-site-packages {GUEST_VENV}
 {GUEST_VENV}/bin/python -m pip install --no-index --find-links {GUEST_WHEELS} --no-cache-dir \\
     --disable-pip-version-check --no-warn-script-location '{target}'
 {GUEST_VENV}/bin/python -c 'import hostdevd, pydantic, pyudev, pyroute2, libvirt, lxml, systemd.journal'
+{GUEST_VENV}/bin/python -c 'import prometheus_client'
 """
         r = self.run(script, timeout=timeout, check=False)
         if r.rc != 0:
