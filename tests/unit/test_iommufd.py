@@ -202,3 +202,65 @@ def test_check_warns_when_devices_on_vfio_have_no_cdev(tmp_path):
     eng.prepare([PAIR], VM1)
     c = _iommufd(eng.sysfs, eng.ledger())
     assert c.status == "warn" and str(PAIR) in c.message and "CONFIG_VFIO_DEVICE_CDEV" in c.hint
+
+
+def test_check_says_when_the_kernel_has_no_iommufd_at_all():
+    """Debian 13's 6.12 is built without CONFIG_IOMMUFD: nothing to modprobe, nothing to fix."""
+    sim = SimKernel.from_file(TOPOLOGIES / "lab.json")
+    sim.iommufd, sim.iommufd_build = False, "none"
+    c = _iommufd(Sysfs(sim))
+    assert c.status == "ok" and "CONFIG_IOMMUFD is not set" in c.message and "/dev/vfio/N" in c.message
+    assert "modprobe" not in c.hint and sim.kernel_release in c.message
+
+
+def test_check_is_unsure_when_iommufd_is_built_in_without_its_node():
+    sim = SimKernel.from_file(TOPOLOGIES / "lab.json")
+    sim.iommufd, sim.iommufd_build = False, "builtin"
+    assert Sysfs(sim).iommufd_support() == "unknown"
+    assert _iommufd(Sysfs(sim)).status == "warn"
+
+
+def test_iommufd_support_reads_the_running_kernels_module_lists(tmp_path):
+    """The real backend: <modules root>/<release>/modules.dep, as depmod writes it."""
+    from hostdevd.core.sysfs import RealHost
+    (tmp_path / "proc/sys/kernel").mkdir(parents=True)
+    (tmp_path / "proc/sys/kernel/osrelease").write_text("6.12.99-test\n")
+    mods = tmp_path / "lib/6.12.99-test"
+    mods.mkdir(parents=True)
+    (mods / "modules.dep").write_text("kernel/drivers/vfio/vfio.ko.xz:\n")
+    (mods / "modules.builtin").write_text("kernel/drivers/pci/pci.ko\n")
+    host = RealHost(sys_root=str(tmp_path / "sys"), proc_root=str(tmp_path / "proc"),
+                    dev_root=str(tmp_path / "dev"), modules_root=str(tmp_path / "lib"))
+    assert Sysfs(host).iommufd_support() == "absent"
+    (mods / "modules.dep").write_text("kernel/drivers/iommu/iommufd/iommufd.ko.xz: kernel/x.ko\n")
+    assert Sysfs(host).iommufd_support() == "module"
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev/iommu").write_text("")
+    assert Sysfs(host).iommufd_support() == "ready"
+
+
+# libvirt's domain capabilities: the format of libvirt's tests/domaincapsdata/qemu_10.0.0-q35.x86_64.xml
+# (a libvirt that offers iommufd hostdevs), cut to the hostdev element; libvirt 11.3 has no iommufd enum.
+DOMCAPS = """<domainCapabilities><path>/usr/bin/qemu-system-x86_64</path><domain>kvm</domain>
+  <devices><hostdev supported='yes'>
+    <enum name='mode'><value>subsystem</value></enum>
+    <enum name='subsysType'><value>usb</value><value>pci</value><value>scsi</value></enum>
+    <enum name='pciBackend'><value>default</value><value>vfio</value></enum>{extra}
+  </hostdev></devices></domainCapabilities>"""
+IOMMUFD_ENUM = "<enum name='iommufd'><value>yes</value><value>no</value></enum>"
+
+
+def test_domain_capabilities_say_whether_libvirt_offers_iommufd():
+    from hostdevd.core.domcaps import advertises_iommufd
+    assert advertises_iommufd(DOMCAPS.format(extra=IOMMUFD_ENUM)) is True
+    assert advertises_iommufd(DOMCAPS.format(extra="")) is False
+    assert advertises_iommufd(DOMCAPS.format(extra="<enum name='iommufd'><value>no</value></enum>")) is False
+    assert advertises_iommufd("<domain/>") is None and advertises_iommufd("<<not xml") is None
+
+
+@pytest.mark.parametrize("libvirt,said", [(True, "advertise iommufd, so a domain may"),
+                                          (False, "does not advertise iommufd"), (None, "libvirt was not asked")])
+def test_check_reports_what_libvirt_says(libvirt, said):
+    sim = SimKernel.from_file(TOPOLOGIES / "lab.json")
+    c = next(c for c in run_checks(Sysfs(sim), Ledger(), libvirt_iommufd=libvirt) if c.name == "iommufd")
+    assert said in c.message

@@ -50,33 +50,53 @@ def ledger_file_check(health: LedgerHealth) -> Check | None:
     return None
 
 
-_IOMMUFD_NOTE = ("whether libvirt opens devices through iommufd is the domain's and libvirt's choice, not "
-                 "visible here; release waits for /dev/vfio/N and the device cdevs either way")
+_CDEV_NOTE = "release waits for /dev/vfio/N and the device cdevs either way"
 
 
-def iommufd_check(sysfs: Sysfs, topo: Topology) -> Check:
-    """R14: could QEMU use iommufd: /dev/iommu, and /dev/vfio/devices/vfioN for devices on vfio drivers."""
-    if not sysfs.iommufd_node_exists():
-        return Check("iommufd", "warn", "no /dev/iommu: iommufd is not available, so QEMU can only use the "
-                     f"legacy /dev/vfio/N container; {_IOMMUFD_NOTE}",
-                     "`modprobe iommufd` (CONFIG_IOMMUFD) if guests should use iommufd; nothing to do otherwise")
+def _libvirt_note(libvirt_iommufd: bool | None) -> str:
+    if libvirt_iommufd is None:
+        return "libvirt was not asked (not running, or not readable here)"
+    if libvirt_iommufd:
+        return "libvirt's domain capabilities advertise iommufd, so a domain may open its devices that way"
+    return "the installed libvirt does not advertise iommufd (domain capabilities): it opens /dev/vfio/N"
+
+
+def iommufd_check(sysfs: Sysfs, topo: Topology, libvirt_iommufd: bool | None = None) -> Check:
+    """R14: could QEMU use iommufd (/dev/iommu, and /dev/vfio/devices/vfioN for devices on vfio drivers),
+    and does the installed libvirt say it can (``libvirt_iommufd``: from its domain capabilities)."""
+    tail = f"{_libvirt_note(libvirt_iommufd)}; {_CDEV_NOTE}"
+    support = sysfs.iommufd_support()
+    if support == "absent":
+        return Check("iommufd", "ok", f"this kernel ({sysfs.kernel_release()}) has no iommufd (CONFIG_IOMMUFD is "
+                     "not set: no iommufd.ko in modules.dep or modules.builtin), so QEMU uses the /dev/vfio/N "
+                     f"container; {tail}", "a kernel built with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV, "
+                     "if guests should use iommufd")
+    if support == "module":
+        return Check("iommufd", "warn", f"iommufd is a module of this kernel but not loaded (no /dev/iommu): QEMU "
+                     f"can only use the /dev/vfio/N container; {tail}",
+                     "`modprobe iommufd` (and list it in /etc/modules-load.d/) if guests should use iommufd")
+    if support == "unknown":
+        return Check("iommufd", "warn", "no /dev/iommu, and this kernel's modules.dep does not say whether it has "
+                     f"iommufd: QEMU can only use the /dev/vfio/N container; {tail}",
+                     "`modprobe iommufd` (CONFIG_IOMMUFD) if guests should use iommufd")
     on_vfio = [d.address for d in topo.devices.values() if d.on_vfio]
     if not on_vfio:
         return Check("iommufd", "ok", "/dev/iommu present; no device is on a vfio driver now, so device cdevs "
-                     f"(/dev/vfio/devices/vfioN) cannot be checked yet; {_IOMMUFD_NOTE}")
+                     f"(/dev/vfio/devices/vfioN) cannot be checked yet; {tail}")
     missing = [str(a) for a in on_vfio
                if not ((c := sysfs.vfio_cdev(a)) is not None and sysfs.vfio_cdev_node_exists(c))]
     if missing:
         return Check("iommufd", "warn", f"/dev/iommu present, but {', '.join(missing)} on a vfio driver "
-                     "has no /dev/vfio/devices/vfioN: iommufd cannot open it; " + _IOMMUFD_NOTE,
-                     "a kernel with CONFIG_VFIO_DEVICE_CDEV=y (6.6+; Debian 13's 6.12 has it)")
+                     f"has no /dev/vfio/devices/vfioN: iommufd cannot open it; {tail}",
+                     "a kernel with CONFIG_VFIO_DEVICE_CDEV=y (6.6+; Debian 13's stock 6.12 is built without it)")
     return Check("iommufd", "ok", f"/dev/iommu present and all {len(on_vfio)} devices on vfio drivers have "
-                 f"/dev/vfio/devices/vfioN; {_IOMMUFD_NOTE}")
+                 f"/dev/vfio/devices/vfioN; {tail}")
 
 
 def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = (),
-               health: LedgerHealth | None = None) -> list[Check]:
-    """``health``: what the ledger's files say (LedgerStore.inspect); ``ledger`` is the generation in use."""
+               health: LedgerHealth | None = None, libvirt_iommufd: bool | None = None) -> list[Check]:
+    """``health``: what the ledger's files say (LedgerStore.inspect); ``ledger`` is the generation in use;
+    ``libvirt_iommufd``: whether libvirt's domain capabilities advertise iommufd (None: not asked)."""
     topo = from_sysfs(sysfs, listed_critical=listed_critical)
     out: list[Check] = []
     units = sysfs.iommu_units()
@@ -117,7 +137,7 @@ def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = ()
                                                                "/etc/modules-load.d/vfio.conf"))
     else:
         out.append(Check("vfio-modules", "ok", "vfio, vfio_iommu_type1 and vfio-pci loaded"))
-    out.append(iommufd_check(sysfs, topo))
+    out.append(iommufd_check(sysfs, topo, libvirt_iommufd))
 
     shared = []
     for addr, reason in sorted(topo.critical.items()):

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 _CDEV_RE = re.compile(r"^vfio[0-9]{1,6}$")
 _RELEASE_RE = re.compile(r"^[A-Za-z0-9._+~-]{1,64}$")
+# "kernel/drivers/iommu/iommufd/iommufd.ko.xz:" (modules.dep) or "...iommufd.ko" (modules.builtin)
+_IOMMUFD_KO = re.compile(r"^\S*/iommufd\.ko(\.[a-z]+)?(:|$)", re.M)
 
 
 def open_nodes_text(nodes: dict[str, int]) -> str:
@@ -123,6 +125,25 @@ class VfioReads:
 
     def iommufd_node_exists(self) -> bool:
         return self.backend.dev_exists("iommu")
+
+    def iommufd_support(self) -> str:
+        """'ready' (/dev/iommu exists), 'module' (iommufd.ko is in modules.dep, not loaded), 'absent'
+        (the running kernel has it neither as a module nor built in: CONFIG_IOMMUFD unset, as in
+        Debian 13's 6.12), or 'unknown' (neither file readable)."""
+        if self.iommufd_node_exists():
+            return "ready"
+        release = self.kernel_release()
+        read_any = False
+        for name in ("modules.dep", "modules.builtin"):
+            try:
+                text = self.backend.modules_read(f"{release}/{name}") if release else ""
+            except (OSError, UnicodeDecodeError):
+                continue
+            read_any = read_any or bool(release)
+            if _IOMMUFD_KO.search(text):
+                # built in but no /dev/iommu would be odd: say unknown rather than guess
+                return "module" if name == "modules.dep" else "unknown"
+        return "absent" if read_any else "unknown"
 
     def vfio_cdev_node_exists(self, cdev: str) -> bool:
         return bool(_CDEV_RE.match(cdev)) and self.backend.dev_exists(f"vfio/devices/{cdev}")

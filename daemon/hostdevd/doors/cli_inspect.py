@@ -8,6 +8,7 @@ from pathlib import Path
 from ..core.address import PciAddress
 from ..core.assignable import group_verdicts
 from ..core.checks import run_checks
+from ..core.domcaps import advertises_iommufd
 from ..core.inventory import add_inventory
 from ..core.ledger import Ledger
 from ..core.ledger_store import LedgerHealth, LedgerStore
@@ -138,13 +139,23 @@ def _daemon_drift(ctx: Context) -> list[dict]:
         return []
 
 
+def _libvirt_iommufd(uri: str) -> bool | None:
+    """Whether libvirt's domain capabilities offer iommufd hostdevs; None: libvirt not asked."""
+    try:
+        from ..adapters.libvirt_caps import domain_capabilities
+    except ImportError:                  # no libvirt-python here
+        return None
+    xml = domain_capabilities(uri)
+    return advertises_iommufd(xml) if xml is not None else None
+
+
 def cmd_check(ctx: Context, out: Out) -> int:
     try:
         health: LedgerHealth | None = LedgerStore(ctx.config.state_dir).inspect()
     except PermissionError:
         health = None                  # not root: show the host without owners
     results = run_checks(ctx.sysfs, health.ledger if health is not None else Ledger(), ctx.config.policy.critical,
-                         health=health)
+                         health=health, libvirt_iommufd=_libvirt_iommufd(ctx.config.libvirt_uri))
     failed = any(r.status == "fail" for r in results)
     if ctx.args.json:
         out(json.dumps({"ok": not failed, "checks": [r.to_json() for r in results]}, indent=2))

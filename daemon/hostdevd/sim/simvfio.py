@@ -50,12 +50,17 @@ class SimVfio:
     kernel_release = "6.12.38+deb13-amd64"
     modules_alias = True
     iommufd = True
+    # how the kernel has iommufd: "module" (iommufd.ko in modules.dep), "builtin" or "none"
+    # (CONFIG_IOMMUFD unset, as in Debian 13's kernel); /dev/iommu is ``iommufd``
+    iommufd_build = "module"
     vfio_device_cdev = True
     cdev_users: dict[PciAddress, int]
 
     # ----- modules.alias --------------------------------------------------------------
     def modules_read(self, rel: str) -> str:
         with self._lock:
+            if rel.strip("/") in (f"{self.kernel_release}/modules.dep", f"{self.kernel_release}/modules.builtin"):
+                return self._modules_list(rel.rsplit("/", 1)[1])
             if not self.modules_alias or rel.strip("/") != f"{self.kernel_release}/modules.alias":
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), f"/lib/modules/{rel}")
             lines = ["# Aliases extracted from modules themselves."]
@@ -127,3 +132,12 @@ class SimVfio:
             return self.vfio_device_cdev and any(d.vfio_index == int(rel[17:]) and self._on_vfio(d)
                                                  for d in self.devices.values())
         return None
+
+    def _modules_list(self, name: str) -> str:
+        """modules.dep or modules.builtin: only iommufd's line matters to hostdevd."""
+        ko = "kernel/drivers/iommu/iommufd/iommufd.ko"
+        if name == "modules.dep" and self.iommufd_build == "module":
+            return f"{ko}.xz:\nkernel/drivers/vfio/vfio.ko.xz:\n"
+        if name == "modules.builtin" and self.iommufd_build == "builtin":
+            return f"{ko}\n"
+        return "kernel/drivers/vfio/vfio.ko.xz:\n" if name == "modules.dep" else ""
