@@ -16,8 +16,6 @@ SYS = "/sys/bus/pci/devices"
 CONF = "/etc/hostdevd/hostdevd.toml"
 HOOK = "/etc/libvirt/hooks/qemu.d/hostdevd"
 PKG_CONF = "/root/hostdevd.toml.pkg"   # the package's own config, kept to give it back
-# libvirt as one daemon, or as the per-driver daemons current distributions default to
-MODULAR = ("virtqemud", "virtnodedevd", "virtnetworkd")
 FAULT = "/run/hostdevd/fault"
 FAULT_DROPIN = "/etc/systemd/system/hostdevd.service.d/fault.conf"
 
@@ -102,32 +100,10 @@ def journal(vm, *args: str, timeout: float = 60) -> str:
     return vm.run("journalctl --no-pager -o cat " + " ".join(args), timeout=timeout).stdout
 
 
-def libvirt_mode(vm) -> str:
-    """'modular' when virtqemud runs (or is socket-activated), else 'libvirtd'."""
-    r = vm.run("systemctl is-active -q virtqemud.service virtqemud.socket", timeout=30, check=False)
-    return "modular" if r.ok else "libvirtd"
-
-
 def restart_libvirt(vm, timeout: int = 240) -> None:
-    """Restart whichever libvirt runs, so that it re-reads the hooks directory."""
-    units = " ".join(f"{u}.service" for u in MODULAR) if libvirt_mode(vm) == "modular" else "libvirtd.service"
-    vm.run(f"systemctl restart {units}", timeout=timeout)
-
-
-def switch_libvirt(vm, mode: str) -> None:
-    """Monolithic libvirtd, or the modular daemons (socket-activated, as libvirt documents)."""
-    mono = "libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket"
-    socks = " ".join(f"{u}.socket {u}-ro.socket {u}-admin.socket" for u in MODULAR)
-    svcs = " ".join(f"{u}.service" for u in MODULAR)
-    if mode == "modular":
-        cmd = (f"systemctl stop {mono}; systemctl disable -q {mono}; systemctl enable -q --now {socks} && "
-               f"systemctl start {svcs}")
-    else:
-        cmd = (f"systemctl stop {svcs} {socks}; systemctl disable -q {socks} {svcs}; "
-               f"systemctl enable -q --now {mono} && systemctl start libvirtd.service")
-    vm.run(cmd, timeout=240)
-    assert libvirt_mode(vm) == mode
-    vm.run("for i in $(seq 60); do virsh -q uri >/dev/null 2>&1 && exit 0; sleep 1; done; exit 1", timeout=90)
+    """Restart libvirtd so that it re-reads the hooks directory. Both lab stacks run the monolithic
+    libvirtd: Debian 12 and 13 do not ship virtqemud and the other per-driver daemons."""
+    vm.run("systemctl restart libvirtd.service", timeout=timeout)
 
 
 def use_daemon(vm, config: str | None = None) -> None:

@@ -53,6 +53,57 @@ def test_stack_and_package_as_installed(lab, trixie):
     assert lab.run("journalctl --list-catalog 3ed3dbad284a4a169e375538b43659fd", timeout=60).stdout.strip()
 
 
+def test_what_debian13_does_not_have_and_what_hostdevd_says_about_it(lab, trixie):
+    """The parts of issue 11 that depend on the stack, as Debian 13 ships it. Each assertion is a
+    fact of the stack; when one stops holding (a point release enables iommufd, libvirt ships
+    virtqemud), this test fails so that the lab grows the scenario it then can run."""
+    kver = lab.run("uname -r", timeout=10).stdout.strip()
+    config = lab.run(f"grep -E '^(# )?CONFIG_(IOMMUFD|VFIO_DEVICE_CDEV|VIRTIO_VFIO_PCI)[ =]' /boot/config-{kver}",
+                     timeout=30, check=False).stdout
+    print(config)
+    # no iommufd and no VFIO device cdevs: QEMU can only open /dev/vfio/N
+    assert "# CONFIG_IOMMUFD is not set" in config and "CONFIG_VFIO_DEVICE_CDEV=y" not in config, config
+    assert not lab.run("test -e /dev/iommu || modprobe -n iommufd", timeout=30, check=False).ok
+    # no virtio_vfio_pci (the variant driver of modern virtio-net), and no variant driver at all:
+    # modules.alias has vfio_pci's own entry only
+    assert not lab.run("modinfo virtio_vfio_pci", timeout=30, check=False).ok
+    variants = lab.run(f"grep '^alias vfio_pci:' /lib/modules/{kver}/modules.alias | awk '{{print $3}}' | sort -u",
+                       timeout=30).stdout.split()
+    assert variants == ["vfio_pci"], variants
+    # libvirt 11.3 as Debian packages it: the monolithic libvirtd only, no virtqemud & co.
+    assert not lab.run("command -v virtqemud || test -e /usr/lib/systemd/system/virtqemud.service",
+                       timeout=30, check=False).ok
+    # ... and its domain capabilities offer no iommufd hostdevs
+    assert "name='iommufd'" not in lab.run("virsh domcapabilities", timeout=120).stdout
+    # what hostdevd says: nothing to fix, with the reasons
+    checks = json.loads(lab.run([HCTL, "check", "--json"], timeout=120, check=False).stdout)["checks"]
+    c = {x["name"]: x for x in checks}
+    print("check iommufd: " + c["iommufd"]["message"])
+    assert c["iommufd"]["status"] == "ok", c["iommufd"]
+    assert "CONFIG_IOMMUFD is not set" in c["iommufd"]["message"]
+    assert "does not advertise iommufd" in c["iommufd"]["message"]
+
+
+def test_unit_suite_on_debian13_python_from_the_installed_package(lab, trixie):
+    """The unit suite on Debian 13's Python 3.13 and Debian's pydantic, lxml, libvirt-python ...,
+    importing hostdevd from the package (/usr/lib/python3/dist-packages), not from the checkout:
+    the tests are copied without daemon/."""
+    lab.run("rm -rf /root/ut && mkdir /root/ut && tar -C /mnt/src --exclude=./daemon --exclude=./.venv "
+            "--exclude=./dist --exclude=./.git --exclude='*/__pycache__' -cf - . | tar -C /root/ut -xf -",
+            timeout=300)
+    where = lab.run("cd /root/ut && python3 -c 'import hostdevd, sys; print(hostdevd.__file__, sys.version)'",
+                    timeout=60).stdout
+    assert where.startswith("/usr/lib/python3/dist-packages/hostdevd/") and " 3.13." in where, where
+    t0 = time.monotonic()
+    r = lab.run("cd /root/ut && PYTHONDONTWRITEBYTECODE=1 python3 -m pytest tests/unit -q -p no:cacheprovider "
+                "-x -rs 2>&1 | tail -25", timeout=3000, check=False)
+    took = time.monotonic() - t0
+    print(f"unit suite in the trixie L1 ({took:.0f} s):\n{r.stdout}")
+    assert r.rc == 0 and " passed" in r.stdout, r.stdout
+    assert " failed" not in r.stdout and " error" not in r.stdout, r.stdout
+    assert " skipped" not in r.stdout, "a unit test was skipped on Debian 13: " + r.stdout
+
+
 def test_groups_equal_the_kernels_and_check(lab, trixie):
     data = json.loads(lab.run([HCTL, "groups", "--json"], timeout=120).stdout)
     ours = {int(g["group"]): sorted(d["address"] for d in g["devices"]) for g in data["groups"]}
