@@ -35,7 +35,7 @@ lab_session() { # MARK-EXPRESSION [pytest args]
     local expr=$1 left=${HOSTDEVD_LAB_RERUNS:-2}; shift
     while :; do
         : > "$stall_file"
-        "$PY" -m pytest tests/lab -m "$expr" -v "$@" && return 0
+        "$PY" -m pytest tests/lab -m "$expr" -v --durations=12 "$@" && return 0
         [ -s "$stall_file" ] && [ "$left" -gt 0 ] || return 1
         left=$((left - 1))
         echo "run-tests: *** L1's kernel failed under TCG (the emulator, not hostdevd): $(head -1 "$stall_file")"
