@@ -187,3 +187,46 @@ class IllegalTransition(HostdevError):
         super().__init__(f"{what}: illegal state change from {old} to {new}",
                          f"from {old} it may go to {', '.join(allowed)}" if allowed else f"{old} is final")
         self.what, self.old, self.new = what, old, new
+
+
+# --------------------------------------------------------------------------- plan reasons
+
+class Reason:
+    """Stable codes of why a plan refused a device (``Refusal.code``) or warned about it
+    (``Caution.code``). They travel in ``--json`` and over the socket, and metrics count refusals
+    by them: a code is only ever added, never renamed or reused for another meaning. A refusal
+    the planner has no more specific code for carries ``REFUSED`` (Refused.code)."""
+
+    # refusals
+    UNKNOWN_DEVICE = "UNKNOWN_DEVICE"            # no such PCI function on the host
+    NO_IOMMU = "NO_IOMMU"                        # no IOMMU group (R1)
+    BRIDGE = "BRIDGE"                            # a PCI bridge was requested (R2)
+    GROUP_HELD = "GROUP_HELD"                    # another owner holds the group (R3)
+    POLICY_DENY = "POLICY_DENY"                  # policy.deny matches
+    POLICY_NOT_ALLOWED = "POLICY_NOT_ALLOWED"    # policy.allow is set and does not match
+    HOST_CRITICAL = "HOST_CRITICAL"              # host-critical device or boot VGA (R3)
+    SRIOV_PF_COMPANION = "SRIOV_PF_COMPANION"    # a PF with VFs would be bound as a companion
+    GROUP_CHANGED = "GROUP_CHANGED"              # the ledger's group differs from the host's now
+    NET_NOT_VF = "NET_NOT_VF"                    # MAC/VLAN asked of a device that is not a VF
+    NET_NO_PF_NETDEV = "NET_NO_PF_NETDEV"        # a VF whose PF has no network interface
+    VFIO_DRIVER = "VFIO_DRIVER"                  # a vfio driver override that is no vfio driver (R13)
+    DEVICE_IN_USE = "DEVICE_IN_USE"              # a process holds the device (pre-flight)
+    DEVICE_MAYBE_IN_USE = "DEVICE_MAYBE_IN_USE"  # a process holds the nvidia driver's nodes, GPU unknown
+    VFIO_IN_USE = "VFIO_IN_USE"                  # an unclaimed group's vfio node is open (pre-flight)
+    # warnings (the plan goes ahead)
+    IN_USE_STOPPED_BY_HOST_ACTIONS = "IN_USE_STOPPED_BY_HOST_ACTIONS"  # a holder's unit is in stop_units
+    POWER_D3COLD = "POWER_D3COLD"                # power_state D3cold: the bind may fail
+    CONFIG_UNREADABLE = "CONFIG_UNREADABLE"      # config space unreadable (or all ones)
+    NO_RESET_METHOD = "NO_RESET_METHOD"          # no reset: state can leak between guests
+    NUMA_MISMATCH = "NUMA_MISMATCH"              # the guest's vCPUs or memory are on another node
+    PROC_SCAN_INCOMPLETE = "PROC_SCAN_INCOMPLETE"  # /proc could not be read whole: holders may be missed
+
+
+REFUSAL_CODES = ("REFUSED", Reason.UNKNOWN_DEVICE, Reason.NO_IOMMU, Reason.BRIDGE, Reason.GROUP_HELD,
+                 Reason.POLICY_DENY, Reason.POLICY_NOT_ALLOWED, Reason.HOST_CRITICAL, Reason.SRIOV_PF_COMPANION,
+                 Reason.GROUP_CHANGED, Reason.NET_NOT_VF, Reason.NET_NO_PF_NETDEV, Reason.VFIO_DRIVER,
+                 Reason.DEVICE_IN_USE, Reason.DEVICE_MAYBE_IN_USE, Reason.VFIO_IN_USE)
+"""Every code a plan refusal may carry (the metrics' label values)."""
+WARNING_CODES = (Reason.IN_USE_STOPPED_BY_HOST_ACTIONS, Reason.POWER_D3COLD, Reason.CONFIG_UNREADABLE,
+                 Reason.NO_RESET_METHOD, Reason.NUMA_MISMATCH, Reason.PROC_SCAN_INCOMPLETE)
+"""Every code a plan caution (a warning that does not refuse) may carry."""
