@@ -34,7 +34,8 @@ def _sources() -> list[Path]:
 
 def test_core_imports_no_outside_library():
     names = [f"hostdevd.core.{m.name}" for m in pkgutil.iter_modules([str(PACKAGE / "core")])]
-    code = ("import sys, importlib\n"
+    # -I ignores PYTHONPATH: put this checkout's package first (a worktree beside an installed one).
+    code = (f"import sys, importlib\nsys.path.insert(0, {str(PACKAGE.parent)!r})\n"
             f"for n in {names!r}: importlib.import_module(n)\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {OUTSIDE!r}))")
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
