@@ -134,3 +134,9 @@ def test_cpusets():
     assert parse_cpuset("") == frozenset() and parse_cpuset("3-1") is None and parse_cpuset("99999") is None
     assert parse_cpuset("a") is None and parse_cpuset("1,,2") is None
     assert format_cpuset({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11" and format_cpuset(set()) == ""
+
+
+def test_hostdevd_itself_is_never_a_holder(root):
+    res = ProcScanner(RealProc(str(root)), exclude=[1020]).holders(match("/dev/dri/card1", "/dev/nvidia0"))
+    assert list(res.holders) == ["/dev/nvidia0"] and res.processes == 2
+    assert RealProc("/proc").self_pids == (os.getpid(),) and RealProc(str(root)).self_pids == ()

@@ -69,10 +69,8 @@ def gather(sysfs: Sysfs, addresses: Iterable[PciAddress], vfio_groups: Iterable[
                    scan_note=None if scan.complete else scan.incomplete_text())
     nvidia_any = tuple(scan.holders.get(("nvidia-any",), ()))
     for a, n in zip(addrs, nodes, strict=True):
-        numa = sysfs._fact_int(a, "numa_node")
         pf.devices[a] = DeviceHealth(
-            power_state=sysfs.power_state(a), config_readable=sysfs.config_readable(a),
-            numa_node=numa if numa is not None and numa >= 0 else None,
+            power_state=sysfs.power_state(a), config_readable=sysfs.config_readable(a), numa_node=sysfs.numa_node(a),
             holders=tuple(scan.holders.get(("dev", a, False), ())),
             suspects=nvidia_any if n.nvidia_any else (), nvidia_minor_unknown=n.nvidia_any)
     for g in vfio:

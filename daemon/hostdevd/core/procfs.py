@@ -44,6 +44,11 @@ class RealProc:
     def __init__(self, root: str = "/proc"):
         self.root = root
 
+    @property
+    def self_pids(self) -> tuple[int, ...]:
+        """This process, when the root is the real /proc (a test tree has no such pid)."""
+        return (os.getpid(),) if os.path.realpath(self.root) == "/proc" else ()
+
     def _p(self, rel: str) -> str:
         return os.path.join(self.root, rel)
 
@@ -118,15 +123,18 @@ def unit_of(cgroup_text: str) -> str | None:
 class ProcScanner:
     def __init__(self, access: ProcAccess, *, max_pids: int = MAX_PIDS, max_fds: int = MAX_FDS,
                  max_maps_bytes: int = MAX_MAPS_BYTES, deadline: float = DEADLINE,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, exclude: Iterable[int] = ()):
+        """``exclude``: pids never reported (hostdevd itself: another of its threads may be reading
+        a device's config at that moment)."""
         self.access = access
+        self.exclude = {str(p) for p in exclude}
         self.max_pids, self.max_fds, self.max_maps_bytes = max_pids, max_fds, max_maps_bytes
         self.deadline = deadline
         self.clock = clock
 
     def pids(self) -> list[str]:
         try:
-            return sorted((p for p in self.access.proc_listdir("") if p.isdigit()), key=int)
+            return sorted((p for p in self.access.proc_listdir("") if p.isdigit() and p not in self.exclude), key=int)
         except OSError:
             return []
 

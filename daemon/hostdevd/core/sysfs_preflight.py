@@ -56,13 +56,20 @@ class PreflightReads:
         def _read(self, rel: str) -> str | None: ...
         def driver(self, addr: PciAddress) -> str | None: ...
         def _fact(self, addr: PciAddress, attr: str) -> str | None: ...
+        def _fact_int(self, addr: PciAddress, attr: str) -> int | None: ...
 
     @property
     def _dev_root(self) -> str:
         return getattr(self.backend, "dev_root", "/dev")
 
     def proc_scanner(self) -> ProcScanner:
-        return ProcScanner(self.backend)
+        proc = getattr(self.backend, "proc", None)          # RealHost's RealProc: leave hostdevd itself out
+        return ProcScanner(self.backend, exclude=proc.self_pids if proc is not None else ())
+
+    def numa_node(self, addr: PciAddress) -> int | None:
+        """The device's NUMA node; None for the kernel's -1 (no affinity) or unreadable."""
+        node = self._fact_int(addr, "numa_node")
+        return node if node is not None and node >= 0 else None
 
     def nvidia_minor(self, addr: PciAddress) -> int | None:
         """The GPU's minor from the nvidia driver's /proc information file; None when absent."""
