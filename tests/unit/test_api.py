@@ -150,7 +150,7 @@ def test_thousands_of_missing_devices_get_one_short_refusal(daemon):
         refusals = r["error"]["refusals"] if request["op"] == "prepare" else r["plan"]["refusals"]
         assert refusals == [{"device": "-", "hint": "`hostdevctl groups` lists the devices and their addresses",
                              "reason": f"{count} requested devices do not exist on this host: 0000:a0:00.0, "
-                                       "0000:a0:00.1, 0000:a0:00.2, \u2026"}]
+                                       "0000:a0:00.1, 0000:a0:00.2, \u2026", "code": "UNKNOWN_DEVICE"}]
         assert len(json.dumps(refusals)) < 300 and len(json.dumps(r)) < 1000, r
     assert sim.state() == before and call(path, {"op": "ping"})["ok"]
 

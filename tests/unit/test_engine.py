@@ -185,8 +185,10 @@ def test_prepare_domain_with_every_vf_of_the_pool_taken_is_refused(tmp_path):
     with pytest.raises(Refused) as e:
         eng.prepare_domain(DomainPrepare(web1, parsed.addresses(), parsed, networks=Lookup(pool=POOL_NO)))
     assert "hostdev network 'pool' has no VF web1 could get" in e.value.message and "vm1" in e.value.message
-    # The planner's refusals travel with it: one per VF, and vm1 named as the holder of their groups.
-    assert [r["device"] for r in e.value.refusals] == [str(v) for v in vfs]
+    # The pool's own refusal first (NO_FREE_VF), then the planner's: one per VF, and vm1 named as the
+    # holder of their groups.
+    assert [(r["device"], r["code"]) for r in e.value.refusals] == \
+        [("-", "NO_FREE_VF")] + [(str(v), "GROUP_HELD") for v in vfs]
     assert {h["owner"]["name"] for h in e.value.holders} == {"vm1"} and len(e.value.holders) == len(vfs)
     assert sim.state() == before and eng.store.saves == saves
     assert {c.owner.name for c in eng.ledger().claims.values()} == {"vm1"}

@@ -213,6 +213,7 @@ def test_attach_to_a_stopped_domain_changes_its_definition_only(hot):
     assert r["error"]["code"] == "REFUSED"
     r = attach(path, PAIR, name="vm3", live=True)
     assert r["error"]["code"] == "REFUSED" and "not running" in r["error"]["message"]
+    assert [x["code"] for x in r["error"]["refusals"]] == ["NOT_RUNNING"]     # every refusal has its code
 
 
 def test_attach_to_an_unknown_domain(hot):

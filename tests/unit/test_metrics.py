@@ -13,18 +13,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hostdevd.core.address import PciAddress as A
 from hostdevd.core.config import parse_config
-from hostdevd.core.errors import ConfigError, ExecutionFailed, Refused
+from hostdevd.core.errors import REFUSAL_CODES, ConfigError, ExecutionFailed, Reason, Refused
 from hostdevd.core.ledger import Owner
 from hostdevd.core.opstate import MAX_LABEL, op_state
-from hostdevd.core.plan import REFUSAL_CODES
 from hostdevd.core.sysfs import Sysfs
 from hostdevd.core.telemetry import NullRecorder, Telemetry
 from hostdevd.doors import wire
 from hostdevd.doors.cli import main
 from hostdevd.doors.metrics import TEXTFILE, Metrics, MetricsServer, parse_listen
+from hostdevd.sim.simkernel import SimKernel
 
 from .conftest import load_sim, make_engine
 from .daemon_support import domain_xml, running_daemon
+from .test_preflight import GPU, spec
 
 WEB1 = Owner(name="web1", uuid="00000000-0000-0000-0000-0000000000a1")
 DB1 = Owner(name="db1", uuid="00000000-0000-0000-0000-0000000000d1")
@@ -96,12 +97,29 @@ def test_a_refusal_counts_its_reason_code(metered):
     with pytest.raises(Refused):
         eng.prepare([A.parse(BRIDGE)], DB1)                  # bridges are never bound
     t = m.text()
-    assert val(t, "hostdevd_refusals_total", reason="held") == 1
-    assert val(t, "hostdevd_refusals_total", reason="bridge") == 1
-    assert val(t, "hostdevd_refusals_total", reason="host_critical") == 0
+    assert val(t, "hostdevd_refusals_total", reason="GROUP_HELD") == 1
+    assert val(t, "hostdevd_refusals_total", reason="BRIDGE") == 1
+    assert val(t, "hostdevd_refusals_total", reason="HOST_CRITICAL") == 0
     assert val(t, "hostdevd_operations_total", operation="prepare", result="refused") == 2
     # every reason code exists from the start, at 0 or more
     assert {dict(k[1])["reason"] for k in samples(t) if k[0] == "hostdevd_refusals_total"} == set(REFUSAL_CODES)
+
+
+def test_pre_flight_refusals_count_their_code_and_warnings_are_not_refusals(tmp_path):
+    sim = SimKernel(spec(reset_method=[]))                     # the GPU also has no reset method: a warning
+    sim.add_process(1020, "Xorg", fds=["/dev/dri/card1"])
+    eng = make_engine(sim, tmp_path / "state")
+    m = Metrics(lambda: op_state(eng.topology(with_critical=False), eng.ledger()))
+    assert m.recorder is not None
+    eng.telemetry.install(m.recorder)
+    with pytest.raises(Refused) as e:
+        eng.prepare([GPU], WEB1)
+    assert e.value.codes == [Reason.DEVICE_IN_USE]
+    t = m.text()
+    assert val(t, "hostdevd_refusals_total", reason="DEVICE_IN_USE") == 1
+    assert val(t, "hostdevd_operations_total", operation="prepare", result="refused") == 1
+    assert sum(v for (name, _), v in samples(t).items() if name == "hostdevd_refusals_total") == 1
+    assert "NO_RESET_METHOD" not in t                          # warnings are no refusal reason
 
 
 def test_a_refusal_counts_once_under_the_innermost_operation():
@@ -113,8 +131,8 @@ def test_a_refusal_counts_once_under_the_innermost_operation():
 
     tel = Telemetry(Rec())
     with pytest.raises(Refused), tel.timed("attach"), tel.timed("prepare"):
-        raise Refused("no", codes=["held", "held", "bridge"])
-    assert seen == [("prepare", ["held", "bridge"])]
+        raise Refused("no", refusals=[{"code": c} for c in (Reason.GROUP_HELD, Reason.GROUP_HELD, Reason.BRIDGE)])
+    assert seen == [("prepare", ["GROUP_HELD", "BRIDGE"])]
 
 
 def test_errors_count_their_stable_code_never_their_message(metered):
@@ -323,7 +341,7 @@ def test_daemon_serves_http_counts_hooks_and_answers_hostdevctl(tmp_path):
         assert val(body, "hostdevd_hook_request_duration_seconds_count", op="prepare", result="ok") == 1
         assert val(body, "hostdevd_hook_request_duration_seconds_count", op="prepare", result="refused") == 1
         assert val(body, "hostdevd_api_requests_total", op="status", origin="api", result="ok") == 1
-        assert val(body, "hostdevd_refusals_total", reason="held") == 1
+        assert val(body, "hostdevd_refusals_total", reason="GROUP_HELD") == 1
         assert val(body, "hostdevd_operations_total", operation="reconcile", result="ok") >= 1   # at start
         assert val(body, "hostdevd_last_reconcile_timestamp_seconds") > 0
         assert val(body, "hostdevd_group_owner", group="15", owner="vm1", owner_kind="domain") == 1
@@ -341,7 +359,7 @@ def test_daemon_serves_http_counts_hooks_and_answers_hostdevctl(tmp_path):
         d.mkdir()
         rc, _ = _cli(["--config", str(cfg), "metrics", "--textfile", str(d)], sim)
         text = (d / TEXTFILE).read_text()
-        assert rc == 0 and val(text, "hostdevd_refusals_total", reason="held") == 1
+        assert rc == 0 and val(text, "hostdevd_refusals_total", reason="GROUP_HELD") == 1
         assert val(text, "hostdevd_operations_total", operation="prepare", result="ok") == 1
         rc, out = _cli(["--config", str(cfg), "--no-daemon", "metrics"], sim)
         assert rc == 0 and val(out, "hostdevd_daemon_running") == 0

@@ -516,6 +516,9 @@ def test_hostdev_network_pool_is_resolved_from_the_network_xml():
         r = wire.call(d.server.path, {"op": "prepare", "origin": "hook", "domain": {"name": "web1"}, "xml": xml})
         assert not r["ok"] and "hostdev network 'pool' has no VF web1 could get" in r["error"]["message"]
         assert "db1" in r["error"]["message"]
+        # the pool's own refusal first, then each VF's (held by db1), each with its code
+        assert {x["code"] for x in r["error"]["refusals"]} == {"NO_FREE_VF", "GROUP_HELD"}
+        assert r["error"]["refusals"][0]["code"] == "NO_FREE_VF"
 
 
 def test_managed_no_hostdev_network_vf_is_prepared_at_prepare_begin():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .address import PciAddress
+from .errors import Reason
 from .ledger import Ledger, Owner
 from .plan import Refusal
 from .planner import Policy, plan_prepare
@@ -17,7 +18,7 @@ from .topology import Topology
 
 PROBE = Owner(name="hostdevd-assignable", kind="manual")
 BRIDGES_ONLY = Refusal("-", "the group holds only PCI bridges, which stay with the host: nothing to hand over",
-                       "pass an endpoint device; bridges are never bound to vfio-pci", code="bridges_only")
+                       "pass an endpoint device; bridges are never bound to vfio-pci", code=Reason.BRIDGES_ONLY)
 
 
 @dataclass(frozen=True)

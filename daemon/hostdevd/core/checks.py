@@ -1,5 +1,7 @@
 """Host validation for `hostdevctl check` (R1 IOMMU and interrupt remapping, vfio modules,
-iommufd and device cdevs (R14), groups shared with host-critical devices, ledger vs sysfs drift)."""
+iommufd and device cdevs (R14), groups shared with host-critical devices, ledger vs sysfs drift,
+and the pre-flight facts of the devices that could be passed through: processes holding them,
+D3cold or unreadable config space, no reset method)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,9 +10,10 @@ from typing import Literal
 
 from .ledger import Ledger
 from .ledger_store import LedgerHealth
+from .preflight import D3COLD, Preflight, gather, holder_hint, holders_text
 from .states import ClaimState
 from .sysfs import Sysfs
-from .topology import VFIO, Topology, from_sysfs
+from .topology import VFIO, Device, Topology, from_sysfs
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -176,4 +179,58 @@ def run_checks(sysfs: Sysfs, ledger: Ledger, listed_critical: Sequence[str] = ()
     if unclaimed:
         out.append(Check("unclaimed-vfio", "warn", f"on vfio-pci but claimed by nobody: {', '.join(unclaimed)}",
                          "bound by hand or by libvirt; hostdevd leaves them as they are"))
+    out += preflight_checks(sysfs, topo)
+    return out
+
+
+def passthrough_candidates(topo: Topology) -> list[Device]:
+    """Endpoints a domain could be given: in an IOMMU group, not host-critical, not the boot VGA,
+    not chipset (class 06xx: host, ISA and other bridges)."""
+    return [d for d in sorted(topo.devices.values(), key=lambda d: d.address)
+            if d.group is not None and not d.bridge and not d.boot_vga and d.address not in topo.critical
+            and not d.class_code.startswith("06")]
+
+
+def _few(items: list[str], limit: int = 6) -> str:
+    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def preflight_checks(sysfs: Sysfs, topo: Topology, pf: Preflight | None = None) -> list[Check]:
+    """The pre-flight facts of every passthrough candidate: what `plan` would refuse or warn about."""
+    devices = passthrough_candidates(topo)
+    if pf is None:
+        pf = gather(sysfs, [d.address for d in devices])
+    out = []
+    held = [(d, h) for d in devices if (h := pf.devices.get(d.address)) and (h.holders or h.suspects)]
+    note = f"; the scan was incomplete: {pf.scan_note}" if pf.scan_note else ""
+    if held:
+        out.append(Check("device-holders", "warn", _few([
+            f"{d.address} held by {holders_text(h.holders or h.suspects)}"
+            + (" (nvidia nodes; which GPU is unknown)" if not h.holders else "") for d, h in held]) + note,
+            "a bind of these is refused while they hold them: " + holder_hint(
+                [x for _, h in held for x in (h.holders or h.suspects)], held[0][0].vendor_device)))
+    else:
+        out.append(Check("device-holders", "warn" if pf.scan_note else "ok",
+                         f"no process holds any of the {len(devices)} passthrough candidates "
+                         f"({pf.processes} processes scanned){note}",
+                         "run as root to see every process" if pf.scan_note else ""))
+    power = []
+    for d in devices:
+        h = pf.devices.get(d.address)
+        if h is not None and h.power_state == D3COLD:
+            power.append(f"{d.address} is in D3cold")
+        elif h is not None and not h.config_readable:
+            power.append(f"{d.address} has an unreadable config space")
+    if power:
+        out.append(Check("power-state", "warn", _few(power) + ": binding them may fail",
+                         "check the slot's power and runtime PM (power/control = on), `lspci -vvv` and dmesg"))
+    else:
+        out.append(Check("power-state", "ok", f"all {len(devices)} passthrough candidates are powered and their "
+                                             "config space reads back"))
+    no_reset = [str(d.address) for d in devices if not d.reset_method and not d.has_reset]
+    if no_reset:
+        out.append(Check("reset", "warn", f"no reset method: {_few(no_reset)}: their state can leak from one guest "
+                                          "to the next", "pass them only to guests that trust each other"))
+    else:
+        out.append(Check("reset", "ok", f"all {len(devices)} passthrough candidates have a reset method"))
     return out

@@ -29,6 +29,7 @@ from typing import Literal
 from lxml import etree
 
 from .address import PciAddress
+from .cpuset import parse_cpuset
 from .xmlsafe import (
     DEFAULT_MAX_BYTES,
     _check_numbers,
@@ -115,6 +116,7 @@ class DomainRequest:
     requests: list[DeviceRequest] = field(default_factory=list)
     networks: list[NetworkRef] = field(default_factory=list)
     out_of_scope: list[OutOfScope] = field(default_factory=list)
+    numa: GuestNuma | None = None        # where the guest runs (vCPU pinning, <numatune>); <domain> only
 
     def addresses(self) -> list[PciAddress]:
         """Host addresses of the requests, in document order."""
@@ -131,6 +133,62 @@ class DomainRequest:
             "networks": [n.to_dict() for n in self.networks],
             "out_of_scope": [o.to_dict() for o in self.out_of_scope],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class GuestNuma:
+    """Where a domain's vCPUs and memory may be on the host (the pre-flight NUMA check).
+
+    ``cpus``: the host CPUs its vCPUs may run on (``<cputune><vcpupin cpuset>``, the rest of the
+    vCPUs ``<vcpu cpuset>``); None when some vCPU may run anywhere. ``memory_nodes``:
+    ``<numatune><memory nodeset>``; None when absent or left to numad (``placement='auto'``)."""
+    cpus: frozenset[int] | None = None
+    memory_nodes: frozenset[int] | None = None
+
+    @property
+    def constrained(self) -> bool:
+        return self.cpus is not None or self.memory_nodes is not None
+
+
+def _first(el: etree._Element, tag: str) -> etree._Element | None:
+    return next(iter(_children(el, tag)), None)
+
+
+def guest_numa(root: etree._Element) -> GuestNuma:
+    """Read a ``<domain>``'s placement; malformed lists (libvirt rejects them) count as absent."""
+    vcpu = _first(root, "vcpu")
+    count = 1
+    vcpu_set: frozenset[int] | None = None
+    if vcpu is not None:
+        try:
+            count = max(1, min(int((vcpu.text or "1").strip()), 16384))
+        except ValueError:
+            count = 1
+        if vcpu.get("placement") != "auto" and vcpu.get("cpuset"):
+            vcpu_set = parse_cpuset(vcpu.get("cpuset") or "")
+    pinned: dict[int, frozenset[int]] = {}
+    cputune = _first(root, "cputune")
+    for pin in _children(cputune, "vcpupin") if cputune is not None else []:
+        pin_cpus = parse_cpuset(pin.get("cpuset") or "")
+        try:
+            which = int(pin.get("vcpu") or "")
+        except ValueError:
+            continue
+        if pin_cpus and 0 <= which < count:
+            pinned[which] = pin_cpus
+    cpus: frozenset[int] | None
+    if len(pinned) >= count:
+        cpus = frozenset().union(*pinned.values())
+    elif vcpu_set:
+        cpus = vcpu_set.union(*pinned.values())
+    else:
+        cpus = None
+    memory = None
+    numatune = _first(root, "numatune")
+    mem = _first(numatune, "memory") if numatune is not None else None
+    if mem is not None and mem.get("placement") != "auto" and mem.get("nodeset"):
+        memory = parse_cpuset(mem.get("nodeset") or "") or None
+    return GuestNuma(cpus, memory)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -322,7 +380,7 @@ def _parse_domain(xml: str | bytes, max_bytes: int, what: str) -> DomainRequest:
     else:
         raise _err(f"{what} XML has root <{_tag(root)}>; expected <domain>, <hostdev> or <interface>")
 
-    result = DomainRequest(name, uuid)
+    result = DomainRequest(name, uuid, numa=guest_numa(root) if root.tag == "domain" else None)
     seen: dict[PciAddress, str] = {}
     for el in elements:
         item = _hostdev(el) if el.tag == "hostdev" else _interface(el)

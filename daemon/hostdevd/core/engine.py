@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .address import PciAddress
 from .config import Config
-from .domxml import DomainPlacement, DomainRequest
+from .domxml import DomainPlacement, DomainRequest, GuestNuma
 from .errors import HostdevError, Refused
 from .executor import Executor, Result, Runner, default_modprobe, default_runner
 from .ledger import Claim, Ledger, Owner
@@ -26,6 +26,7 @@ from .migrate import MigrationReport, assess
 from .netreq import NetRequest, net_requests
 from .planner import Plan, Policy, groups_of, plan_prepare, plan_release
 from .pools import NetworkLookup, pick_pool_vfs
+from .preflight import with_preflight
 from .reconcile import Guard, ReconcileReport, RunningDomain, adopt_domain, reconcile, release_missing, release_owner
 from .reservations import ReservationReport, apply_reservations
 from .sriov import SriovReport, VfResult, set_vfs_by_hand
@@ -84,9 +85,14 @@ class Engine:
         return self.store.read()
 
     def plan_prepare(self, addresses: Iterable[PciAddress], owner: Owner,
-                     topo: Topology | None = None, driver_models: dict[PciAddress, str] | None = None) -> Plan:
+                     topo: Topology | None = None, driver_models: dict[PciAddress, str] | None = None,
+                     guest: GuestNuma | None = None) -> Plan:
+        """Dry run, pre-flight checks included (holders, power, reset, NUMA against ``guest``)."""
+        addresses = list(addresses)
         topo = topo or self.topology()
-        return plan_prepare(topo, list(addresses), owner, self.ledger(), self.policy, driver_models=driver_models)
+        topo = with_preflight(topo, self.sysfs, groups_of(topo, addresses))
+        return plan_prepare(topo, addresses, owner, self.ledger(), self.policy, driver_models=driver_models,
+                            guest=guest)
 
     def plan_release(self, owner: Owner, addresses: Iterable[PciAddress] | None = None,
                      topo: Topology | None = None) -> Plan:
@@ -96,11 +102,13 @@ class Engine:
     # ---- write side ----
     def prepare(self, addresses: Iterable[PciAddress], owner: Owner,
                 net: dict[PciAddress, NetRequest] | None = None,
-                driver_models: dict[PciAddress, str] | None = None) -> tuple[Plan, Result]:
+                driver_models: dict[PciAddress, str] | None = None,
+                guest: GuestNuma | None = None) -> tuple[Plan, Result]:
         """Claim and bind every group the addresses touch; all-or-nothing.
 
         ``net``: VF MAC/VLAN per address (``<interface type='hostdev'>``), set after the bind.
         ``driver_models``: the vfio driver per address a domain names (``<driver model=…>``, R13).
+        ``guest``: the domain's vCPU and memory pinning, for the pre-flight NUMA warning.
         """
         addresses = list(addresses)
         with self.telemetry.timed("prepare"):
@@ -108,10 +116,10 @@ class Engine:
             groups = groups_of(scan, addresses)
             with self.locks.hold(groups):
                 # Plan under the group locks, against a fresh ledger and freshly read group
-                # members: no stale decisions.
-                topo = refresh_groups(scan, self.sysfs, groups)
+                # members: no stale decisions. The pre-flight facts (who holds a device open) too.
+                topo = with_preflight(refresh_groups(scan, self.sysfs, groups), self.sysfs, groups)
                 plan = plan_prepare(topo, addresses, owner, self.ledger(), self.policy, net_requests=net,
-                                    driver_models=driver_models)
+                                    driver_models=driver_models, guest=guest)
                 if not plan.ok:
                     raise plan.refused()
                 return plan, self.executor.prepare(plan)
@@ -195,7 +203,8 @@ class Engine:
         t0 = time.monotonic()
         with req.serialize() if req.serialize is not None else nullcontext():
             plan, result = self._prepare_logged(addrs, req.owner, net,
-                                                req.parsed.driver_models() if req.parsed is not None else None)
+                                                req.parsed.driver_models() if req.parsed is not None else None,
+                                                req.parsed.numa if req.parsed is not None else None)
         log.info("prepared %s for %s (%s) in %.0f ms", ", ".join(map(str, addrs)), req.owner.label(), req.origin,
                  (time.monotonic() - t0) * 1000)
         return Prepared(req.owner, plan, result, extras)
@@ -206,10 +215,10 @@ class Engine:
         return Prepared(owner, plan, result, {"warnings": plan.warnings})
 
     def plan_for(self, action: str, owner: Owner, addresses: list[PciAddress], *, everything: bool,
-                 driver_models: dict[PciAddress, str] | None = None) -> Plan:
+                 driver_models: dict[PciAddress, str] | None = None, guest: GuestNuma | None = None) -> Plan:
         """Dry run: the prepare plan, or the release plan (``everything``: all of ``owner``'s)."""
         if action == "prepare":
-            return self.plan_prepare(addresses, owner, driver_models=driver_models)
+            return self.plan_prepare(addresses, owner, driver_models=driver_models, guest=guest)
         return self.plan_release(owner, None if everything else addresses)
 
     def check_attachable(self, owner: Owner, addresses: list[PciAddress],
@@ -232,9 +241,10 @@ class Engine:
         return Attached(owner, plan, result, new)
 
     def _prepare_logged(self, addresses: list[PciAddress], owner: Owner, net: dict[PciAddress, NetRequest],
-                        driver_models: dict[PciAddress, str] | None = None) -> tuple[Plan, Result]:
+                        driver_models: dict[PciAddress, str] | None = None,
+                        guest: GuestNuma | None = None) -> tuple[Plan, Result]:
         try:
-            return self.prepare(addresses, owner, net, driver_models)
+            return self.prepare(addresses, owner, net, driver_models, guest)
         except Refused as e:
             few = ", ".join(map(str, addresses[:4]))    # a domain may name thousands: the log line stays short
             if len(addresses) > 4:

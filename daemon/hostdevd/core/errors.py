@@ -73,17 +73,26 @@ class SysfsTimeout(SysfsError):
 
 
 class Refused(HostdevError):
-    """The planner refused; ``refusals`` carries the per-device reasons."""
+    """A request was refused; ``refusals`` says why, one ``{"device", "reason", "hint", "code"}``
+    per reason, each with exactly one stable reason code (:class:`Reason`, :data:`REFUSAL_CODES`).
+
+    Refused without per-device reasons, the request as a whole is one refusal (``device`` "-",
+    the message as its reason) with ``reason`` as its code, so that every refusal on the wire
+    and in the metrics has its code."""
     code = "REFUSED"
 
-    def __init__(self, message: str, hint: str | None = None, refusals: list | None = None,
-                 holders: list[dict] | None = None, codes: list[str] | None = None):
+    def __init__(self, message: str, hint: str | None = None, refusals: list[dict] | None = None,
+                 holders: list[dict] | None = None, reason: str | None = None):
         super().__init__(message, hint)
-        self.refusals = refusals or []
-        # The refusals' reason codes (core/plan.py REFUSAL_CODES): bounded, for metrics.
-        self.codes = codes or []
+        self.refusals = list(refusals) if refusals else [
+            {"device": "-", "reason": message, "hint": hint or "", "code": reason or Reason.REFUSED}]
         # Who holds the groups refused for ownership: [{"group": N, "owner": {...}}] (R3).
         self.holders = holders or []
+
+    @property
+    def codes(self) -> list[str]:
+        """The refusals' reason codes, one per refusal (metrics count refusals by them)."""
+        return [r.get("code") or Reason.REFUSED for r in self.refusals]
 
 
 class ExecutionFailed(HostdevError):
@@ -189,3 +198,60 @@ class IllegalTransition(HostdevError):
         super().__init__(f"{what}: illegal state change from {old} to {new}",
                          f"from {old} it may go to {', '.join(allowed)}" if allowed else f"{old} is final")
         self.what, self.old, self.new = what, old, new
+
+
+# --------------------------------------------------------------------------- reason codes
+
+class Reason:
+    """The stable codes of why a request was refused (a refusal's ``code``: ``Refusal.code`` and
+    every entry of ``Refused.refusals``) or warned about (``Caution.code``). The one list of them:
+    they travel in ``--json`` and over the socket, and metrics count refusals by them
+    (``hostdevd_refusals_total{reason=...}``, one series per :data:`REFUSAL_CODES`; warnings are
+    not counted). A code is its attribute's name; it is only ever added, never renamed or reused
+    for another meaning. A refusal no more specific code fits carries ``REFUSED``."""
+
+    # refusals: the planner's rules (core/planner.py, core/plan.py)
+    REFUSED = "REFUSED"                          # no more specific code (Refused.code)
+    UNKNOWN_DEVICE = "UNKNOWN_DEVICE"            # no such PCI function on the host
+    NO_IOMMU = "NO_IOMMU"                        # no IOMMU group (R1)
+    BRIDGE = "BRIDGE"                            # a PCI bridge was requested (R2)
+    BRIDGES_ONLY = "BRIDGES_ONLY"                # a group of PCI bridges only: nothing to hand over (inventory)
+    GROUP_HELD = "GROUP_HELD"                    # another owner holds the group (R3)
+    GROUP_BUSY = "GROUP_BUSY"                    # the group is being prepared for the same owner right now
+    POLICY_DENY = "POLICY_DENY"                  # policy.deny matches
+    POLICY_NOT_ALLOWED = "POLICY_NOT_ALLOWED"    # policy.allow is set and does not match
+    HOST_CRITICAL = "HOST_CRITICAL"              # host-critical device or boot VGA (R3)
+    SRIOV_PF_COMPANION = "SRIOV_PF_COMPANION"    # a PF with VFs would be bound as a companion
+    GROUP_CHANGED = "GROUP_CHANGED"              # the ledger's group differs from the host's now
+    VFIO_DRIVER = "VFIO_DRIVER"                  # a vfio driver override that is no vfio driver (R13)
+    # refusals: VF networking and SR-IOV
+    NET_NOT_VF = "NET_NOT_VF"                    # MAC/VLAN asked of a device that is not a VF
+    NET_NO_PF_NETDEV = "NET_NO_PF_NETDEV"        # a VF whose PF has no network interface
+    NET_VLAN_TRUNK = "NET_VLAN_TRUNK"            # a VLAN trunk (or several tags) asked of a VF
+    NO_FREE_VF = "NO_FREE_VF"                    # a hostdev network's pool has no VF the domain could get
+    SRIOV_NUMVFS = "SRIOV_NUMVFS"                # a change of a PF's VF count (sriov_numvfs) refused
+    # refusals: hot-plug
+    NOT_RUNNING = "NOT_RUNNING"                  # a live attach/detach asked of a domain that is not running
+    # refusals: pre-flight (core/preflight.py)
+    DEVICE_IN_USE = "DEVICE_IN_USE"              # a process holds the device
+    DEVICE_MAYBE_IN_USE = "DEVICE_MAYBE_IN_USE"  # a process holds the nvidia driver's nodes, GPU unknown
+    VFIO_IN_USE = "VFIO_IN_USE"                  # an unclaimed group's vfio node is open
+    # warnings (the plan goes ahead): pre-flight
+    IN_USE_STOPPED_BY_HOST_ACTIONS = "IN_USE_STOPPED_BY_HOST_ACTIONS"  # a holder's unit is in stop_units
+    POWER_D3COLD = "POWER_D3COLD"                # power_state D3cold: the bind may fail
+    CONFIG_UNREADABLE = "CONFIG_UNREADABLE"      # config space unreadable (or all ones)
+    NO_RESET_METHOD = "NO_RESET_METHOD"          # no reset: state can leak between guests
+    NUMA_MISMATCH = "NUMA_MISMATCH"              # the guest's vCPUs or memory are on another node
+    PROC_SCAN_INCOMPLETE = "PROC_SCAN_INCOMPLETE"  # /proc could not be read whole: holders may be missed
+
+
+REFUSAL_CODES = (Reason.REFUSED, Reason.UNKNOWN_DEVICE, Reason.NO_IOMMU, Reason.BRIDGE, Reason.BRIDGES_ONLY,
+                 Reason.GROUP_HELD, Reason.GROUP_BUSY, Reason.POLICY_DENY, Reason.POLICY_NOT_ALLOWED,
+                 Reason.HOST_CRITICAL, Reason.SRIOV_PF_COMPANION, Reason.GROUP_CHANGED, Reason.VFIO_DRIVER,
+                 Reason.NET_NOT_VF, Reason.NET_NO_PF_NETDEV, Reason.NET_VLAN_TRUNK, Reason.NO_FREE_VF,
+                 Reason.SRIOV_NUMVFS, Reason.NOT_RUNNING,
+                 Reason.DEVICE_IN_USE, Reason.DEVICE_MAYBE_IN_USE, Reason.VFIO_IN_USE)
+"""Every code a refusal may carry (the label values of ``hostdevd_refusals_total``)."""
+WARNING_CODES = (Reason.IN_USE_STOPPED_BY_HOST_ACTIONS, Reason.POWER_D3COLD, Reason.CONFIG_UNREADABLE,
+                 Reason.NO_RESET_METHOD, Reason.NUMA_MISMATCH, Reason.PROC_SCAN_INCOMPLETE)
+"""Every code a plan caution (a warning that does not refuse) may carry; never a refusal's."""

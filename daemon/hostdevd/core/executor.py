@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .address import PciAddress
-from .errors import ExecutionFailed, HostdevError, LedgerError, LedgerSaveFailed, Refused
+from .errors import ExecutionFailed, HostdevError, LedgerError, LedgerSaveFailed, Reason, Refused
 from .executor_base import ExecutorBase, wait_until
 from .executor_host import Runner, RunResult, default_runner
 from .executor_records import RecordSteps
@@ -190,7 +190,7 @@ class Executor(RecordSteps, SriovSteps):
                 raise refused([held_refusal(str(gp.requested[0]) if gp.requested else "-", gp.group, holder.owner)])
             if holder is not None:
                 raise Refused(f"IOMMU group {gp.group} is already being prepared for {plan.owner.label()}",
-                              "wait for the first request to finish", codes=["busy"])
+                              "wait for the first request to finish", reason=Reason.GROUP_BUSY)
             records = [self._record(a, "companion" if a in gp.companions else "requested",
                                     DeviceState.VFIO if a in gp.keep else DeviceState.HOST) for a in gp.bind]
             # A reservation's claim says so in the same transaction (never a second write).

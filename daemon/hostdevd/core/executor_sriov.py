@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from .address import PciAddress
-from .errors import HostdevError, Refused
+from .errors import HostdevError, Reason, Refused
 from .executor_base import ExecutorBase
 from .ledger import SriovRecord, now
 from .logfields import log_action
@@ -35,8 +35,8 @@ class SriovSteps(ExecutorBase):
         rolled back meaningfully: the old VFs are gone once 0 was written)."""
         if not plan.ok:
             raise Refused("; ".join(plan.refusals), plan.hint or None,
-                          refusals=[{"device": plan.pf, "reason": r, "hint": plan.hint} for r in plan.refusals],
-                          codes=["sriov"])
+                          refusals=[{"device": plan.pf, "reason": r, "hint": plan.hint, "code": Reason.SRIOV_NUMVFS}
+                                    for r in plan.refusals])
         pf = PciAddress.parse(plan.pf)
         result = VfResult(plan.pf, plan.wanted, waiter=waiter.name)
         if plan.noop:

@@ -42,6 +42,7 @@ class RefusalModel(_Strict):
     device: str
     reason: str
     hint: str
+    code: str = Field(default="REFUSED", description="Why, as a stable identifier (errors.REFUSAL_CODES).")
 
 
 class InventoryDevice(_Strict):

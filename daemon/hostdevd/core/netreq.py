@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .address import PciAddress
-from .errors import Refused
+from .errors import Reason, Refused
 
 
 @dataclass
@@ -46,7 +46,7 @@ def net_requests(parsed, resolved_by_libvirt: bool = False) -> dict[PciAddress, 
             continue
         if r.vlan_trunk or len(r.vlan_tags) > 1:
             raise Refused(f"{r.address}: VLAN trunk {list(r.vlan_tags)} on an SR-IOV VF: a VF takes one VLAN tag",
-                          "give the interface a single <vlan><tag id=…/></vlan>", codes=["vlan_trunk"])
+                          "give the interface a single <vlan><tag id=…/></vlan>", reason=Reason.NET_VLAN_TRUNK)
         libvirt_owned = resolved_by_libvirt or r.network is not None
         out[r.address] = NetRequest(mac=r.mac, vlan=r.vlan_tags[0] if r.vlan_tags else None,
                                     managed=True if libvirt_owned else r.managed, libvirt_first=libvirt_owned)

@@ -9,16 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .address import PciAddress
-from .errors import InternalError, Refused
+from .errors import InternalError, Reason, Refused
 from .ledger import Owner
 from .netreq import NetRequest
-
-REFUSAL_CODES = (
-    "unknown_device", "no_iommu", "bridge", "bridges_only", "held", "busy", "policy_deny", "policy_allow",
-    "host_critical", "sriov_pf_with_vfs", "group_changed", "vfio_driver", "not_a_vf", "vf_without_netdev",
-    "vlan_trunk", "no_free_vf", "sriov", "not_running", "other",
-)
-"""Why a request was refused, as a stable code per planner rule (a refusal's ``code``)."""
 
 
 @dataclass
@@ -35,11 +28,12 @@ class Refusal:
     # Set when another owner holds the device's IOMMU group (R3): who, for the reply's "holders".
     group: int | None = None
     holder: Owner | None = None
-    # Which rule refused, one of REFUSAL_CODES: stable and bounded (metrics count refusals by it).
-    code: str = "other"
+    # Why, as one stable code (errors.REFUSAL_CODES): in --json and the socket's replies, and what
+    # metrics count refusals by (hostdevd_refusals_total{reason=...}).
+    code: str = Reason.REFUSED
 
     def to_json(self) -> dict:
-        return {"device": self.device, "reason": self.reason, "hint": self.hint}
+        return {"device": self.device, "reason": self.reason, "hint": self.hint, "code": self.code}
 
     @property
     def text(self) -> str:
@@ -48,6 +42,24 @@ class Refusal:
 
     def __str__(self) -> str:
         return f"{self.text} ({self.hint})"
+
+
+@dataclass(frozen=True)
+class Caution:
+    """A warning with a stable code (errors.WARNING_CODES) that does not refuse: the pre-flight
+    checks' D3cold, no reset method, NUMA mismatch, ... ``message`` reads like a refusal's reason
+    (it does not repeat the device); its text also goes into the plan's ``warnings``."""
+    code: str
+    device: str
+    message: str
+    hint: str = ""
+
+    def to_json(self) -> dict:
+        return {"code": self.code, "device": self.device, "message": self.message, "hint": self.hint}
+
+    def __str__(self) -> str:
+        text = self.message if self.device in ("", "-") else f"{self.device} {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
 
 
 StepAction = Literal["claim", "bind", "keep", "skip", "reset", "activate", "restore", "drop", "update",
@@ -132,6 +144,9 @@ class Plan:
     to_reservation: list[int] = field(default_factory=list)
     # Prepare only: VF network settings requested per address (<interface type='hostdev'>).
     net: dict[PciAddress, NetRequest] = field(default_factory=dict)
+    # Prepare only, live host: the pre-flight checks' coded warnings, and each device's NUMA node.
+    cautions: list[Caution] = field(default_factory=list)
+    numa: dict[PciAddress, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -155,6 +170,10 @@ class Plan:
              "warnings": self.warnings}
         if self.refusals:
             d["refusals"] = [r.to_json() for r in self.refusals]
+        if self.cautions:
+            d["cautions"] = [c.to_json() for c in self.cautions]
+        if self.numa:
+            d["numa"] = {str(a): n for a, n in sorted(self.numa.items())}
         return d
 
 
@@ -165,11 +184,10 @@ def held_refusal(device: str, group: int, holder: Owner) -> Refusal:
     reason = f"IOMMU group {group} is {held}" if device in ("", "-") else f"is in IOMMU group {group}, {held}"
     return Refusal(device, reason,
                    f"stop {holder.name} or release its devices first (`hostdevctl release --owner {holder.name}`)",
-                   group=group, holder=holder, code="held")
+                   group=group, holder=holder, code=Reason.GROUP_HELD)
 
 
 def refused(refusals: list[Refusal]) -> Refused:
     holders = {r.group: r.holder for r in refusals if r.holder is not None and r.group is not None}
     return Refused("; ".join(str(r) for r in refusals), refusals=[r.to_json() for r in refusals],
-                   holders=[{"group": g, "owner": h.model_dump()} for g, h in sorted(holders.items())],
-                   codes=[r.code for r in refusals])
+                   holders=[{"group": g, "owner": h.model_dump()} for g, h in sorted(holders.items())])

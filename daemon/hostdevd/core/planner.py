@@ -14,14 +14,17 @@ from dataclasses import dataclass, field
 
 from .address import PciAddress
 from .config import Config, DeviceMatcher
+from .domxml import GuestNuma
+from .errors import Reason
 from .ledger import Claim, Ledger, Owner
 from .netreq import NetRequest
-from .plan import HOST_ACTIONS, GroupPlan, Plan, Refusal, Step, StepAction, held_refusal, refused
+from .plan import HOST_ACTIONS, Caution, GroupPlan, Plan, Refusal, Step, StepAction, held_refusal, refused
+from .preflight import judge as judge_preflight
 from .states import ClaimState, VfNetState
 from .topology import VFIO, Device, Topology
 from .variants import DriverChoice, choose_driver, same_driver
 
-__all__ = ["HOST_ACTIONS", "GroupPlan", "Plan", "Policy", "Refusal", "Step", "StepAction", "groups_of",
+__all__ = ["HOST_ACTIONS", "Caution", "GroupPlan", "Plan", "Policy", "Refusal", "Step", "StepAction", "groups_of",
            "held_refusal", "plan_prepare", "plan_release", "refused"]
 
 
@@ -70,31 +73,33 @@ def _refuse_device(dev: Device, role: str, topo: Topology, policy: Policy,
     if policy.deny.matches(dev.address, dev.vendor, dev.device):
         return Refusal(addr, f"{what}denied by policy.deny (vendor:device {dev.vendor_device})",
                        "remove it from policy.deny in /etc/hostdevd/hostdevd.toml to allow passthrough",
-                       code="policy_deny")
+                       code=Reason.POLICY_DENY)
     if policy.allow and not policy.allow.matches(dev.address, dev.vendor, dev.device):
         return Refusal(addr, f"{what}not in policy.allow (vendor:device {dev.vendor_device})",
                        "add its address or vendor:device to policy.allow in /etc/hostdevd/hostdevd.toml",
-                       code="policy_allow")
+                       code=Reason.POLICY_NOT_ALLOWED)
     reason = topo.critical.get(dev.address) or ("boot VGA (the host console)" if dev.boot_vga else None)
     if reason and not policy.allow_critical.matches(dev.address, dev.vendor, dev.device):
         return Refusal(addr, f"{what}host-critical: {reason}",
                        f"pass another device, or add {addr} to policy.allow_host_critical if the host can "
-                       "really do without it", code="host_critical")
+                       "really do without it", code=Reason.HOST_CRITICAL)
     if dev.sriov_numvfs and role == "companion":
         return Refusal(addr, f"{what}an SR-IOV PF with {dev.sriov_numvfs} VFs enabled; unbinding it "
                        "would destroy them", "the platform lacks ACS between the PF and its VFs; assign the "
-                       "whole PF instead, or use a slot with ACS", code="sriov_pf_with_vfs")
+                       "whole PF instead, or use a slot with ACS", code=Reason.SRIOV_PF_COMPANION)
     return None
 
 
 def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, ledger: Ledger,
                  policy: Policy | None = None, class_warnings: dict[PciAddress, str] | None = None,
                  net_requests: dict[PciAddress, NetRequest] | None = None,
-                 driver_models: Mapping[PciAddress, str] | None = None) -> Plan:
+                 driver_models: Mapping[PciAddress, str] | None = None, guest: GuestNuma | None = None) -> Plan:
     """Plan moving whole groups to vfio drivers for ``owner`` (all-or-nothing).
 
     ``net_requests``: MAC/VLAN a domain asks for per VF (``<interface type='hostdev'>``).
     ``driver_models``: the vfio driver a domain names per device (``<driver model=…>``, R13).
+    ``guest``: where the domain's vCPUs and memory are pinned (the pre-flight NUMA check). The
+    pre-flight rules (:mod:`.preflight`) run when the topology carries their facts.
     """
     policy = policy or Policy()
     plan = Plan("prepare", owner)
@@ -115,12 +120,12 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
         else:
             wanted.setdefault(dev.group, []).append(addr)
     plan.refusals += _per_request(unknown, "does not exist on this host", "do not exist on this host",
-                                  "`hostdevctl groups` lists the devices and their addresses", "unknown_device")
+                                  "`hostdevctl groups` lists the devices and their addresses", Reason.UNKNOWN_DEVICE)
     plan.refusals += _per_request(no_group, "has no IOMMU group: the IOMMU is off or absent",
-                                  "have no IOMMU group: the IOMMU is off or absent", NO_IOMMU_HINT, "no_iommu")
+                                  "have no IOMMU group: the IOMMU is off or absent", NO_IOMMU_HINT, Reason.NO_IOMMU)
     plan.refusals += _per_request(bridges, "is a PCI bridge; bridges are never bound to vfio-pci",
                                   "are PCI bridges; bridges are never bound to vfio-pci",
-                                  "pass the endpoint devices behind the bridge instead", "bridge")
+                                  "pass the endpoint devices behind the bridge instead", Reason.BRIDGE)
 
     for group, addrs in sorted(wanted.items()):
         gp = GroupPlan(group, requested=list(addrs))
@@ -159,10 +164,11 @@ def plan_prepare(topo: Topology, requests: Iterable[PciAddress], owner: Owner, l
             if other and other.group != group:
                 plan.refusals.append(Refusal(str(a), f"is in group {other.group} in the ledger, but the host now "
                                              f"reports group {group}", "the topology changed; run `hostdevctl check`",
-                                             code="group_changed"))
+                                             code=Reason.GROUP_CHANGED))
     if not topo.iommu_active and not plan.refusals:
-        plan.refusals.append(Refusal("-", "the IOMMU is off or absent", NO_IOMMU_HINT, code="no_iommu"))
+        plan.refusals.append(Refusal("-", "the IOMMU is off or absent", NO_IOMMU_HINT, code=Reason.NO_IOMMU))
     _refuse_net(topo, plan)
+    judge_preflight(topo, plan, policy.config, guest)
     drivers = _choose_drivers(topo, plan, policy, driver_models or {})
 
     planned_actions: set[tuple[str, str]] = set()
@@ -222,7 +228,7 @@ def _choose_drivers(topo: Topology, plan: Plan, policy: Policy,
             dev = topo.require(a)
             out[a] = choice = choose_driver(dev, topo.variants, models.get(a), policy.vfio_driver(dev))
             if choice.refusal is not None:
-                plan.refusals.append(Refusal(str(a), choice.refusal, choice.hint, code="vfio_driver"))
+                plan.refusals.append(Refusal(str(a), choice.refusal, choice.hint, code=Reason.VFIO_DRIVER))
             elif a in gp.keep and choice.source != "default" and not same_driver(dev.driver, choice.driver):
                 plan.warnings.append(f"{a} is on {dev.driver or 'no driver'} already and stays there; "
                                      f"{choice} applies when it is next bound")
@@ -249,11 +255,11 @@ def _refuse_net(topo: Topology, plan: Plan) -> None:
         if dev.physfn is None:
             plan.refusals.append(Refusal(str(a), "is not an SR-IOV VF: MAC/VLAN of <interface type='hostdev'> can "
                                          "only be set on a VF (libvirt refuses it too)",
-                                         "use <hostdev> for a whole NIC, or pick a VF", code="not_a_vf"))
+                                         "use <hostdev> for a whole NIC, or pick a VF", code=Reason.NET_NOT_VF))
         elif _vf_netdev(topo, a) is None and topo.source == "sysfs":
             plan.refusals.append(Refusal(str(a), f"is a VF whose PF {dev.physfn} has no network interface, so its "
                                          "MAC/VLAN cannot be set", "is the PF bound to its network driver?",
-                                         code="vf_without_netdev"))
+                                         code=Reason.NET_NO_PF_NETDEV))
 
 
 def _host_action_steps(topo: Topology, gp: GroupPlan, policy: Policy,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .address import PciAddress
 from .domxml import DomainRequest
-from .errors import HostdevError, Refused
+from .errors import HostdevError, Reason, Refused
 from .ledger import Ledger, Owner
 from .netreq import NetRequest
 from .netxml import parse_network
@@ -58,12 +58,13 @@ def pick_pool_vfs(parsed: DomainRequest, owner: Owner, lookup: NetworkLookup, to
         picks.networks[i].update(hostdev_pool=[str(a) for a in pool], assignable=[str(a) for a in ok])
         if pool and not ok:
             # The planner's refusals, so the reply names who holds the VFs as for any refusal.
+            # The pool's own refusal (NO_FREE_VF) comes first, then each VF's.
             err = refused(list(why.values()))
-            raise Refused(f"hostdev network {ref.network!r} has no VF {owner.name} could get: "
-                          + "; ".join(r.text for r in list(why.values())[:4]),
-                          "free a VF of the pool (stop a domain using one) or create more VFs "
-                          "(`hostdevctl vfs set`)", refusals=err.refusals, holders=err.holders,
-                          codes=["no_free_vf", *err.codes])
+            hint = "free a VF of the pool (stop a domain using one) or create more VFs (`hostdevctl vfs set`)"
+            empty = f"hostdev network {ref.network!r} has no VF {owner.name} could get"
+            raise Refused(f"{empty}: " + "; ".join(r.text for r in list(why.values())[:4]), hint,
+                          refusals=[{"device": "-", "reason": empty, "hint": hint, "code": Reason.NO_FREE_VF},
+                                    *err.refusals], holders=err.holders)
         if pool and not net.managed:
             # libvirt sets its MAC after this hook and restores it itself: saved now, verified.
             picks.vfs[ok[0]] = NetRequest(mac=ref.mac, managed=True)

@@ -10,7 +10,9 @@ Two layers:
   host-critical reads (mounts, routes, consoles) are in :mod:`.sysfs_critical`,
   the other half of this module; its vfio reads (variant drivers, modules.alias, who holds a
   group or a device cdev open) are in :mod:`.sysfs_vfio`; what only the inventory reports (NUMA
-  node, PCIe link, power state, names from the host's pci.ids) in :mod:`.sysfs_inventory`.
+  node, PCIe link, power state, names from the host's pci.ids) in :mod:`.sysfs_inventory`; what
+  the pre-flight checks read (the files a process can hold a device through, config space, NUMA
+  nodes' CPUs; the /proc scan itself is :mod:`.procfs`'s) in :mod:`.sysfs_preflight`.
 
 No other module builds a sysfs path. Paths are only ever built from a
 ``PciAddress`` (validated), an ``int`` group number, or a name read back from
@@ -27,8 +29,10 @@ from typing import Protocol
 from .address import PciAddress
 from .device import BRIDGE_CLASSES, Device
 from .errors import InvalidAddress, SysfsError, SysfsTimeout
+from .procfs import ProcScanner, RealProc
 from .sysfs_critical import HostCriticalReads
 from .sysfs_inventory import InventoryReads
+from .sysfs_preflight import PreflightReads
 from .sysfs_vfio import VfioReads
 from .timedcall import TimedCaller
 
@@ -52,7 +56,10 @@ class HostBackend(Protocol):
     def readlink(self, rel: str) -> str: ...
     def listdir(self, rel: str) -> list[str]: ...
     def exists(self, rel: str) -> bool: ...
+    def realpath(self, rel: str) -> str: ...
     def proc_read(self, rel: str) -> str: ...
+    def proc_listdir(self, rel: str) -> list[str]: ...
+    def proc_readlink(self, rel: str) -> str: ...
     def dev_exists(self, rel: str) -> bool: ...
     def vfio_group_users(self, group: int) -> int: ...
     def dev_users(self, rels: list[str]) -> dict[str, int]: ...
@@ -70,6 +77,7 @@ class RealHost:
         self.dev_root = dev_root
         self.modules_root = modules_root
         self.share_root = share_root
+        self.proc = RealProc(proc_root)      # /proc access is procfs's
 
     def _p(self, rel: str) -> str:
         return os.path.join(self.sys_root, rel)
@@ -103,8 +111,13 @@ class RealHost:
         return os.path.realpath(self._p(rel))
 
     def proc_read(self, rel: str) -> str:
-        with open(os.path.join(self.proc_root, rel), encoding="utf-8", errors="replace") as f:
-            return f.read()
+        return self.proc.proc_read(rel)
+
+    def proc_listdir(self, rel: str) -> list[str]:
+        return self.proc.proc_listdir(rel)
+
+    def proc_readlink(self, rel: str) -> str:
+        return self.proc.proc_readlink(rel)
 
     def dev_exists(self, rel: str) -> bool:
         return os.path.exists(os.path.join(self.dev_root, rel))
@@ -126,24 +139,8 @@ class RealHost:
     def dev_users(self, rels: list[str]) -> dict[str, int]:
         """Open file descriptors on each /dev/<rel> across all processes, in one pass over /proc."""
         targets = {os.path.join(self.dev_root, r): r for r in rels}
-        users = dict.fromkeys(rels, 0)
-        try:
-            pids = [p for p in os.listdir(self.proc_root) if p.isdigit()]
-        except OSError:
-            return users
-        for pid in pids:
-            fd_dir = os.path.join(self.proc_root, pid, "fd")
-            try:
-                for fd in os.listdir(fd_dir):
-                    try:
-                        rel = targets.get(os.readlink(os.path.join(fd_dir, fd)))
-                    except OSError:
-                        continue
-                    if rel is not None:
-                        users[rel] += 1
-            except OSError:
-                continue
-        return users
+        counts = ProcScanner(self.proc).fd_counts(targets)
+        return {r: counts.get(p, 0) for p, r in targets.items()}
 
 
 def _safe_name(name: str) -> bool:
@@ -155,7 +152,7 @@ def _hex4(text: str) -> str:
     return f"{int(text.strip(), 16):04x}"
 
 
-class Sysfs(HostCriticalReads, VfioReads, InventoryReads):
+class Sysfs(HostCriticalReads, VfioReads, InventoryReads, PreflightReads):
     """Validated reads and timed writes of PCI sysfs attributes."""
 
     def __init__(self, backend: HostBackend | None = None, write_timeout: float = DEFAULT_WRITE_TIMEOUT):

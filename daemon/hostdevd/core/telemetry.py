@@ -7,7 +7,7 @@ prometheus_client), so the core never imports a metrics library.
 
 Every label a recorder gets is bounded: an operation from :data:`OPERATIONS`, a result from
 :data:`RESULTS`, an error's stable ``code`` (:mod:`.errors`), a refusal's reason code
-(:attr:`.plan.Refusal.code`), an API op. Never a message, an address or a domain name.
+(:class:`.errors.Reason`), an API op. Never a message, an address or a domain name.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from .errors import HostdevError, Refused
+from .errors import HostdevError, Reason, Refused
 
 OPERATIONS = ("prepare", "release", "bind", "unbind", "attach", "detach", "set_vfs", "reconcile")
 """``unbind``: a device given back to its recorded driver (a release's or a rollback's restore)."""
@@ -60,8 +60,8 @@ class NullRecorder:
 
 
 def refusal_reasons(err: Refused) -> list[str]:
-    """The distinct reason codes of a refusal, in order; "other" when it carries none."""
-    return list(dict.fromkeys(err.codes)) or ["other"]
+    """The distinct reason codes of a refusal's entries (:data:`.errors.REFUSAL_CODES`), in order."""
+    return list(dict.fromkeys(err.codes)) or [Reason.REFUSED]
 
 
 class Telemetry:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .address import PciAddress
 from .device import BRIDGE_CLASSES, STUB_DRIVERS, VFIO, VFIO_DRIVERS, Device, is_vfio_driver
 from .errors import InvalidAddress, ListingError, UnknownDevice
 from .sysfs import Sysfs
 from .variants import VariantTable
+
+if TYPE_CHECKING:
+    from .preflight import Preflight
 
 # Device and its class/driver constants live in .device; re-exported for existing importers.
 __all__ = ["BRIDGE_CLASSES", "STUB_DRIVERS", "VFIO", "VFIO_DRIVERS", "Device", "Source", "Topology",
@@ -36,6 +39,9 @@ class Topology:
     group_users: dict[int, int] = field(default_factory=dict)
     # The kernel's vfio_pci: aliases and loaded drivers (core/variants.py); live host only.
     variants: VariantTable | None = None
+    # Pre-flight facts (holders, power, NUMA) of the groups a prepare touches; live host only
+    # (core/preflight.py with_preflight).
+    preflight: Preflight | None = None
 
     @property
     def groups(self) -> dict[int, list[Device]]:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from ..core.address import PciAddress
-from ..core.domxml import parse_domain
+from ..core.domxml import GuestNuma, parse_domain
 from ..core.engine import DomainPrepare
 from ..core.errors import Refused, UsageError
 from ..core.ledger import Ledger, Owner
 from ..core.netreq import NetRequest, net_requests
-from ..core.planner import Policy, plan_prepare, plan_release
+from ..core.planner import Policy, groups_of, plan_prepare, plan_release
+from ..core.preflight import with_preflight
 from .cli_common import (
     EXIT_OK,
     EXIT_PROBLEM,
@@ -50,9 +51,11 @@ def cmd_plan(ctx: Context, out: Out) -> int:
     else:
         if not addrs:
             raise UsageError("nothing to plan: give a domain XML file or --device BDF")
+        if topo.source == "sysfs":      # the pre-flight checks: who holds the devices, power, reset
+            topo = with_preflight(topo, ctx.sysfs, groups_of(topo, addrs))
         plan = plan_prepare(topo, addrs, owner, ledger, ctx.engine.policy if topo.source == "sysfs"
                             else Policy.from_config(ctx.config), warnings, net_requests=_net_requests(ctx),
-                            driver_models=_driver_models(ctx))
+                            driver_models=_driver_models(ctx), guest=_guest(ctx))
     data = plan.to_json()
     data["source"] = topo.source
     if ctx.unparsed is not None:
@@ -67,6 +70,13 @@ def _net_requests(ctx: Context) -> dict[PciAddress, NetRequest]:
     if not getattr(ctx.args, "xml", None):
         return {}
     return net_requests(parse_domain(read_text(ctx.args.xml).encode()))
+
+
+def _guest(ctx: Context) -> GuestNuma | None:
+    """Where the domain XML pins its vCPUs and memory (the NUMA pre-flight check)."""
+    if not getattr(ctx.args, "xml", None):
+        return None
+    return parse_domain(read_text(ctx.args.xml).encode()).numa
 
 
 def _driver_models(ctx: Context) -> dict[PciAddress, str]:
@@ -94,10 +104,10 @@ def cmd_prepare(ctx: Context, out: Out) -> int:
     try:
         done = ctx.engine.prepare_domain(DomainPrepare(owner, addrs, parsed, origin="cli"))
     except Refused as e:
-        plan = ctx.engine.plan_prepare(addrs, owner, driver_models=_driver_models(ctx))
+        plan = ctx.engine.plan_prepare(addrs, owner, driver_models=_driver_models(ctx), guest=_guest(ctx))
         data = plan.to_json()
         data["ok"] = False
-        data.setdefault("refusals", e.refusals or [{"device": "-", "reason": e.message, "hint": e.hint or ""}])
+        data.setdefault("refusals", e.refusals)
         print_plan(ctx, data, out, "prepare")
         return EXIT_PROBLEM
     assert done.plan is not None and done.result is not None

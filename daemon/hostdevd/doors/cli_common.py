@@ -198,6 +198,8 @@ def print_plan(ctx: Context, plan_json: dict, out: Out, title: str) -> None:
         out(f"  refused: {refusal_text(r)}")
         if r.get("hint"):
             out(f"    fix: {r['hint']}")
+    if plan_json.get("numa"):
+        out("  numa: " + ", ".join(f"{a} node {n}" for a, n in plan_json["numa"].items()))
     for w in plan_json.get("warnings", []):
         out(f"  warning: {w}")
     for n in plan_json.get("notes", []):

@@ -17,7 +17,7 @@ from typing import Any
 from ..core.address import PciAddress
 from ..core.domxml import DomainRequest, guest_placements
 from ..core.engine import Engine
-from ..core.errors import LibvirtFailure, LibvirtUnavailable, NotFound, Refused
+from ..core.errors import LibvirtFailure, LibvirtUnavailable, NotFound, Reason, Refused
 from ..core.ledger import Owner
 from ..core.logfields import log_action
 from ..core.netreq import net_requests
@@ -41,7 +41,7 @@ def affect(live: bool, config: bool, active: bool | None, op: str, name: str) ->
     if live and not active:
         raise Refused(f"{name} is not running: nothing to {op} live",
                       f"leave out --live to change {name}'s persistent definition (--config), or start it",
-                      codes=["not_running"])
+                      reason=Reason.NOT_RUNNING)
     return live, config
 
 

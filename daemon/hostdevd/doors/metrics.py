@@ -33,9 +33,8 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from .. import __version__
-from ..core.errors import UsageError
+from ..core.errors import REFUSAL_CODES, Reason, UsageError
 from ..core.opstate import DRIVER_KINDS, OpState
-from ..core.plan import REFUSAL_CODES
 from ..core.telemetry import OPERATIONS, RESULTS
 
 log = logging.getLogger("hostdevd.metrics")
@@ -62,8 +61,8 @@ class PrometheusRecorder:
             "hostdevd_operation_errors_total", "Operations that failed, by operation and hostdevd's stable error code.",
             ["operation", "code"], registry=registry)
         self.refusals = Counter(
-            "hostdevd_refusals_total", "Requests refused, by the planner's reason code (a request refused for "
-            "two reasons counts under each).", ["reason"], registry=registry)
+            "hostdevd_refusals_total", "Requests refused, by reason code (README \"Refusal codes\"; a request "
+            "refused for two reasons counts under each).", ["reason"], registry=registry)
         self.ledger_saves = Histogram(
             "hostdevd_ledger_save_duration_seconds", "How long an atomic ledger save took (write, fsync, rename, "
             "directory fsync).", buckets=SAVE_BUCKETS, registry=registry)
@@ -95,7 +94,7 @@ class PrometheusRecorder:
 
     def refused(self, op: str, reasons: Iterable[str]) -> None:
         for reason in reasons:
-            self.refusals.labels(reason if reason in REFUSAL_CODES else "other").inc()
+            self.refusals.labels(reason if reason in REFUSAL_CODES else Reason.REFUSED).inc()
 
     def ledger_saved(self, seconds: float, ok: bool) -> None:
         if ok:

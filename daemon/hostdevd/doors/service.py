@@ -321,7 +321,8 @@ class Daemon:
         owner = Owner(**req.owner.model_dump())
         parsed, addrs = request_devices(req.xml, req.addresses, fragment=False)
         plan = self.engine.plan_for(req.action, owner, addrs, everything=not (req.xml or req.addresses),
-                                    driver_models=parsed.driver_models() if parsed is not None else None)
+                                    driver_models=parsed.driver_models() if parsed is not None else None,
+                                    guest=parsed.numa if parsed is not None else None)
         return {"plan": plan.to_json(), **request_extras(parsed)}
 
     def op_vfs_set(self, req: api.VfsSetRequest, peer: Peer) -> dict:

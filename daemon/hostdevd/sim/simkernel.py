@@ -39,6 +39,9 @@ Layout (relative to /sys, as the kernel builds it):
   ``vfio/devices/vfioN`` (iommufd and device cdevs), and /lib/modules/<release>/modules.alias:
   :mod:`hostdevd.sim.simvfio`. numa_node, power_state and the PCIe link attributes of each
   device, and /usr/share/misc/pci.ids (``share_read``): :mod:`hostdevd.sim.siminventory`.
+  Processes with open fds and mappings in /proc, DRM nodes, the nvidia driver's minor, an
+  unreadable config space, ``resource0``/``rom`` and the NUMA nodes' cpulists:
+  :mod:`hostdevd.sim.simproc`.
 
 Kernel semantics (drivers/base/bus.c, dd.c, driver.c; drivers/pci/pci-driver.c,
 pci-sysfs.c, iov.c; drivers/vfio):
@@ -108,6 +111,7 @@ from typing import Any
 from ..core.address import PciAddress
 from ..core.errors import ConfigError
 from .siminventory import SimShare
+from .simproc import SimProc
 from .simspec import (
     LEGACY_TTYS,
     PCI_STUB,
@@ -209,7 +213,7 @@ def _kstrtobool(data: str) -> bool:
 # ----------------------------------------------------------------------------------------
 # the kernel
 
-class SimKernel(SimVfio, SimShare):
+class SimKernel(SimVfio, SimShare, SimProc):
     """An in-memory kernel behind the :class:`~hostdevd.sysfs.HostBackend` protocol.
 
     Thread-safe: one re-entrant lock guards all state; a write that hangs (fault
@@ -249,6 +253,8 @@ class SimKernel(SimVfio, SimShare):
         self.group_users: dict[int, int] = {}
         self.cdev_users: dict[PciAddress, int] = {}        # open /dev/vfio/devices/vfioN, per device
         self.write_log: list[tuple[str, str]] = []
+        self.processes = {}                                  # pid -> SimProcess (simproc)
+        self.numa_nodes = {}                                 # node -> cpulist text (simproc)
         self._rules: list[_Rule] = []
         self._hanging = 0
         SpecLoader(self, {} if spec is None else spec).load()
@@ -380,7 +386,10 @@ class SimKernel(SimVfio, SimShare):
                 "modules": self._proc_modules,
             }.get(rel.strip("/"))
             if gen is None:
-                raise _oserror(errno.ENOENT, posixpath.join("/proc", rel))
+                text = self._proc_process_read(rel)       # processes, nvidia's gpus/ (simproc)
+                if text is None:
+                    raise _oserror(errno.ENOENT, posixpath.join("/proc", rel))
+                return text
             return gen()
 
     def dev_exists(self, rel: str) -> bool:
@@ -1096,6 +1105,8 @@ class _TreeBuilder:
                   "devices/virtual/net", "devices/system", "class/tty", "bus/virtio/devices",
                   "bus/virtio/drivers"):
             self.mkdir(p)
+        for node, cpus in sorted(k.numa_nodes.items()):
+            self.ro(f"devices/system/node/node{node}/cpulist", cpus + "\n")
         for tty in LEGACY_TTYS:                       # 8250's legacy ports: no PCI device above them
             self.tty(tty, "devices/platform/serial8250")
         self.rw("bus/pci/drivers_probe", None, k._w_drivers_probe)
@@ -1193,6 +1204,9 @@ class _TreeBuilder:
         self.ro(f"{d}/class", f"0x{dev.pci_class:06x}\n")
         self.ro(f"{d}/revision", f"0x{dev.revision:02x}\n")
         self.ro(f"{d}/config", lambda: self.config(dev))
+        if dev.header_type == 0:
+            self.ro(f"{d}/resource0", lambda: b"")
+            self.ro(f"{d}/rom", lambda: b"")
         self.ro(f"{d}/enable", "1\n")
         for name, text in dev.facts.files().items():      # numa_node, power_state, *_link_* (siminventory)
             self.ro(f"{d}/{name}", text)
@@ -1248,6 +1262,8 @@ class _TreeBuilder:
             self.ro(f"{sub}/status", "0x0000000f\n")
             if dev.virtio is not None:
                 self.virtio(dev.virtio, sub, dev.virtio_index)
+        for name in dev.pre.drm:
+            self.ro(f"{d}/drm/{name}/dev", "226:0\n")
         for name in dev.net:
             self.netdev(name, f"{sub}/net/{name}", sub)
         for name in dev.tty:
@@ -1335,6 +1351,8 @@ class _TreeBuilder:
         return f"block/{name}"
 
     def config(self, dev: SimDevice) -> bytes:
+        if not dev.pre.config_readable:
+            raise _oserror(errno.EIO)
         cfg = bytearray(256)
         cfg[0:2] = dev.vendor.to_bytes(2, "little")
         cfg[2:4] = dev.device.to_bytes(2, "little")

@@ -47,9 +47,13 @@ Spec (JSON or TOML; unknown keys are errors)::
                   "vfs_share_group": false, "vf_ifname": "enp3s0f0v{n}",
                   "vf_refuse_drivers": []},
         "numa_node": 0, "power_state": "D0",         # inventory facts: hostdevd.sim.siminventory
+        "drm": ["card0"], "nvidia_minor": 0, "config_readable": true,   # pre-flight: hostdevd.sim.simproc
         "pcie_link": {"speed": 8.0, "width": 4, "max_speed": 8.0, "max_width": 4}
       }],
       "pci_ids": {"8086": {"name": "Intel Corporation", "devices": {"10d3": "82574L Gigabit Network Connection"}}},
+      "numa_nodes": {"0": "0-3", "1": "4-7"},        # devices/system/node/nodeN/cpulist (hostdevd.sim.simproc)
+      "processes": [{"pid": 812, "comm": "nvidia-persistenced", "unit": "nvidia-persistenced.service",
+                     "fds": ["/dev/nvidia0", "sysfs:0000:01:00.0/config"], "maps": []}],
       "dm": [{"name": "dm-0", "slaves": ["nvme0n1p3"], "dev": "253:0", "dm_name": "vg-root"}],
       "iscsi": [{"session": 1, "host": 3, "address": "10.0.0.7", "persistent_address": "10.0.0.7",
                  "block": ["sdb", "sdb1"]}],         # software iSCSI: disks under platform/hostH/sessionS
@@ -73,6 +77,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from ..core.address import PciAddress
 from ..core.errors import ConfigError, InvalidAddress
 from .siminventory import SimFacts, load_facts, load_pci_ids
+from .simproc import SimDevicePre, load_device_pre, load_numa_nodes, load_processes
 
 if TYPE_CHECKING:
     from .simkernel import SimKernel
@@ -216,6 +221,7 @@ class SimDevice:
     vfio_index: int | None = None
     resets: int = 0
     facts: SimFacts = field(default_factory=SimFacts)     # numa_node, power_state, PCIe link
+    pre: SimDevicePre = field(default_factory=SimDevicePre)  # drm nodes, nvidia minor, config (simproc)
 
     @property
     def bridge(self) -> bool:
@@ -271,13 +277,13 @@ class SpecLoader:
            "unsafe_interrupts", "iommu_group_type", "cmdline", "kvm", "open_group_unbind", "modules",
            "blacklisted_modules", "drivers", "devices", "dm", "virtual_net", "mounts", "swaps",
            "default_route", "default_route6", "routes", "iscsi", "kernel_release", "modules_alias", "iommufd",
-           "vfio_device_cdev", "pci_ids"}
+           "vfio_device_cdev", "pci_ids", "processes", "numa_nodes"}
     DRIVER = {"ids", "refuse", "module", "loaded", "sriov_configure", "vfio", "driver_managed_dma",
               "comment", "aliases"}
     DEVICE = {"address", "name", "comment", "vendor", "device", "subsystem_vendor", "subsystem_device",
               "class", "revision", "header_type", "group", "driver", "driver_override", "boot_vga",
               "reset_method", "net", "block", "parent", "secondary_bus", "refuse_drivers", "sriov", "tty",
-              "virtio", "numa_node", "power_state", "pcie_link"}
+              "virtio", "numa_node", "power_state", "pcie_link", "drm", "nvidia_minor", "config_readable"}
     SRIOV = {"totalvfs", "numvfs", "vf_vendor", "vf_device", "vf_driver", "offset", "stride", "autoprobe",
              "vfs_share_group", "vf_ifname", "vf_refuse_drivers", "vf_reset_method"}
 
@@ -353,6 +359,8 @@ class SpecLoader:
         for i, d in enumerate(devs):
             self.device(d, i)
         self.iscsi(spec.get("iscsi", []))
+        load_processes(self, k, spec.get("processes", []))
+        load_numa_nodes(self, k, spec.get("numa_nodes", {}))
         self.links()
         self.blocks(spec)
         self.net(spec)
@@ -480,6 +488,7 @@ class SpecLoader:
                    refuse_drivers=set(self.names(raw, "refuse_drivers", where)))
         dev.tty = self.names(raw, "tty", where)
         dev.facts = load_facts(self, raw, where)
+        dev.pre = load_device_pre(self, raw, where)
         if (dev.net or raw.get("block") or dev.tty) and (driver is None or not k.drivers[driver].host):
             self.fail(where, "net/block/tty devices need the device bound to a host driver")
         for name in dev.tty:
