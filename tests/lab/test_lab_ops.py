@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from labops import CONF, HCTL, PKG_CONF, drivers, wait_active, wait_drivers, wait_no_claims
+from labops import CONF, HCTL, PKG_CONF, SYS, drivers, wait_active, wait_drivers, wait_no_claims
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_trixie, pytest.mark.trixie_only]
@@ -114,3 +114,28 @@ def test_exports_for_nova_and_kubevirt_list_the_assignable_devices(lab, metrics)
     crit = {d["address"] for g in json.loads(lab.run([HCTL, "groups", "--json"], timeout=120).stdout)["groups"]
             for d in g["devices"] if d.get("host_critical")}
     assert crit and not [c for c in crit if c in nova or c in kube], crit
+
+
+def test_a_process_holding_the_device_refuses_the_start_naming_it(lab, metrics):
+    """Pre-flight (issue 14.4): a process with the NIC's sysfs config open; libvirt's start is refused
+    naming it, with the host action as the hint, and nothing moves; once it is gone the start works."""
+    nic = metrics["nic1"]
+    lab.labsh(f"mkdom ops3 {nic} && virsh -q define /root/ops3.xml", timeout=120)
+    pid = lab.run(f"nohup python3 -c \"import os, time; fd = os.open('{SYS}/{nic}/config', os.O_RDONLY); "
+                  "time.sleep(900)\" >/dev/null 2>&1 & echo $!", timeout=30).stdout.strip()
+    try:
+        lab.run(f"for i in $(seq 30); do ls -l /proc/{pid}/fd | grep -q '{nic}/config' && exit 0; sleep 1; done; "
+                "exit 1", timeout=60)
+        plan = json.loads(lab.run([HCTL, "plan", "--device", nic, "--json"], timeout=120, check=False).stdout)
+        assert [r["code"] for r in plan["refusals"]] == ["DEVICE_IN_USE"], plan
+        r = lab.run("virsh start --paused ops3", timeout=300, check=False)
+        print(r.stderr)
+        assert r.rc != 0 and f"python3[{pid}]" in r.stderr and "host_actions" in r.stderr, r
+        assert drivers(lab, nic) == {nic: "e1000e"} and wait_no_claims(lab, timeout=10) == {}
+        assert value(scrape(lab), "hostdevd_refusals_total", reason="DEVICE_IN_USE") >= 1
+    finally:
+        lab.run(f"kill {pid}", timeout=30, check=False)
+    lab.run("virsh start --paused ops3", timeout=300)
+    assert drivers(lab, nic) == {nic: "vfio-pci"}
+    lab.run("virsh destroy ops3; virsh -q undefine ops3", timeout=120)
+    assert wait_drivers(lab, {nic: "e1000e"}) == {nic: "e1000e"}
