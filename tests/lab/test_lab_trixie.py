@@ -28,6 +28,9 @@ def trixie(lab):
         pytest.fail("test_lab_trixie.py runs in the trixie lab session (HOSTDEVD_LAB_SUITE=trixie)")
     wait_active(lab)
     topo = lab.topology()
+    # module scope, but the package's removal runs last in the session: this may run twice
+    lab.run("for d in tx1 tx2; do virsh -q destroy $d; virsh -q undefine $d; done 2>/dev/null", timeout=120,
+            check=False)
     lab.labsh(f"mkdom tx1 {topo['nic2a']} && virsh -q define /root/tx1.xml && "
               f"mkdom tx2 {topo['nic2b']} && virsh -q define /root/tx2.xml", timeout=120)
     return topo
