@@ -24,7 +24,9 @@ echo "run-tests: ruff check"
 .venv/bin/ruff check daemon tests bench
 echo "run-tests: mypy"
 .venv/bin/mypy
+t0=$SECONDS
 "$PY" -m pytest tests -m "not lab" -q "$@"
+echo "run-tests: unit tests took $((SECONDS - t0)) s"
 [ "$mode" = all ] || exit 0
 
 stall_file=$(mktemp /tmp/hostdevd-lab-stall.XXXXXX)
@@ -32,10 +34,13 @@ trap 'rm -f "$stall_file"' EXIT
 export HOSTDEVD_LAB_STALL_FILE=$stall_file
 
 lab_session() { # MARK-EXPRESSION [pytest args]
-    local expr=$1 left=${HOSTDEVD_LAB_RERUNS:-2}; shift
+    local expr=$1 left=${HOSTDEVD_LAB_RERUNS:-2} t=$SECONDS; shift
     while :; do
         : > "$stall_file"
-        "$PY" -m pytest tests/lab -m "$expr" -v --durations=12 "$@" && return 0
+        if "$PY" -m pytest tests/lab -m "$expr" -v --durations=12 "$@"; then
+            echo "run-tests: lab session '$expr' passed in $((SECONDS - t)) s"
+            return 0
+        fi
         [ -s "$stall_file" ] && [ "$left" -gt 0 ] || return 1
         left=$((left - 1))
         echo "run-tests: *** L1's kernel failed under TCG (the emulator, not hostdevd): $(head -1 "$stall_file")"
