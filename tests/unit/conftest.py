@@ -36,3 +36,11 @@ def lab_sim() -> SimKernel:
 @pytest.fixture
 def lab_engine(lab_sim, tmp_path) -> Engine:
     return make_engine(lab_sim, tmp_path / "state")
+
+
+@pytest.fixture
+def state(tmp_path):
+    """hostdevctl arguments for a config whose state and runtime dirs are in tmp_path."""
+    cfg = tmp_path / "hostdevd.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
+    return ["--config", str(cfg)]

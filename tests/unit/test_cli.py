@@ -21,13 +21,6 @@ def run(argv, sim=None):
     return rc, "\n".join(lines)
 
 
-@pytest.fixture
-def state(tmp_path):
-    cfg = tmp_path / "hostdevd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
-    return ["--config", str(cfg)]
-
-
 def test_groups_listing_json_shape():
     rc, out = run(["groups", "--listing", GTX, "--json"])
     assert rc == 0

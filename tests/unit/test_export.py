@@ -28,13 +28,6 @@ ALIAS_KEYS = {"name", "vendor_id", "product_id", "device_type"}
 LEFT_OUT = re.compile(r"^# left out: (\S+) \(([0-9a-f]{4}:[0-9a-f]{4})\): (.+)$")
 
 
-@pytest.fixture
-def state(tmp_path):
-    cfg = tmp_path / "hostdevd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
-    return ["--config", str(cfg)]
-
-
 def with_config(tmp_path, text: str) -> list[str]:
     cfg = tmp_path / "policy.toml"
     cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n{text}\n')

@@ -27,13 +27,6 @@ SCHEMA = json.loads((ROOT / "schemas" / "inventory.schema.json").read_text(encod
 ALL = sorted(p.stem for p in TOPOLOGIES.glob("*.json"))
 
 
-@pytest.fixture
-def state(tmp_path):
-    cfg = tmp_path / "hostdevd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
-    return ["--config", str(cfg)]
-
-
 def inventory(state, sim, *extra) -> dict:
     rc, out = run([*state, "groups", "--json", *extra], sim)
     assert rc in (0, 1), out

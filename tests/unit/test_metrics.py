@@ -208,23 +208,16 @@ def _cli(argv, sim):
     return rc, "\n".join(lines)
 
 
-@pytest.fixture
-def cfg(tmp_path):
-    c = tmp_path / "hostdevd.toml"
-    c.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
-    return ["--config", str(c)]
-
-
-def test_cli_prints_the_state_without_the_daemon(cfg):
+def test_cli_prints_the_state_without_the_daemon(state):
     sim = load_sim("lab")
-    assert _cli(cfg + ["prepare", "--device", NIC, "--owner", "web1"], sim)[0] == 0
-    rc, out = _cli(cfg + ["metrics"], sim)
+    assert _cli(state + ["prepare", "--device", NIC, "--owner", "web1"], sim)[0] == 0
+    rc, out = _cli(state + ["metrics"], sim)
     assert rc == 0
     assert val(out, "hostdevd_daemon_running") == 0 and val(out, "hostdevd_claims", state="active") == 1
     assert val(out, "hostdevd_group_owner", group="15", owner="web1", owner_kind="domain") == 1
     assert val(out, "hostdevd_build_info", version=_version(), python=_python()) == 1
     assert "hostdevd_operations_total" not in out        # counters live in the daemon only
-    rc, out = _cli(cfg + ["metrics", "--json"], sim)
+    rc, out = _cli(state + ["metrics", "--json"], sim)
     data = json.loads(out)
     assert data["source"] == "local" and val(data["text"], "hostdevd_claimed_devices") == 2
 
@@ -239,7 +232,7 @@ def _python() -> str:
     return platform.python_version()
 
 
-def test_textfile_is_written_atomically_and_parses(cfg, tmp_path, monkeypatch):
+def test_textfile_is_written_atomically_and_parses(state, tmp_path, monkeypatch):
     sim = load_sim("lab")
     d = tmp_path / "textfile"
     d.mkdir()
@@ -254,7 +247,7 @@ def test_textfile_is_written_atomically_and_parses(cfg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "rename", rename)
     for _ in range(2):                                      # the second replaces the first
-        rc, out = _cli(cfg + ["metrics", "--textfile", str(d)], sim)
+        rc, out = _cli(state + ["metrics", "--textfile", str(d)], sim)
         assert rc == 0 and out == ""
     path = d / TEXTFILE
     assert [dst for _, dst in renames] == [str(path)] * 2
@@ -266,8 +259,8 @@ def test_textfile_is_written_atomically_and_parses(cfg, tmp_path, monkeypatch):
     _labels_bounded(text)
 
 
-def test_textfile_needs_an_existing_directory(cfg, tmp_path, capsys):
-    rc, _ = _cli(cfg + ["metrics", "--textfile", str(tmp_path / "nope")], load_sim("lab"))
+def test_textfile_needs_an_existing_directory(state, tmp_path, capsys):
+    rc, _ = _cli(state + ["metrics", "--textfile", str(tmp_path / "nope")], load_sim("lab"))
     assert rc == 2 and "no such directory" in capsys.readouterr().err
 
 

@@ -205,13 +205,6 @@ def test_guest_numa_from_domain_xml():
 # ------------------------------------------------------------------ hostdevctl
 
 
-@pytest.fixture
-def state(tmp_path):
-    cfg = tmp_path / "hostdevd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
-    return ["--config", str(cfg)]
-
-
 def run(argv, sim):
     lines: list[str] = []
     rc = main(argv, sysfs=Sysfs(sim, 2.0), out=lines.append)

@@ -260,13 +260,6 @@ def _run(argv, sim):
     return rc, "\n".join(lines)
 
 
-@pytest.fixture
-def state(tmp_path):
-    cfg = tmp_path / "hostdevd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
-    return ["--config", str(cfg)]
-
-
 def test_plan_shows_the_chosen_driver(state, sim):
     rc, out = _run(state + ["plan", "--device", str(VF)], sim)
     assert rc == 0 and "mlx5_core -> mlx5_vfio_pci (modules.alias)" in out
