@@ -37,7 +37,8 @@ def metrics(lab):
     """The package's daemon with [metrics] listen on loopback (and the drop-in the README names)."""
     topo = lab.topology()
     lab.run(f"test -e {PKG_CONF} || cp -p {CONF} {PKG_CONF}; "
-            f"printf '\\n[metrics]\\nlisten = \"127.0.0.1:9477\"\\n' >> {CONF}; "
+            # the package's config has a [metrics] table with listen = "" (off): set it there
+            f"sed -i 's/^listen = \"\"/listen = \"127.0.0.1:9477\"/' {CONF} && grep -q '^listen = \"127' {CONF} && "
             f"mkdir -p {Path(DROPIN).parent} && printf '[Service]\\nRestrictAddressFamilies=AF_UNIX AF_NETLINK "
             f"AF_INET AF_INET6\\n' > {DROPIN} && systemctl daemon-reload && systemctl restart hostdevd", timeout=180)
     wait_active(lab)
