@@ -11,7 +11,9 @@ the device from the uevent; only ``DRIVER``, ``PCI_SLOT_NAME`` and the device pa
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,14 +115,26 @@ class UdevWaiter:
     name = "udev"
 
     def __init__(self, sysfs: Sysfs):
-        import pyudev  # the daemon's extra; imported only when this waiter is used
-        self._pyudev = pyudev
+        if "pyudev" not in sys.modules and importlib.util.find_spec("pyudev") is None:
+            raise ImportError("pyudev is not installed")
         self.sysfs = sysfs
-        self.context = pyudev.Context()
+        self._pyudev: Any = None
+        self._context: Any = None
+
+    @property
+    def context(self) -> Any:
+        """pyudev's context, made on the first wait: hostdevctl's commands that never wait for a
+        VF do not import pyudev (issue 13)."""
+        if self._context is None:
+            import pyudev  # the daemon's extra; imported only when this waiter is used
+            self._pyudev = pyudev
+            self._context = pyudev.Context()
+        return self._context
 
     @contextlib.contextmanager
     def watch(self, pf: PciAddress) -> Iterator[_UdevWatch]:
-        monitor = self._pyudev.Monitor.from_netlink(self.context)
+        context = self.context
+        monitor = self._pyudev.Monitor.from_netlink(context)
         monitor.filter_by(subsystem="pci")
         monitor.start()
         try:

@@ -11,11 +11,10 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .address import PciAddress
 from .config import Config
-from .domxml import DomainPlacement, DomainRequest, GuestNuma
 from .errors import HostdevError, Refused
 from .executor import Executor, Result, Runner, default_modprobe, default_runner
 from .ledger import Claim, Ledger, Owner
@@ -25,7 +24,6 @@ from .logfields import log_action
 from .migrate import MigrationReport, assess
 from .netreq import NetRequest, net_requests
 from .planner import Plan, Policy, groups_of, plan_prepare, plan_release
-from .pools import NetworkLookup, pick_pool_vfs
 from .preflight import with_preflight
 from .reconcile import Guard, ReconcileReport, RunningDomain, adopt_domain, reconcile, release_missing, release_owner
 from .reservations import ReservationReport, apply_reservations
@@ -36,6 +34,10 @@ from .telemetry import Telemetry
 from .topology import Topology, from_sysfs, refresh_groups
 from .vf_wait import SysfsPollWaiter, VfWaiter
 from .vfnet import NetlinkBackend, VfNetManager
+
+if TYPE_CHECKING:
+    from .domxml import DomainPlacement, DomainRequest, GuestNuma
+    from .pools import NetworkLookup
 
 log = logging.getLogger("hostdevd.engine")
 
@@ -186,6 +188,7 @@ class Engine:
         addrs = list(req.addresses)
         picks: dict[PciAddress, NetRequest] = {}
         if req.parsed is not None and req.parsed.networks and req.networks is not None:
+            from .pools import pick_pool_vfs  # network XML (lxml) only for a domain with networks
             with self.telemetry.refusals("prepare"):
                 found = pick_pool_vfs(req.parsed, req.owner, req.networks, self.topology, self.ledger(),
                                       self.policy)

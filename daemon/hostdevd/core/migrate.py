@@ -23,9 +23,9 @@ hook's ``migrate`` phase feed it the XML they have.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .address import PciAddress
-from .domxml import DomainPlacement, GuestPlacement
 from .ledger import Claim
 from .topology import VFIO, Topology
 
@@ -36,6 +36,9 @@ NO_HOTPLUG = {
     "pcie-expander-bus": "it sits directly on a pcie-expander-bus, which has no hotplug",
     "dmi-to-pci-bridge": "it sits on a dmi-to-pci-bridge bus, which has no hotplug",
 }
+
+if TYPE_CHECKING:
+    from .domxml import DomainPlacement, GuestPlacement
 
 
 @dataclass

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .address import PciAddress
-from .domxml import DomainRequest
 from .errors import HostdevError, Reason, Refused
 from .ledger import Ledger, Owner
 from .netreq import NetRequest
@@ -26,6 +26,9 @@ from .topology import Topology
 
 # The network's XML by name (libvirt's network driver); None: no such network.
 NetworkLookup = Callable[[str], "str | None"]
+
+if TYPE_CHECKING:
+    from .domxml import DomainRequest
 
 
 @dataclass

@@ -34,7 +34,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from .address import PciAddress
-from .domxml import parse_domain
 from .errors import HostdevError
 from .ledger import Claim, DeviceRecord, Owner, now
 from .logfields import log_action
@@ -80,6 +79,7 @@ class RunningDomain:
 
     @classmethod
     def from_xml(cls, name: str, uuid: str | None, xml: str) -> RunningDomain:
+        from .domxml import parse_domain  # lxml only when a live XML is read (issue 13)
         try:
             req = parse_domain(xml)
         except HostdevError as e:

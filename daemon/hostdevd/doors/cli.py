@@ -12,24 +12,35 @@ cli_common (Context, output helpers, daemon routing).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from .. import __version__
 from ..core.errors import HostdevError, UsageError
-from ..core.sysfs import Sysfs
-from .cli_claims import cmd_plan, cmd_prepare, cmd_release
-from .cli_common import Context, Out, forget_stdin
-from .cli_export import cmd_export
-from .cli_hotplug import cmd_attach, cmd_check_migrate, cmd_detach
-from .cli_inspect import cmd_check, cmd_groups, cmd_status
-from .cli_metrics import cmd_metrics
-from .cli_sriov import cmd_vfs, cmd_vfs_set
 
 if TYPE_CHECKING:
+    from ..core.sysfs import Sysfs
     from ..core.vfnet import NetlinkBackend
+
+Out = Callable[[str], None]
+
+# Each command's module is imported only when that command runs (issue 13): `--version` and
+# `--help` import none of them, `groups` not the XML, hot-plug or SR-IOV code.
+_COMMANDS = {
+    "cmd_groups": "cli_inspect", "cmd_check": "cli_inspect", "cmd_status": "cli_inspect",
+    "cmd_plan": "cli_claims", "cmd_prepare": "cli_claims", "cmd_release": "cli_claims",
+    "cmd_attach": "cli_hotplug", "cmd_detach": "cli_hotplug", "cmd_check_migrate": "cli_hotplug",
+    "cmd_export": "cli_export", "cmd_vfs": "cli_sriov", "cmd_vfs_set": "cli_sriov",
+    "cmd_metrics": "cli_metrics",
+}
+
+
+def _command(name: str) -> Callable[..., int]:
+    return getattr(importlib.import_module(f".{_COMMANDS[name]}", __package__), name)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,24 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("groups", parents=[common], help="IOMMU groups, devices, drivers and owners")
     source_opts(sp)
     sp.add_argument("--save", metavar="FILE", help="also write a JSON snapshot")
-    sp.set_defaults(func=cmd_groups)
+    sp.set_defaults(func="cmd_groups")
 
     sp = sub.add_parser("plan", parents=[common], help="dry run: what prepare (or --release) would do")
     request_opts(sp)
     source_opts(sp)
     sp.add_argument("--release", action="store_true", help="plan a release instead")
-    sp.set_defaults(func=cmd_plan)
+    sp.set_defaults(func="cmd_plan")
 
     sp = sub.add_parser("check", parents=[common], help="validate the host for passthrough")
-    sp.set_defaults(func=cmd_check)
+    sp.set_defaults(func="cmd_check")
 
     sp = sub.add_parser("prepare", parents=[common], help="claim groups and bind them to vfio-pci")
     request_opts(sp)
-    sp.set_defaults(func=cmd_prepare)
+    sp.set_defaults(func="cmd_prepare")
 
     sp = sub.add_parser("release", parents=[common], help="release claims and restore recorded drivers")
     request_opts(sp)
-    sp.set_defaults(func=cmd_release)
+    sp.set_defaults(func="cmd_release")
 
     for name, what in (("attach", "prepare the device's group, then hot-plug it into a running domain"),
                        ("detach", "hot-unplug a device, wait for the guest to let go, then release its group "
@@ -97,13 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "detach":
             sp.add_argument("--timeout", type=float, metavar="SECONDS",
                             help="how long to wait for the guest to let go (default: detach_timeout, 30)")
-        sp.set_defaults(func=cmd_attach if name == "attach" else cmd_detach)
+        sp.set_defaults(func="cmd_attach" if name == "attach" else "cmd_detach")
 
     sp = sub.add_parser("check-migrate", parents=[common],
                         help="which assigned devices block a live migration, and which can be hot-unplugged first")
     sp.add_argument("domain", help="domain name")
     sp.add_argument("--xml", metavar="FILE", help="judge this domain XML (virsh dumpxml) instead of asking libvirt")
-    sp.set_defaults(func=cmd_check_migrate)
+    sp.set_defaults(func="cmd_check_migrate")
 
     sp = sub.add_parser("export", parents=[common], help="passthrough config for OpenStack Nova ([pci] device_spec "
                         "and alias) or KubeVirt (permittedHostDevices): whole IOMMU groups only")
@@ -111,19 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     source_opts(sp)
     sp.add_argument("--resource-domain", metavar="DOMAIN",
                     help="kubevirt: the domain of every resourceName (default: the vendor's, e.g. intel.com)")
-    sp.set_defaults(func=cmd_export)
+    sp.set_defaults(func="cmd_export")
 
     sp = sub.add_parser("status", parents=[common], help="the ledger: claims, owners, recorded drivers")
-    sp.set_defaults(func=cmd_status)
+    sp.set_defaults(func="cmd_status")
 
     sp = sub.add_parser("metrics", parents=[common], help="Prometheus metrics: the daemon's (counters included), "
                         "or the host's state computed here without it")
     sp.add_argument("--textfile", metavar="DIR", help="write DIR/hostdevd.prom atomically for node_exporter's "
                     "textfile collector instead of printing")
-    sp.set_defaults(func=cmd_metrics)
+    sp.set_defaults(func="cmd_metrics")
 
     sp = sub.add_parser("vfs", parents=[common], help="SR-IOV PFs and their VFs: group, driver, owner, MAC, VLAN")
-    sp.set_defaults(func=cmd_vfs)
+    sp.set_defaults(func="cmd_vfs")
     vsub = sp.add_subparsers(dest="vfs_command", parser_class=_Parser)
     vs = vsub.add_parser("set", parents=[common], help="set a PF's VF count (through 0); refused while any VF "
                          "is assigned (through the daemon when it runs)")
@@ -135,17 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-autoprobe", dest="autoprobe", action="store_false",
                    help="new VFs stay driverless until a domain gets one")
     vs.add_argument("--wait-timeout", type=float, metavar="S", help="seconds to wait for the VFs (udev)")
-    vs.set_defaults(func=cmd_vfs_set)
+    vs.set_defaults(func="cmd_vfs_set")
     return p
 
 
 def main(argv: list[str] | None = None, sysfs: Sysfs | None = None,
          out: Out = print, netlink: NetlinkBackend | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="hostdevctl: %(message)s")
-    forget_stdin()
     try:
         args = build_parser().parse_args(argv)
-        return args.func(Context(args, sysfs, netlink), out)
+        from .cli_common import Context, forget_stdin
+        forget_stdin()
+        return _command(args.func)(Context(args, sysfs, netlink), out)
     except HostdevError as e:
         as_json = "--json" in (argv if argv is not None else sys.argv[1:])
         if as_json and not isinstance(e, UsageError):
