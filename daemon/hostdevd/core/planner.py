@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .address import PciAddress
 from .config import Config, DeviceMatcher
-from .domxml import GuestNuma
 from .errors import Reason
 from .ledger import Claim, Ledger, Owner
 from .netreq import NetRequest
@@ -23,6 +23,9 @@ from .preflight import judge as judge_preflight
 from .states import ClaimState, VfNetState
 from .topology import VFIO, Device, Topology
 from .variants import DriverChoice, choose_driver, same_driver
+
+if TYPE_CHECKING:
+    from .domxml import GuestNuma  # the XML parser (lxml) only for commands that parse XML
 
 __all__ = ["HOST_ACTIONS", "Caution", "GroupPlan", "Plan", "Policy", "Refusal", "Step", "StepAction", "groups_of",
            "held_refusal", "plan_prepare", "plan_release", "refused"]

@@ -8,7 +8,6 @@ from pathlib import Path
 from ..core.address import PciAddress
 from ..core.assignable import group_verdicts
 from ..core.checks import run_checks
-from ..core.domcaps import advertises_iommufd
 from ..core.inventory import add_inventory
 from ..core.ledger import Ledger
 from ..core.ledger_store import LedgerHealth, LedgerStore
@@ -145,6 +144,7 @@ def _libvirt_iommufd(uri: str) -> bool | None:
         from ..adapters.libvirt_caps import domain_capabilities
     except ImportError:                  # no libvirt-python here
         return None
+    from ..core.domcaps import advertises_iommufd  # the XML parser only for `check`
     xml = domain_capabilities(uri)
     return advertises_iommufd(xml) if xml is not None else None
 
