@@ -1,5 +1,8 @@
-"""libvirt's domain capabilities, read-only, for `hostdevctl check` (R14: does this libvirt offer
-iommufd for hostdevs). A libvirt that is not running or not readable is "not asked", never an error."""
+"""libvirt's domain capabilities for `hostdevctl check` (R14: does this libvirt offer iommufd for
+hostdevs). A libvirt that is not running or not reachable is "not asked", never an error.
+
+A read-write connection: libvirt refuses virConnectGetDomainCapabilities on a read-only one (its
+ACL is connect:write, since it may probe the emulator). Nothing is changed through it."""
 from __future__ import annotations
 
 from typing import Any
@@ -15,7 +18,7 @@ def domain_capabilities(uri: str) -> str | None:
     """The XML of ``virsh domcapabilities`` for `uri`, or None when libvirt cannot be asked."""
     libvirt.registerErrorHandler(_quiet, None)
     try:
-        conn = libvirt.openReadOnly(uri)
+        conn = libvirt.open(uri)
     except libvirt.libvirtError:
         return None
     try:
