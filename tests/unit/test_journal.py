@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import pytest
 
@@ -66,10 +67,23 @@ def test_setup_uses_stderr_without_journald(monkeypatch):
         logging.getLogger().setLevel(logging.WARNING)
 
 
-def test_setup_uses_journald_when_its_socket_exists(monkeypatch, tmp_path):
+def test_setup_uses_journald_when_its_socket_exists_and_stderr_is_the_units_stream(monkeypatch, tmp_path):
     pytest.importorskip("systemd.journal")
     sock = tmp_path / "socket"
     sock.touch()
     monkeypatch.setattr(journal, "JOURNAL_SOCKET", str(sock))
+    st = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
     handler = journal.make_handler()
     assert type(handler).__name__ == "HostdevdJournalHandler"
+
+
+def test_started_by_hand_on_a_systemd_host_it_logs_to_stderr(monkeypatch, tmp_path):
+    """journald is there, but stderr is a terminal (or a test's pipe), not the unit's stream."""
+    sock = tmp_path / "socket"
+    sock.touch()
+    monkeypatch.setattr(journal, "JOURNAL_SOCKET", str(sock))
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    assert isinstance(journal.make_handler(), logging.StreamHandler)
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")                   # another process's stream
+    assert isinstance(journal.make_handler(), logging.StreamHandler)

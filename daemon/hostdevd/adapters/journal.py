@@ -76,10 +76,22 @@ def journald_available() -> bool:
     return os.path.exists(JOURNAL_SOCKET)
 
 
+def stderr_is_journal() -> bool:
+    """systemd's test (systemd.exec(5), JOURNAL_STREAM): stderr is the unit's journal stream. A
+    daemon started by hand on a systemd host keeps logging to the terminal."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return want == f"{st.st_dev}:{st.st_ino}"
+
+
 def make_handler(use_journal: bool | None = None, stream=None) -> logging.Handler:
-    """A journald handler when journald is there (and systemd-python is installed), else stderr."""
+    """journald's native protocol (structured fields) when journald is there, stderr is the unit's
+    journal stream and systemd-python is installed; else stderr."""
     if use_journal is None:
-        use_journal = journald_available() and stream is None
+        use_journal = stream is None and journald_available() and stderr_is_journal()
     if use_journal:
         try:
             handler = _journal_handler_class()(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
