@@ -17,6 +17,7 @@ import labvm
 import pytest
 from labops import (
     HCTL,
+    PACKAGED,
     claims,
     disable_fault_knob,
     drivers,
@@ -80,7 +81,10 @@ def test_kill9_at_every_boundary_of_prepare(lab, pair):
     """The start in flight fails with hostdevd's line; the restarted daemon returns the group."""
     a, b, g = pair
     outcomes = {}
-    for boundary in (f"claim:{g}", f"bind:{a}", f"bind:{b}", f"activate:{g}"):
+    boundaries = (f"claim:{g}", f"bind:{a}", f"bind:{b}", f"activate:{g}")
+    if PACKAGED:      # Debian 13: the crash between the pair's two binds (Debian 12 runs every boundary)
+        boundaries = (f"bind:{b}",)
+    for boundary in boundaries:
         pid = main_pid(lab)
         set_fault(lab, "crash", boundary)
         r = lab.run(START % "fk1", timeout=300, check=False)
@@ -98,7 +102,7 @@ def test_kill9_at_every_boundary_of_prepare(lab, pair):
     assert drivers(lab, a, b) == vfio(a, b)
     lab.run("virsh destroy fk1", timeout=120)
     assert wait_drivers(lab, host_drivers(a, b)) == host_drivers(a, b)
-    record("kill9_prepare", outcomes)
+    record("kill9_prepare" if not PACKAGED else "kill9_prepare_trixie", outcomes)
 
 
 def test_kill9_at_every_boundary_of_release(lab, pair):

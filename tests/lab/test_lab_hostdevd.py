@@ -37,7 +37,6 @@ def clean_ledger(lab):
     assert status["claims"] == {}, f"test left claims behind: {status['claims']}"
 
 
-@both_stacks
 def test_groups_match_the_kernel(lab):
     kernel = json.loads(lab.run(
         "python3 -c 'import os,json; b=\"/sys/kernel/iommu_groups\"; "
@@ -52,7 +51,6 @@ def test_groups_match_the_kernel(lab):
     assert by_addr[topo["nic1"]]["vendor"] == "8086" and by_addr[topo["nic1"]]["device"] == "10d3"
 
 
-@both_stacks
 def test_check_in_guest_reports_iommu_and_remapping(lab):
     r = hctl(lab, "check", "--json", check=False)
     checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
