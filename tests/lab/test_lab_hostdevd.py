@@ -108,7 +108,6 @@ def test_preset_driver_override_is_restored(lab, clean_ledger):
         lab.run(f"echo > {SYS}/{nic}/driver_override", timeout=10)
 
 
-@both_stacks
 def test_nvme_vf_prepare_release(lab, clean_ledger):
     pf = lab.topology()["nvme_pf"]
     lab.run(f"echo 0 > {SYS}/{pf}/sriov_drivers_autoprobe; echo 0 > {SYS}/{pf}/sriov_numvfs; "
