@@ -175,6 +175,7 @@ def bench_hook(work: Path, calls: int = 30) -> dict:
 
 def materialize(spec: Path, root: Path) -> Path:
     """The simulated /sys as real files and symlinks (RealHost reads it like /sys)."""
+    from hostdevd.sim.materialize import write_sys_tree
     from hostdevd.sim.simkernel import SimKernel
     k = SimKernel.from_file(spec)
     sys_root = root / "sys"
@@ -182,28 +183,7 @@ def materialize(spec: Path, root: Path) -> Path:
         return sys_root
     shutil.rmtree(root, ignore_errors=True)
 
-    def walk(rel: str) -> None:
-        for name in k.listdir(rel):
-            child = f"{rel}/{name}" if rel else name
-            target = sys_root / child
-            try:
-                os.symlink(k.readlink(child), target)
-                continue
-            except OSError:
-                pass
-            try:
-                k.listdir(child)
-            except OSError:
-                try:
-                    target.write_bytes(k.read_bytes(child, 1 << 16))
-                except OSError:
-                    target.write_bytes(b"")          # write-only attribute
-                continue
-            target.mkdir()
-            walk(child)
-
-    sys_root.mkdir(parents=True)
-    walk("")
+    write_sys_tree(k, sys_root)
     (root / "done").write_text("")
     return sys_root
 

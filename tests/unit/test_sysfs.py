@@ -14,6 +14,7 @@ from hostdevd.core.address import PciAddress
 from hostdevd.core.errors import SysfsError, SysfsTimeout
 from hostdevd.core.sysfs import RealHost, Sysfs
 from hostdevd.core.topology import from_sysfs, refresh_groups
+from hostdevd.sim.materialize import write_sys_tree
 from hostdevd.sim.simkernel import SimKernel
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
@@ -284,31 +285,7 @@ def test_open_group_and_vfio_unbind_under_sysfs_timeout():
 
 def materialize(k: SimKernel, root: Path) -> None:
     """Write the simulated /sys, /proc files and /dev nodes as real files and symlinks."""
-    sys_root = root / "sys"
-
-    def walk(rel: str) -> None:
-        for name in k.listdir(rel):
-            child = f"{rel}/{name}" if rel else name
-            target = sys_root / child
-            try:
-                os.symlink(k.readlink(child), target)
-                continue
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-            try:
-                k.listdir(child)
-            except NotADirectoryError:
-                try:
-                    target.write_bytes(k.read_bytes(child, 1 << 16))
-                except PermissionError:
-                    target.write_bytes(b"")          # write-only attribute
-                continue
-            target.mkdir()
-            walk(child)
-
-    sys_root.mkdir()
-    walk("")
+    write_sys_tree(k, root / "sys")
     proc = root / "proc"
     for name in ("interrupts", "self/mountinfo", "swaps", "net/route", "net/ipv6_route"):
         (proc / name).parent.mkdir(parents=True, exist_ok=True)
