@@ -98,7 +98,7 @@ def bench_engine_cycles(sizes: tuple[int, ...] = (256, 1024, 4096), cycles: int 
 class Daemon:
     """``hostdevd run --no-libvirt --sim SPEC`` in a child; READY=1 timed through $NOTIFY_SOCKET."""
 
-    def __init__(self, spec: Path, work: Path):
+    def __init__(self, spec: Path, work: Path, log_level: str = "WARNING"):
         self.work = Path(tempfile.mkdtemp(prefix="hdd", dir=work))
         self.sock = str(self.work / "run" / "hostdevd.sock")
         notify_path = str(self.work / "notify")
@@ -109,13 +109,25 @@ class Daemon:
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(DAEMON + ["run", "--no-libvirt", "--sim", str(spec), "--state-dir",
                                                str(self.work / "state"), "--runtime-dir", str(self.work / "run"),
-                                               "--log-level", "WARNING"], env=env, stderr=subprocess.DEVNULL)
+                                               "--log-level", log_level], env=env,
+                                             stderr=open(self.work / "daemon.log", "wb"))
         self.ready_ms = -1.0
         while True:
             msg = self.notify.recv(4096).decode()
             if "READY=1" in msg:
                 self.ready_ms = (time.perf_counter() - self.t0) * 1000
                 break
+        # Keep reading STATUS= updates as systemd does: python-systemd's notify() blocks on a full
+        # datagram queue without releasing the GIL, which would freeze the whole daemon.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        self.notify.settimeout(None)
+        try:
+            while self.notify.recv(4096):
+                pass
+        except OSError:
+            pass
 
     def call(self, req: dict, timeout: float = 120) -> dict:
         from hostdevd.doors import wire
@@ -129,6 +141,12 @@ class Daemon:
             self.proc.kill()
         self.notify.close()
         shutil.rmtree(self.work, ignore_errors=True)
+
+    def log_tail(self) -> str:
+        try:
+            return (self.work / "daemon.log").read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
 
 
 def timed(argv: list[str], stdin: str = "", env: dict | None = None) -> float:
@@ -165,6 +183,9 @@ def bench_hook(work: Path, calls: int = 30) -> dict:
             base.append(timed([PY, "-IS", "-c", "pass"]))
             prep.append(timed([str(hook), "bench", "prepare", "begin", "-"], xml))
             rel.append(timed([str(hook), "bench", "release", "end", "-"], xml))
+    except SystemExit:
+        print(d.log_tail(), file=sys.stderr)
+        raise
     finally:
         d.stop()
     return {"calls": calls, "interpreter_ms": stats(base), "hook_prepare_ms": stats(prep),

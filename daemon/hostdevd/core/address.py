@@ -19,6 +19,8 @@ _BDF_RE = re.compile(
 _NUM_RE = re.compile(r"^(?:0[xX][0-9a-fA-F]{1,8}|0[0-7]{1,11}|[1-9][0-9]{0,9}|0)$")
 
 _LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}
+_PARSED: dict[str, PciAddress] = {}     # text -> its address (PciAddress.parse); bounded
+_PARSED_MAX = 1 << 16
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -36,15 +38,25 @@ class PciAddress:
 
     @classmethod
     def parse(cls, text: str) -> PciAddress:
-        """Parse ``DDDD:BB:SS.F`` or ``BB:SS.F``; raise InvalidAddress otherwise."""
+        """Parse ``DDDD:BB:SS.F`` or ``BB:SS.F``; raise InvalidAddress otherwise. Addresses are
+        values (frozen): one parsed before is handed out again (a ledger of 1,000 claims parses
+        its addresses on every read)."""
+        hit = _PARSED.get(text) if isinstance(text, str) else None
+        if hit is not None and cls is PciAddress:
+            return hit
         if not isinstance(text, str) or len(text) > 16:
             raise InvalidAddress(f"not a PCI address: {str(text)[:40]!r} (expected DDDD:BB:SS.F)")
         m = _BDF_RE.match(text.strip())
         if not m:
             raise InvalidAddress(f"not a PCI address: {text!r} (expected DDDD:BB:SS.F, e.g. 0000:01:00.0)")
-        return cls(
+        addr = cls(
             int(m["domain"] or "0", 16), int(m["bus"], 16), int(m["slot"], 16), int(m["function"], 16)
         )
+        if cls is PciAddress:
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.clear()
+            _PARSED[text] = addr
+        return addr
 
     @classmethod
     def from_parts(cls, domain: str | None, bus: str | None, slot: str | None,

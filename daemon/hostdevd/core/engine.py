@@ -6,6 +6,7 @@ The daemon, the hook's server side and hostdevctl are thin doors onto an
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -31,7 +32,7 @@ from .sriov import SriovReport, VfResult, set_vfs_by_hand
 from .sriov import apply_config as apply_sriov_config
 from .sysfs import RealHost, Sysfs
 from .telemetry import Telemetry
-from .topology import Topology, from_sysfs, refresh_groups
+from .topology import Topology, from_group_reads, from_sysfs
 from .vf_wait import SysfsPollWaiter, VfWaiter
 from .vfnet import NetlinkBackend, VfNetManager
 
@@ -66,7 +67,8 @@ class Engine:
                                  vfnet=VfNetManager(self.netlink) if self.netlink is not None else None)
         self.vf_waiter: VfWaiter = vf_waiter or SysfsPollWaiter(self.sysfs)
         self.locks = GroupLocks()
-        self._critical: tuple[float, dict] | None = None
+        self._critical: tuple[float, tuple[str, ...], dict] | None = None
+        self._critical_lock = threading.Lock()
 
     # ---- read side ----
     def topology(self, with_critical: bool = True) -> Topology:
@@ -75,13 +77,44 @@ class Engine:
             topo.critical = self.critical()
         return topo
 
+    def scoped(self, addresses: Iterable[PciAddress] = (), groups: Iterable[int] = (),
+               with_critical: bool = True) -> Topology:
+        """What a request decides on, read in O(group) (issue 13): the devices, their groups'
+        members and the PFs of VFs among them (:func:`from_group_reads`), with the cached
+        host-critical devices. The whole-host scan (:meth:`topology`) stays for the commands that
+        show the whole host (groups, check, reservations, orphans)."""
+        topo = from_group_reads(self.sysfs, addresses, groups)
+        if with_critical:
+            topo.critical = self.critical()
+        return topo
+
     def critical(self) -> dict:
-        """Host-critical devices, cached briefly: mounts, swaps and routes change rarely, and
-        reading them (and every boot_vga) on each request doubles a prepare's cost."""
-        now = time.monotonic()
-        if self._critical is None or now - self._critical[0] > CRITICAL_TTL:
-            self._critical = (now, self.sysfs.host_critical(self.config.policy.critical))
-        return dict(self._critical[1])
+        """Host-critical devices, cached: reading them (and every boot_vga) is O(host). The cache
+        is used while the facts they come from read the same (mount table, swaps, routes, kernel
+        command line: a few small /proc files) and for at most CRITICAL_TTL seconds, so a device
+        that becomes critical without any of those changing (a bridge or bond enslaving the
+        route's NIC) is seen within that time, as before; :meth:`forget_host_facts` (udev:
+        devices added, removed, rebound) drops it at once."""
+        key = self.sysfs.critical_fingerprint()
+        with self._critical_lock:
+            now = time.monotonic()
+            cached = self._critical
+            if cached is None or now - cached[0] > CRITICAL_TTL or cached[1] != key:
+                cached = self._critical = (now, key, self.sysfs.host_critical(self.config.policy.critical))
+            return dict(cached[2])
+
+    def topology_mode(self, udev: bool) -> dict[str, Any]:
+        """How requests read the host (the daemon's ``status``)."""
+        return {"requests": "per group: the requested devices, their IOMMU groups' members, their PFs",
+                "host_critical": ("cached while /proc's mounts, swaps, routes and cmdline read the same, at most "
+                                  f"{CRITICAL_TTL:g} s" + ("; dropped on every PCI uevent (udev)" if udev else
+                                                           "; udev not watched: no uevent drops it"))}
+
+    def forget_host_facts(self) -> None:
+        """Something on the host changed (a udev event): the next request reads host-critical
+        devices again."""
+        with self._critical_lock:
+            self._critical = None
 
     def ledger(self) -> Ledger:
         return self.store.read()
@@ -89,17 +122,26 @@ class Engine:
     def plan_prepare(self, addresses: Iterable[PciAddress], owner: Owner,
                      topo: Topology | None = None, driver_models: dict[PciAddress, str] | None = None,
                      guest: GuestNuma | None = None) -> Plan:
-        """Dry run, pre-flight checks included (holders, power, reset, NUMA against ``guest``)."""
+        """Dry run, pre-flight checks included (holders, power, reset, NUMA against ``guest``).
+        Reads the requested devices' groups only (O(group), issue 13); the pre-flight facts are
+        gathered for those groups' endpoints."""
         addresses = list(addresses)
-        topo = topo or self.topology()
+        topo = topo or self.scoped(addresses)
         topo = with_preflight(topo, self.sysfs, groups_of(topo, addresses))
-        return plan_prepare(topo, addresses, owner, self.ledger(), self.policy, driver_models=driver_models,
+        return plan_prepare(topo, addresses, owner, self.store.peek(), self.policy, driver_models=driver_models,
                             guest=guest)
 
     def plan_release(self, owner: Owner, addresses: Iterable[PciAddress] | None = None,
                      topo: Topology | None = None) -> Plan:
-        topo = topo or self.topology(with_critical=False)
-        return plan_release(topo, owner, self.ledger(), addresses)
+        ledger = self.store.peek()          # the planner only looks
+        topo = topo or self._claims_topology(ledger.claims_of(owner))
+        return plan_release(topo, owner, ledger, addresses)
+
+    def _claims_topology(self, claims: Iterable[Claim]) -> Topology:
+        """The groups of ``claims`` and every device they record, read now (O(group))."""
+        claims = list(claims)
+        return self.scoped([d.pci for c in claims for d in c.devices], [c.group for c in claims],
+                           with_critical=False)
 
     # ---- write side ----
     def prepare(self, addresses: Iterable[PciAddress], owner: Owner,
@@ -114,23 +156,24 @@ class Engine:
         """
         addresses = list(addresses)
         with self.telemetry.timed("prepare"):
-            scan = self.topology()
-            groups = groups_of(scan, addresses)
+            groups = groups_of(from_group_reads(self.sysfs, addresses), addresses)
             with self.locks.hold(groups):
                 # Plan under the group locks, against a fresh ledger and freshly read group
-                # members: no stale decisions. The pre-flight facts (who holds a device open) too.
-                topo = with_preflight(refresh_groups(scan, self.sysfs, groups), self.sysfs, groups)
-                plan = plan_prepare(topo, addresses, owner, self.ledger(), self.policy, net_requests=net,
+                # members (only those: O(group), issue 13): no stale decisions. The pre-flight
+                # facts (who holds a device open) of those groups too.
+                topo = with_preflight(self.scoped(addresses, groups), self.sysfs, groups)
+                plan = plan_prepare(topo, addresses, owner, self.store.peek(), self.policy, net_requests=net,
                                     driver_models=driver_models, guest=guest)
                 if not plan.ok:
                     raise plan.refused()
                 return plan, self.executor.prepare(plan)
 
     def release(self, owner: Owner, addresses: Iterable[PciAddress] | None = None) -> tuple[Plan, Result]:
-        ledger = self.ledger()
+        ledger = self.store.peek()
         groups = [c.group for c in ledger.claims_of(owner)]
         with self.telemetry.timed("release"), self.locks.hold(groups):
-            plan = plan_release(self.topology(with_critical=False), owner, self.ledger(),
+            ledger = self.store.peek()       # the planner only looks; the executor re-reads in its transactions
+            plan = plan_release(self._claims_topology(ledger.claims_of(owner)), owner, ledger,
                                 list(addresses) if addresses is not None else None)
             return plan, self.executor.release(plan)
 
@@ -176,7 +219,7 @@ class Engine:
     def release_group(self, claim: Claim) -> Result:
         """Release one claim's group whoever owns it; the caller holds the group lock."""
         with self.telemetry.timed("release"):
-            plan = plan_release(self.topology(with_critical=False), claim.owner, self.ledger(),
+            plan = plan_release(self._claims_topology([claim]), claim.owner, self.ledger(),
                                 claim.requested_pci or None, group=claim.group)
             return self.executor.release(plan)
 
@@ -229,7 +272,8 @@ class Engine:
         """Hot-plug into the persistent definition only: nothing is bound now (the start's prepare
         does it), but refuse now what that start would refuse anyway (no IOMMU, a bridge, policy,
         host-critical). Ownership is not judged: whoever holds the group then decides."""
-        plan = plan_prepare(self.topology(), addresses, owner, Ledger(), self.policy, driver_models=driver_models)
+        plan = plan_prepare(self.scoped(addresses), addresses, owner, Ledger(), self.policy,
+                            driver_models=driver_models)
         if not plan.ok:
             raise plan.refused()
         return plan

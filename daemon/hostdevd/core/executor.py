@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +44,10 @@ from .variants import recorded, same_driver
 from .vfnet import VfNetManager
 
 log = logging.getLogger("hostdevd.executor")
+
+# Steps that keep a request's groups one after another: host actions (a unit or module may
+# serve several groups) and VF MAC/VLAN (one netlink socket per PF).
+_SERIAL_STEPS = ("stop_unit", "unload_module", "save_net", "set_net")
 
 
 def default_modprobe(module: str) -> None:
@@ -77,6 +82,8 @@ class Executor(RecordSteps, SriovSteps):
         self.runner = runner
         self.verify_timeout = verify_timeout
         self.release_wait = release_wait
+        # Independent groups of one prepare bind at the same time (see _prepare_in_parallel).
+        self.parallel_groups = True
 
     # ------------------------------------------------------------------ SR-IOV
 
@@ -88,6 +95,8 @@ class Executor(RecordSteps, SriovSteps):
         self.store.refuse_if_read_only()     # no readable ledger at start: nothing new is claimed
         undo: list[tuple[str, Callable[[], None]]] = []
         result = Result(ok=True)
+        fresh = [gp for gp in plan.groups if not gp.already_held]
+        parallel = self.parallel_groups and len(fresh) > 1 and not any(s.action in _SERIAL_STEPS for s in plan.steps)
         try:
             for gp in plan.groups:
                 steps = [s for s in plan.steps if s.group == gp.group]
@@ -99,15 +108,14 @@ class Executor(RecordSteps, SriovSteps):
                     result.groups.append(gp.group)
                     continue
                 self._claim(plan, gp, undo)
+                if parallel:
+                    continue            # every claim recorded first; the groups bind below, at once
                 self._run_prepare_steps(plan, gp, steps, undo)
-                self._boundary(f"activate:{gp.group}")
-                with self.store.transaction() as ledger:
-                    claim = ledger.held(gp.group)
-                    claim.move_to(ClaimState.ACTIVE)
-                    ledger.put(claim)
-                log_action(log, logging.INFO, "claim", "group %s active for %s", gp.group, plan.owner.label(),
-                           group=gp.group, owner=plan.owner, action="prepare", result="ok")
+                self._activate(plan, gp)
                 result.groups.append(gp.group)
+            if parallel:
+                self._prepare_in_parallel(plan, fresh, undo)
+                result.groups = [gp.group for gp in plan.groups]
         except Exception as e:
             changed = any(not name.startswith("claim:") for name, _ in undo)
             failures, unrecorded = self._rollback(plan, undo)
@@ -129,6 +137,46 @@ class Executor(RecordSteps, SriovSteps):
                     "the ledger still shows the claim")
             raise ExecutionFailed(msg, hint) from e
         return result
+
+    def _activate(self, plan: Plan, gp: GroupPlan) -> None:
+        self._boundary(f"activate:{gp.group}")
+        with self.store.transaction(durable=False) as ledger:    # the outcome: every member on vfio
+            claim = ledger.held(gp.group)
+            claim.move_to(ClaimState.ACTIVE)
+            ledger.put(claim)
+        log_action(log, logging.INFO, "claim", "group %s active for %s", gp.group, plan.owner.label(),
+                   group=gp.group, owner=plan.owner, action="prepare", result="ok")
+
+    def _prepare_in_parallel(self, plan: Plan, groups: list[GroupPlan], undo: list) -> None:
+        """Independent groups of one request (each claimed already) bind at the same time, one
+        thread per group: the kernel's remove() and probe() of one group's drivers overlap with
+        the others' (issue 13). Each group keeps its own undo list; when any group fails, every
+        thread is waited for and all of it is rolled back, claims last, as one request."""
+        wanted = {s.driver or VFIO for s in plan.steps if s.action == "bind"
+                  and s.pci is not None and not same_driver(self.sysfs.driver(s.pci), s.driver or VFIO)}
+        for driver in sorted(wanted):
+            self._load_vfio_driver(driver)          # once, before the threads: modprobe is not per group
+        undos: dict[int, list] = {gp.group: [] for gp in groups}
+        errors: dict[int, BaseException] = {}
+
+        def run(gp: GroupPlan) -> None:
+            try:
+                self._run_prepare_steps(plan, gp, [s for s in plan.steps if s.group == gp.group], undos[gp.group])
+                self._activate(plan, gp)
+            except BaseException as e:  # re-raised below, once every group stopped
+                errors[gp.group] = e
+
+        threads = [threading.Thread(target=run, args=(gp,), name=f"prepare-group-{gp.group}", daemon=True)
+                   for gp in groups[1:]]
+        for t in threads:
+            t.start()
+        run(groups[0])
+        for t in threads:
+            t.join()
+        for gp in groups:
+            undo.extend(undos[gp.group])
+        if errors:
+            raise next(errors[gp.group] for gp in groups if gp.group in errors)
 
     def _run_prepare_steps(self, plan: Plan, gp: GroupPlan, steps: list[Step], undo: list) -> None:
         for step in steps:
@@ -218,7 +266,7 @@ class Executor(RecordSteps, SriovSteps):
     def _bind_device(self, plan: Plan, group: int, addr: PciAddress, undo: list, driver: str) -> None:
         self._boundary(f"bind:{addr}")
         if same_driver(self.sysfs.driver(addr), driver):
-            self._set_state(group, addr, state=DeviceState.VFIO, vfio_driver=recorded(driver))
+            self._set_state(group, addr, state=DeviceState.VFIO, vfio_driver=recorded(driver), durable=False)
             return
         driver = self._load_vfio_driver(driver)
         # Intent first: a crash from here on leaves a record saying we were moving it. A device
@@ -244,7 +292,7 @@ class Executor(RecordSteps, SriovSteps):
         if not wait_until(lambda: self.sysfs.driver(addr) == driver, self.verify_timeout):
             raise ExecutionFailed(f"{addr} did not bind to {driver} (driver is now {self.sysfs.driver(addr)})",
                                   f"check `dmesg` for {driver} errors")
-        self._set_state(group, addr, state=DeviceState.VFIO)
+        self._set_state(group, addr, state=DeviceState.VFIO, durable=False)      # an outcome: sysfs shows it
         log_action(log, logging.INFO, "bind", "bound %s to %s (was %s)", addr, driver,
                    rec.original_driver or "no driver", address=addr, group=group, owner=plan.owner,
                    action="bind", result="ok")
@@ -355,10 +403,11 @@ class Executor(RecordSteps, SriovSteps):
         log_action(log, logging.INFO, "restore", "returned %s to %s", addr, want or "no driver",
                    address=addr, group=group, action="restore", result="ok")
 
-    def _try_state(self, group: int, addr: PciAddress, **changes: object) -> LedgerSaveFailed | None:
+    def _try_state(self, group: int, addr: PciAddress, *, durable: bool = True,
+                   **changes: object) -> LedgerSaveFailed | None:
         """_set_state, returning the save's failure instead of raising it."""
         try:
-            self._set_state(group, addr, **changes)
+            self._set_state(group, addr, durable=durable, **changes)
         except LedgerSaveFailed as e:
             return e
         return None
@@ -368,7 +417,7 @@ class Executor(RecordSteps, SriovSteps):
         first, the state table wants it); a failed save is raised after the fact, naming both."""
         err = self._try_state(group, addr, state=DeviceState.RESTORING) if unsaved else None
         if err is None:
-            err = self._try_state(group, addr, state=DeviceState.HOST, bound_by_us=False)
+            err = self._try_state(group, addr, state=DeviceState.HOST, bound_by_us=False, durable=False)
         if err is not None:
             log_action(log, logging.ERROR, "restore", "returned %s to %s, but the ledger could not record it: %s",
                        addr, want or "no driver", err.message, address=addr, group=group, action="restore",
@@ -440,7 +489,7 @@ class Executor(RecordSteps, SriovSteps):
         failures = self._run_release_steps(plan, group, steps)
         self._boundary(f"drop:{group}")
         try:
-            with self.store.transaction() as ledger:
+            with self.store.transaction(durable=bool(failures)) as ledger:   # a clean drop is an outcome
                 claim = ledger.claim_for_group(group)
                 if not failures:
                     ledger.drop(group)

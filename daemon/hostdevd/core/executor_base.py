@@ -38,8 +38,10 @@ class ExecutorBase:
         if self.on_step:
             self.on_step(name)
 
-    def _set_state(self, group: int, addr: PciAddress, **changes: object) -> DeviceRecord:
-        with self.store.transaction() as ledger:
+    def _set_state(self, group: int, addr: PciAddress, *, durable: bool = True, **changes: object) -> DeviceRecord:
+        """One device record changed. ``durable=False``: an outcome the kernel already shows
+        (LedgerStore._write says why that needs no fsync)."""
+        with self.store.transaction(durable=durable) as ledger:
             claim = ledger.held(group)
             rec = claim.device(addr)
             assert rec is not None, f"{addr} is not in the claim of group {group}"

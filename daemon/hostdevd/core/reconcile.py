@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .address import PciAddress
 from .errors import HostdevError
@@ -200,10 +200,10 @@ def release_stale_boot(engine: Engine, report: ReconcileReport, guard: Guard = _
 
 
 def recover_interrupted(engine: Engine, running: list[RunningDomain] | None, report: ReconcileReport,
-                        guard: Guard = _no_guard) -> None:
+                        guard: Guard = _no_guard, topo: Topology | None = None) -> None:
     # Active claims to look at are picked from sysfs, then judged again under the group lock.
-    topo = engine.topology(with_critical=False)
-    for _key, claim in sorted(engine.ledger().claims.items(), key=lambda kv: int(kv[0])):
+    topo = topo or engine.topology(with_critical=False)
+    for _key, claim in sorted(engine.store.peek().claims.items(), key=lambda kv: int(kv[0])):
         if claim.state == ClaimState.FAILED:
             report.failed_claims.append(claim.group)
             continue
@@ -261,7 +261,7 @@ def _recover_one(engine: Engine, group: int, running: list[RunningDomain] | None
     claim = engine.ledger().claim_for_group(group)   # fresh, under the group lock
     if claim is None or claim.state == ClaimState.FAILED:
         return
-    topo = engine.topology(with_critical=False)      # likewise: what the kernel shows now
+    topo = engine.scoped([d.pci for d in claim.devices], [group], with_critical=False)   # likewise: now
     if claim.state == ClaimState.ACTIVE:
         _recover_active(engine, claim, topo, report)
         return
@@ -350,7 +350,7 @@ def adopt_domain(engine: Engine, dom: RunningDomain, report: ReconcileReport | N
     if dom.error:
         report.errors.append(f"{dom.name}: its XML could not be read ({dom.error}); devices not reconciled")
         return adopted
-    topo = engine.topology(with_critical=False)
+    topo = engine.scoped(dom.addresses, with_critical=False)     # its devices and their groups: O(group)
     by_group: dict[int, list[PciAddress]] = {}
     for addr in dom.addresses:
         dev = topo.get(addr)
@@ -361,11 +361,11 @@ def adopt_domain(engine: Engine, dom: RunningDomain, report: ReconcileReport | N
     owner = dom.owner
     for group, addrs in sorted(by_group.items()):
         with engine.locks.hold([group]):
-            claim = engine.ledger().claim_for_group(group)
+            claim = engine.store.peek().claim_for_group(group)     # only looked at; promote re-reads
             if claim is not None:
                 _check_held(engine, claim, owner, addrs, report)
                 continue
-            topo = engine.topology(with_critical=False)
+            topo = engine.scoped(addrs, [group], with_critical=False)
             not_vfio = [a for a in addrs if not topo.require(a).on_vfio]
             if not_vfio:
                 report.skipped.append(f"{dom.name} lists {', '.join(map(str, not_vfio))} but "
@@ -471,14 +471,22 @@ def reconcile(engine: Engine, running: list[RunningDomain] | None, *, listed_at:
     """One full pass; ``running=None`` means libvirt is unreachable (steps 2 are skipped)."""
     report = ReconcileReport(libvirt=running is not None)
     guard = guard or _no_guard
+    scan: dict[str, Any] = {}
+
+    def host() -> Topology:
+        """One whole-host scan for the pass, taken again only after hostdevd wrote to sysfs."""
+        if scan.get("writes") != engine.sysfs.writes:
+            scan.update(writes=engine.sysfs.writes, topo=engine.topology(with_critical=False))
+        return scan["topo"]
+
     steps: list[tuple[str, Callable[[], None]]] = [
         ("claims from an earlier boot", lambda: release_stale_boot(engine, report, guard)),
-        ("interrupted operations", lambda: recover_interrupted(engine, running, report, guard))]
+        ("interrupted operations", lambda: recover_interrupted(engine, running, report, guard, host()))]
     if running is not None:
         steps.append(("gone domains", lambda: release_gone(engine, running, report, listed_at=listed_at,
                                                            guard=guard)))
         steps.append(("running domains", lambda: _adopt_all(engine, running, report, listed_at, guard)))
-    steps.append(("unclaimed devices", lambda: find_orphans(engine, report)))
+    steps.append(("unclaimed devices", lambda: find_orphans(engine, report, host())))
     for name, step in steps:
         try:
             step()

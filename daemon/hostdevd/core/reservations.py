@@ -35,9 +35,9 @@ def apply_reservations(engine: Engine, patterns: list[str]) -> ReservationReport
     report = ReservationReport()
     owner = Owner(**RESERVATION)
     matcher = DeviceMatcher(patterns)
-    topo = engine.topology()
-    wanted = sorted(d.address for d in topo.devices.values()
-                    if not d.bridge and matcher.matches(d.address, d.vendor, d.device))
+    # No reservation configured: nothing to look for on the host (a whole-host scan at every start).
+    wanted = sorted(d.address for d in engine.topology().devices.values()
+                    if not d.bridge and matcher.matches(d.address, d.vendor, d.device)) if patterns else []
     engine.executor.record_reservations([str(a) for a in wanted])
     for addr in wanted:
         claim = engine.ledger().claim_for_device(addr)

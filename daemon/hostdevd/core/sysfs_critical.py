@@ -262,6 +262,12 @@ class HostCriticalReads:
             out += [(a, reason) for a in devs]
         return out
 
+    def critical_fingerprint(self) -> tuple[str, ...]:
+        """The /proc facts host-critical devices are derived from (mounts, swaps, routes, the
+        kernel command line): while they read the same, a cached answer holds (Engine.critical)."""
+        return tuple(self._proc_text(rel) for rel in ("self/mountinfo", "swaps", "net/route", "net/ipv6_route",
+                                                      "cmdline"))
+
     def host_critical(self, listed: Iterable[str] = ()) -> dict[PciAddress, str]:
         """Devices the host needs, each with the first reason found (R3):
 

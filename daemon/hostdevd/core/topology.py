@@ -7,7 +7,7 @@ A Topology is a value: the planner reads it and never changes it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # Device and its class/driver constants live in .device; re-exported for existing importers.
 __all__ = ["BRIDGE_CLASSES", "STUB_DRIVERS", "VFIO", "VFIO_DRIVERS", "Device", "Source", "Topology",
-           "from_snapshot", "from_sysfs", "is_vfio_driver", "refresh_groups"]
+           "from_group_reads", "from_snapshot", "from_sysfs", "is_vfio_driver", "refresh_groups"]
 
 Source = Literal["sysfs", "snapshot", "listing"]
 
@@ -95,6 +95,39 @@ def from_sysfs(sysfs: Sysfs, with_critical: bool = True, listed_critical: Sequen
     users = {g: n for g in sorted(vfio_groups) if (n := sysfs.vfio_users(g))}
     return Topology(devices=devices, iommu_active=active, source="sysfs", critical=critical,
                     group_users=users, variants=sysfs.vfio_variants())
+
+
+def from_group_reads(sysfs: Sysfs, addresses: Iterable[PciAddress] = (), groups: Iterable[int] = (), *,
+                     iommu_active: bool | None = None) -> Topology:
+    """The part of the live host a request decides on, read in O(group), not O(host) (issue 13):
+    the ``addresses`` that exist, every member of their IOMMU groups and of ``groups``
+    (``iommu_group/devices``), and the PF of each VF among them (its netdev carries the VF's
+    MAC/VLAN). Who holds those groups open and the vfio variants come along; host-critical
+    devices are the caller's (:meth:`Engine.critical` caches them)."""
+    devices: dict[PciAddress, Device] = {}
+    todo = list(dict.fromkeys(groups))
+
+    def read(addr: PciAddress) -> Device | None:
+        if addr not in devices and sysfs.exists(addr):
+            devices[addr] = sysfs.read_device(addr)
+        return devices.get(addr)
+
+    for addr in dict.fromkeys(addresses):
+        dev = read(addr)
+        if dev is not None and dev.group is not None and dev.group not in todo:
+            todo.append(dev.group)
+    for g in todo:
+        for addr in sysfs.group_member_addresses(g):
+            read(addr)
+    for dev in list(devices.values()):
+        if dev.physfn is not None:
+            read(dev.physfn)
+    if iommu_active is None:
+        iommu_active = sysfs.iommu_active() or any(d.group is not None for d in devices.values())
+    vfio_groups = {d.group for d in devices.values() if d.group is not None and d.on_vfio}
+    users = {g: n for g in sorted(vfio_groups) if (n := sysfs.vfio_users(g))}
+    return Topology(devices=devices, iommu_active=iommu_active, source="sysfs", group_users=users,
+                    variants=sysfs.vfio_variants())
 
 
 def from_snapshot(text: str) -> Topology:

@@ -139,7 +139,10 @@ class EventWorker:
 
     # ------------------------------------------------------------------ udev (udev-monitor thread)
     def on_pci_event(self, ev: PciEvent) -> None:
-        """A PCI uevent: queued (bind/unbind after a grace period, see DRIFT_GRACE)."""
+        """A PCI uevent: queued (bind/unbind after a grace period, see DRIFT_GRACE). Any of them
+        may change which devices are host-critical (a NIC or disk controller came, went or
+        changed driver): the cached answer is dropped at once (Engine.critical)."""
+        self.engine.forget_host_facts()
         if ev.action in ("bind", "unbind") and self.drift_grace > 0:
             timer = threading.Timer(self.drift_grace, self.submit, args=(f"udev {ev}", lambda: self.pci.handle(ev)))
             timer.daemon = True

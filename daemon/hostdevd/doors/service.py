@@ -294,6 +294,8 @@ class Daemon:
             "metrics": {"listen": self.config.metrics.listen or None,
                         "port": self.metrics_server.port if self.metrics_server is not None else None,
                         "error": self.metrics_error},
+            "topology": self.engine.topology_mode(udev=bool(self.udev is not None
+                                                            and getattr(self.udev, "watching", False))),
         }
 
     def op_metrics(self, req: api.MetricsRequest, peer: Peer) -> dict:

@@ -227,6 +227,7 @@ class SimKernel(SimVfio, SimShare, SimProc):
         self._cond = threading.Condition(self._lock)
         self._tree: _Dir | None = None
         self._builder: _TreeBuilder | None = None
+        self._io: list[SimDevice] | None = None           # devices with netdevs or disks (_io_devices)
         self.devices: dict[PciAddress, SimDevice] = {}
         self.drivers: dict[str, SimDriver] = {}
         self.modules: set[str] = set()
@@ -599,6 +600,7 @@ class SimKernel(SimVfio, SimShare, SimProc):
             return
         self._tree = None
         self._builder = None
+        self._io = None
 
     def _abs(self, rel: str) -> str:
         return posixpath.join(self.sys_root, rel)
@@ -636,12 +638,18 @@ class SimKernel(SimVfio, SimShare, SimProc):
     def _vfio_node(self, group: int) -> bool:
         return any(self._on_vfio(d) for d in self._members(group))
 
+    def _io_devices(self) -> list[SimDevice]:
+        """Devices with netdevs or disks, listed once per device set (not per /proc read)."""
+        if self._io is None:
+            self._io = [d for d in self.devices.values() if d.net or d.block]
+        return self._io
+
     def _present_blocks(self) -> list[SimBlock]:
-        out = [b for d in self.devices.values() if self._host_bound(d) for b in d.block]
+        out = [b for d in self._io_devices() if self._host_bound(d) for b in d.block]
         return out + [b for s in self.iscsi for b in s.block] + [b for b, _ in self.dm]
 
     def _present_netdevs(self) -> set[str]:
-        names = {n for d in self.devices.values() if self._host_bound(d) for n in d.net}
+        names = {n for d in self._io_devices() if self._host_bound(d) for n in d.net}
         return names | set(self.virtual_net) | {"lo"}
 
     # ----- internals: the driver core ------------------------------------------------------
@@ -942,7 +950,7 @@ class SimKernel(SimVfio, SimShare, SimProc):
 
     # ----- internals: /proc ----------------------------------------------------------------
     def _block_by_name(self) -> dict[str, SimBlock]:
-        out = {b.name: b for d in self.devices.values() for b in d.block}
+        out = {b.name: b for d in self._io_devices() for b in d.block}
         out.update({b.name: b for s in self.iscsi for b in s.block})
         out.update({b.name: b for b, _ in self.dm})
         return out
@@ -1068,7 +1076,10 @@ class _TreeBuilder:
 
     def patchable(self, dev: SimDevice) -> bool:
         """Is a driver change of ``dev`` local to its own directory and its driver's?"""
-        return (dev.addr in self.dirs and not dev.net and not dev.tty and not dev.block and dev.virtio is None
+        if dev.net and any(n in v.get("brif", []) or n in v.get("lower", []) or n == name
+                           for name, v in self.k.virtual_net.items() for n in dev.net):
+            return False                  # a bridge port or bond slave: links elsewhere change too
+        return (dev.addr in self.dirs and not dev.tty and not dev.block and dev.virtio is None
                 and dev.sriov is None and VIRTIO_PCI not in (dev.driver, self.driver_links.get(dev.addr)))
 
     def patch_driver(self, dev: SimDevice) -> None:
@@ -1077,12 +1088,18 @@ class _TreeBuilder:
         node = self.mkdir(d)
         node.pop("driver", None)
         node.pop("vfio-dev", None)
+        node.pop("net", None)
+        for name in dev.net:                       # a host driver's netdevs come and go with it
+            self.root["class"]["net"].pop(name, None)
         old = self.driver_links.pop(a, None)
         if old is not None:
             drv_dir = self.root["bus"]["pci"]["drivers"].get(old)
             if drv_dir is not None:
                 drv_dir.pop(str(a), None)
         self.driver_part(dev, d)
+        if self.k._host_bound(dev):
+            for name in dev.net:
+                self.netdev(name, f"{d}/net/{name}", d)
 
     def mkdir(self, path: str) -> _Dir:
         cur = self.root

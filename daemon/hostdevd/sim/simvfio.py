@@ -110,8 +110,9 @@ class SimVfio:
                 r = rel.strip("/")
                 n = 0
                 if r.startswith("vfio/devices/vfio") and r[17:].isdigit():
-                    n = sum(self.cdev_users.get(d.addr, 0) for d in self.devices.values()
-                            if d.vfio_index == int(r[17:]) and self._on_vfio(d))
+                    n = sum(users for a, users in self.cdev_users.items()    # the open cdevs, not the host
+                            if (d := self.devices.get(a)) is not None and d.vfio_index == int(r[17:])
+                            and self._on_vfio(d))
                 elif r.startswith("vfio/") and r[5:].isdigit():
                     n = self.group_users.get(int(r[5:]), 0)
                 out[rel] = n
@@ -121,8 +122,9 @@ class SimVfio:
         """The group node or a member's cdev is open: the group's DMA is owned by a user."""
         if group is None:
             return False
-        return bool(self.group_users.get(group, 0)) or any(self.cdev_users.get(d.addr, 0)
-                                                           for d in self._members(group))
+        return bool(self.group_users.get(group, 0)) or any(
+            users and (d := self.devices.get(a)) is not None and d.group == group
+            for a, users in self.cdev_users.items())
 
     def _vfio_dev_node(self, rel: str) -> bool | None:
         """dev_exists for iommu and vfio/devices/vfioN; None for other nodes."""
