@@ -250,3 +250,18 @@ def test_ledger_peek_is_parsed_once_per_version_of_the_file(tmp_path):
         led.drop(12)
     assert store.peek() is not first and store.peek().claims == {}, "a save is a new file: parsed again"
     assert store.read() is not store.read(), "read() still hands out a private copy"
+
+
+def test_reconciliation_reads_claimed_groups_and_driver_links_not_every_device(tmp_path, monkeypatch):
+    sim = big_lab(300)
+    eng = make_engine(sim, tmp_path)
+    eng.prepare([A.parse(PAIR)], VM1)
+    orphan = "0001:01:05.0"                       # on vfio-pci, no claim: reported, left alone
+    sim.write(f"bus/pci/devices/{orphan}/driver_override", "vfio-pci")
+    sim.write("bus/pci/drivers/e1000e/unbind", orphan)
+    sim.write("bus/pci/drivers_probe", orphan)
+    count = CountingReads(eng.sysfs, monkeypatch)
+    report = eng.reconcile(None)
+    assert [o["address"] for o in report.orphans] == [orphan] and not report.errors
+    assert set(count.reads) <= {PAIR, PAIR_B, orphan}, count.reads
+    assert count.enumerations == 1                # the driver links, once

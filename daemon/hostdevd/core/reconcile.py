@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .address import PciAddress
 from .errors import HostdevError
@@ -202,8 +202,11 @@ def release_stale_boot(engine: Engine, report: ReconcileReport, guard: Guard = _
 def recover_interrupted(engine: Engine, running: list[RunningDomain] | None, report: ReconcileReport,
                         guard: Guard = _no_guard, topo: Topology | None = None) -> None:
     # Active claims to look at are picked from sysfs, then judged again under the group lock.
-    topo = topo or engine.topology(with_critical=False)
-    for _key, claim in sorted(engine.store.peek().claims.items(), key=lambda kv: int(kv[0])):
+    claims = engine.store.peek().claims
+    # What the claims name and their groups, not the whole host (issue 13).
+    topo = topo or engine.scoped([d.pci for c in claims.values() for d in c.devices],
+                                 [c.group for c in claims.values()], with_critical=False)
+    for _key, claim in sorted(claims.items(), key=lambda kv: int(kv[0])):
         if claim.state == ClaimState.FAILED:
             report.failed_claims.append(claim.group)
             continue
@@ -453,9 +456,12 @@ def release_owner(engine: Engine, owner: Owner, *, before: datetime | None = Non
 
 
 def find_orphans(engine: Engine, report: ReconcileReport, topo: Topology | None = None) -> None:
-    topo = topo or engine.topology(with_critical=False)
-    ledger = engine.ledger()
-    for dev in sorted(topo.devices.values(), key=lambda d: d.address):
+    if topo is not None:
+        devices = list(topo.devices.values())
+    else:   # each function's driver link, then the whole record of those on vfio only (issue 13)
+        devices = [engine.sysfs.read_device(a) for a in engine.sysfs.vfio_bound_addresses() if engine.sysfs.exists(a)]
+    ledger = engine.store.peek()
+    for dev in sorted(devices, key=lambda d: d.address):
         if dev.on_vfio and ledger.claim_for_device(dev.address) is None:
             report.orphans.append({"address": str(dev.address), "group": dev.group, "driver": dev.driver})
             log_action(log, logging.WARNING, "orphan", "%s (group %s) is on %s but no claim covers it; left as it is",
@@ -471,22 +477,14 @@ def reconcile(engine: Engine, running: list[RunningDomain] | None, *, listed_at:
     """One full pass; ``running=None`` means libvirt is unreachable (steps 2 are skipped)."""
     report = ReconcileReport(libvirt=running is not None)
     guard = guard or _no_guard
-    scan: dict[str, Any] = {}
-
-    def host() -> Topology:
-        """One whole-host scan for the pass, taken again only after hostdevd wrote to sysfs."""
-        if scan.get("writes") != engine.sysfs.writes:
-            scan.update(writes=engine.sysfs.writes, topo=engine.topology(with_critical=False))
-        return scan["topo"]
-
     steps: list[tuple[str, Callable[[], None]]] = [
         ("claims from an earlier boot", lambda: release_stale_boot(engine, report, guard)),
-        ("interrupted operations", lambda: recover_interrupted(engine, running, report, guard, host()))]
+        ("interrupted operations", lambda: recover_interrupted(engine, running, report, guard))]
     if running is not None:
         steps.append(("gone domains", lambda: release_gone(engine, running, report, listed_at=listed_at,
                                                            guard=guard)))
         steps.append(("running domains", lambda: _adopt_all(engine, running, report, listed_at, guard)))
-    steps.append(("unclaimed devices", lambda: find_orphans(engine, report, host())))
+    steps.append(("unclaimed devices", lambda: find_orphans(engine, report)))
     for name, step in steps:
         try:
             step()

@@ -161,7 +161,6 @@ class Sysfs(HostCriticalReads, VfioReads, InventoryReads, PreflightReads):
         self._writers = TimedCaller(name="sysfs-write")
         self._variant_cache = {}     # kernel release -> its modules.alias (sysfs_vfio)
         self._pci_ids = None         # the host's pci.ids, read on first use (sysfs_inventory)
-        self.writes = 0              # writes attempted: a whole-host scan is current while it stays
 
     # ----- paths ---------------------------------------------------------
     @staticmethod
@@ -392,7 +391,6 @@ class Sysfs(HostCriticalReads, VfioReads, InventoryReads, PreflightReads):
                 result["error"] = e
 
         limit = self.write_timeout if timeout is None else timeout
-        self.writes += 1
         finished = self._writers.call(run, limit)
         what = f"device {device}" if device else f"/sys/{rel}"
         if not finished:
