@@ -21,7 +21,7 @@ HEAVY = ("lxml", "libvirt", "pyroute2", "pyudev", "systemd")
 def loaded_after(code: str) -> set[str]:
     """Top-level and hostdevd modules a fresh interpreter holds after ``code``."""
     script = (f"import sys\nsys.path.insert(0, {PKG_PARENT!r})\n{code}\n"
-              "import json\nprint('MODULES=' + json.dumps(sorted(sys.modules)))\n")
+              "_seen = sorted(sys.modules)\nimport json\nprint('MODULES=' + json.dumps(_seen))\n")
     out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120)
     line = next((x for x in out.stdout.splitlines() if x.startswith("MODULES=")), None)
     assert line is not None, out.stdout + out.stderr
@@ -67,3 +67,41 @@ def test_hook_import_path_is_standard_library_only():
 def test_the_checks_can_fail():
     # The same check on a path that does import lxml: the tests above would see it.
     assert "lxml" in loaded_after("import hostdevd.core.domxml")
+
+
+def test_hook_imports_neither_json_nor_socket_nor_re():
+    # The C halves (_json, _socket) do the hook's work; json, socket, typing and enum would pull
+    # in re and enum, about half of the hook's own start-up.
+    mods = loaded_after("from hostdevd.doors.hook import main")
+    assert not mods & {"json", "socket", "re", "typing", "enum"}, sorted(mods & {"json", "socket", "re", "typing"})
+
+
+@pytest.mark.parametrize("value", [
+    {"v": 1, "op": "prepare",
+     "xml": "<domain type='kvm'>\n\t<name>a\"b\\c</name>\u00e9\u2603\U0001f600\x00\x1f</domain>",
+     "addresses": ["0000:01:00.0"], "n": -3, "f": 2.5, "big": 10 ** 20, "t": True, "no": False, "none": None,
+     "nested": {"a": [1, [2, {"b": []}], {}], "": ""}},
+    [], "", 0, 1e-7,
+])
+def test_the_hooks_json_is_json(value):
+    from hostdevd.doors import wire
+    text = wire._dumps(value)
+    assert text == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    assert wire._loads(text) == json.loads(text) == value
+    assert wire._loads(f" \n{json.dumps(value, indent=2)}\n ") == value
+
+
+@pytest.mark.parametrize("bad", ["", "{", '{"a": 1} x', "[1,]", "{'a': 1}", "nul", '"\x01"'])
+def test_the_hooks_json_refuses_what_json_refuses(bad):
+    from hostdevd.doors import wire
+    with pytest.raises(ValueError):
+        json.loads(bad)
+    with pytest.raises(ValueError):
+        wire._loads(bad)
+
+
+def test_the_hooks_json_refuses_what_json_cannot_write():
+    from hostdevd.doors import wire
+    for bad in ({1: "x"}, {"x": object()}, {"x": float("nan")}):
+        with pytest.raises((TypeError, ValueError)):
+            wire._dumps(bad)

@@ -12,10 +12,18 @@ connection may carry several requests in turn; each gets exactly one reply.
 """
 from __future__ import annotations
 
-import json
+# The C halves of ``socket`` and ``json``: the hook's client needs nothing more, and the Python
+# modules would pull in enum and re (about half of the hook's own start-up, issue 13). The daemon's
+# side (api.py) imports the full modules.
+import _json
+import _socket
 import os
-import socket
 import time
+
+TYPE_CHECKING = False      # typing itself imports re: not for the hook's start-up
+if TYPE_CHECKING:
+    import socket
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 1024 * 1024
@@ -51,9 +59,69 @@ class BadReply(WireError):
     code = "BAD_REPLY"
 
 
+def _dumps(value: Any) -> str:
+    """json.dumps(value, ensure_ascii=False, separators=(",", ":")) for what requests hold
+    (dicts with string keys, lists, strings, numbers, booleans, None), without importing json."""
+    if isinstance(value, str):
+        return _json.encode_basestring(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"not JSON: {value!r}")
+        return float.__repr__(value)
+    if isinstance(value, dict):
+        items = []
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"JSON object keys must be strings, not {type(k).__name__}")
+            items.append(_json.encode_basestring(k) + ":" + _dumps(v))
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_dumps(v) for v in value) + "]"
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+class _ScanContext:
+    """What _json's scanner reads from a json.JSONDecoder (strict, hooks, number parsers)."""
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo: dict = {}
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        return {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}[name]
+
+
+_scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]  # duck-typed, as json.scanner is
+
+
+def _loads(text: str) -> Any:
+    """json.loads for one reply line, without importing json; ValueError when it is not JSON."""
+    start = len(text) - len(text.lstrip(" \t\n\r"))
+    try:
+        value, end = _scan(text, start)
+    except StopIteration:
+        raise ValueError("expecting a JSON value") from None
+    finally:
+        _ScanContext.memo.clear()
+    if text[end:].strip(" \t\n\r"):
+        raise ValueError("extra data after the JSON value")
+    return value
+
+
 def encode(message: dict) -> bytes:
     """One message as one line of UTF-8 JSON; ValueError when it is over MAX_MESSAGE."""
-    data = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    data = _dumps(message).encode("utf-8") + b"\n"
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"message of {len(data)} bytes is over the {MAX_MESSAGE}-byte limit")
     return data
@@ -62,7 +130,7 @@ def encode(message: dict) -> bytes:
 class LineReader:
     """Read newline-terminated messages from a socket with a size limit and a deadline."""
 
-    def __init__(self, sock: socket.socket, limit: int = MAX_MESSAGE):
+    def __init__(self, sock: socket.socket | _socket.socket, limit: int = MAX_MESSAGE):
         self.sock = sock
         self.limit = limit
         self.buf = b""
@@ -110,7 +178,7 @@ def call(sock_path: str, request: dict, timeout: float = 30.0) -> dict:
     request.setdefault("v", PROTOCOL_VERSION)
     data = encode(request)
     deadline = time.monotonic() + timeout
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
         try:
@@ -139,8 +207,8 @@ def call(sock_path: str, request: dict, timeout: float = 30.0) -> dict:
     if line is None:
         raise BadReply("hostdevd closed the connection without a reply", "see `journalctl -u hostdevd`")
     try:
-        reply = json.loads(line)
-    except ValueError:
+        reply = _loads(line.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
         raise BadReply(f"hostdevd's reply is not JSON: {line[:80]!r}") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
         raise BadReply(f"hostdevd's reply is not a reply object: {line[:80]!r}")
