@@ -11,10 +11,7 @@ cli_common (Context, output helpers, daemon routing).
 """
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
-import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
@@ -23,6 +20,8 @@ from .. import __version__
 from ..core.errors import HostdevError, UsageError
 
 if TYPE_CHECKING:
+    import argparse
+
     from ..core.sysfs import Sysfs
     from ..core.vfnet import NetlinkBackend
 
@@ -43,12 +42,17 @@ def _command(name: str) -> Callable[..., int]:
     return getattr(importlib.import_module(f".{_COMMANDS[name]}", __package__), name)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse exits 2 as well; keep one line
-        raise UsageError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+def _parser_class() -> type[argparse.ArgumentParser]:
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:  # argparse exits 2 as well; keep one line
+            raise UsageError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+    return _Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    _Parser = _parser_class()
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     p = _Parser(prog="hostdevctl", description=__doc__.splitlines()[0], parents=[common])
@@ -152,15 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, sysfs: Sysfs | None = None,
          out: Out = print, netlink: NetlinkBackend | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="hostdevctl: %(message)s")
+    if (argv if argv is not None else sys.argv[1:]) == ["--version"]:
+        out(f"hostdevctl {__version__}")             # what argparse's version action prints, without argparse
+        return 0
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(argv)      # --help ends here: nothing more imported
+        import logging
+        logging.basicConfig(level=logging.WARNING, format="hostdevctl: %(message)s")
         from .cli_common import Context, forget_stdin
         forget_stdin()
         return _command(args.func)(Context(args, sysfs, netlink), out)
     except HostdevError as e:
         as_json = "--json" in (argv if argv is not None else sys.argv[1:])
         if as_json and not isinstance(e, UsageError):
+            import json
             out(json.dumps({"ok": False, "error": e.to_dict()}))
         print(f"hostdevctl: {e}", file=sys.stderr)
         return e.exit_status
