@@ -265,3 +265,17 @@ def test_reconciliation_reads_claimed_groups_and_driver_links_not_every_device(t
     assert [o["address"] for o in report.orphans] == [orphan] and not report.errors
     assert set(count.reads) <= {PAIR, PAIR_B, orphan}, count.reads
     assert count.enumerations == 1                # the driver links, once
+
+
+def test_the_running_index_finds_what_the_scan_finds():
+    from itertools import product
+
+    from hostdevd.core.reconcile import _find_running, _RunningIndex
+    uuids = [None, "00000000-0000-0000-0000-00000000000a", "00000000-0000-0000-0000-00000000000b"]
+    running = [RunningDomain(n, u, []) for n, u in product(["a", "b"], uuids)][::-1]
+    for cut in range(len(running) + 1):
+        doms = running[cut:] + running[:cut]
+        index = _RunningIndex(doms)
+        for name, uuid, kind in product(["a", "b", "c"], uuids, ["domain", "manual"]):
+            owner = Owner(name=name, uuid=uuid, kind=kind)
+            assert index.find(owner) is _find_running(doms, owner), (owner, doms)

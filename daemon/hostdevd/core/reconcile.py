@@ -137,6 +137,28 @@ def _find_running(running: Iterable[RunningDomain], owner: Owner) -> RunningDoma
     return None
 
 
+class _RunningIndex:
+    """:func:`_find_running` for many claims against many domains: the same answer (the first
+    domain in ``running`` that matches), looked up by UUID and name instead of a scan each."""
+
+    def __init__(self, running: list[RunningDomain]):
+        self.running = running
+        self.by_uuid: dict[str, list[int]] = {}
+        self.by_name: dict[str, list[int]] = {}
+        for i, dom in enumerate(running):
+            if dom.uuid:
+                self.by_uuid.setdefault(dom.uuid, []).append(i)
+            self.by_name.setdefault(dom.name, []).append(i)
+
+    def find(self, owner: Owner) -> RunningDomain | None:
+        cand = self.by_uuid.get(owner.uuid, []) + self.by_name.get(owner.name, []) if owner.uuid else \
+            self.by_name.get(owner.name, [])
+        for i in sorted(cand):      # the candidates, in the list's order; each checked as the scan would
+            if _find_running([self.running[i]], owner) is not None:
+                return self.running[i]
+        return None
+
+
 # --------------------------------------------------------------------------- 0. an earlier boot
 
 
@@ -313,12 +335,13 @@ def release_gone(engine: Engine, running: list[RunningDomain], report: Reconcile
     Claims created after ``listed_at`` (when the running list was taken) are
     newer than the list and are left alone.
     """
-    for claim in sorted(engine.ledger().claims.values(), key=lambda c: c.group):
+    index = _RunningIndex(running)
+    for claim in sorted(engine.store.peek().claims.values(), key=lambda c: c.group):
         if claim.owner.kind != "domain" or claim.state != ClaimState.ACTIVE:
             continue
         if listed_at is not None and _parse_time(claim.created) >= listed_at:
             continue
-        if _find_running(running, claim.owner) is not None:
+        if index.find(claim.owner) is not None:
             continue
         with _holding(engine, claim, report, guard) as fresh:
             if fresh is None or fresh.state != ClaimState.ACTIVE or not fresh.owner.same(claim.owner):
@@ -460,9 +483,9 @@ def find_orphans(engine: Engine, report: ReconcileReport, topo: Topology | None 
         devices = list(topo.devices.values())
     else:   # each function's driver link, then the whole record of those on vfio only (issue 13)
         devices = [engine.sysfs.read_device(a) for a in engine.sysfs.vfio_bound_addresses() if engine.sysfs.exists(a)]
-    ledger = engine.store.peek()
+    claimed = {d.address for c in engine.store.peek().claims.values() for d in c.devices}
     for dev in sorted(devices, key=lambda d: d.address):
-        if dev.on_vfio and ledger.claim_for_device(dev.address) is None:
+        if dev.on_vfio and str(dev.address) not in claimed:
             report.orphans.append({"address": str(dev.address), "group": dev.group, "driver": dev.driver})
             log_action(log, logging.WARNING, "orphan", "%s (group %s) is on %s but no claim covers it; left as it is",
                        dev.address, dev.group, dev.driver, address=dev.address, group=dev.group,
