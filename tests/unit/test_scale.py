@@ -279,3 +279,14 @@ def test_the_running_index_finds_what_the_scan_finds():
         for name, uuid, kind in product(["a", "b", "c"], uuids, ["domain", "manual"]):
             owner = Owner(name=name, uuid=uuid, kind=kind)
             assert index.find(owner) is _find_running(doms, owner), (owner, doms)
+
+
+def test_status_says_how_requests_read_the_host():
+    from hostdevd.doors.wire import call
+
+    from .daemon_support import running_daemon
+    with running_daemon("lab") as (d, sim, path):
+        topo = call(path, {"op": "status"})["topology"]
+        assert topo["requests"].startswith("per group")
+        assert "udev not watched" in topo["host_critical"]          # the sim has no uevents
+        assert call(path, {"op": "prepare", "domain": {"name": "vm1"}, "addresses": [NIC1]})["ok"]
