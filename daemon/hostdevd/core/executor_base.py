@@ -40,7 +40,7 @@ class ExecutorBase:
 
     def _set_state(self, group: int, addr: PciAddress, *, durable: bool = True, **changes: object) -> DeviceRecord:
         """One device record changed. ``durable=False``: an outcome the kernel already shows
-        (LedgerStore._write says why that needs no fsync)."""
+        (LedgerStore._write says why its directory needs no fsync)."""
         with self.store.transaction(durable=durable) as ledger:
             claim = ledger.held(group)
             rec = claim.device(addr)
