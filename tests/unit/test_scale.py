@@ -77,6 +77,34 @@ def test_prepare_and_release_read_only_the_group(tmp_path, monkeypatch, extra):
     assert count.enumerations == 0 and set(count.reads) <= {PAIR, PAIR_B}
 
 
+@pytest.mark.parametrize("extra", [0, 300])
+def test_preflight_runs_on_the_requested_group_of_the_group_only_topology(tmp_path, monkeypatch, extra):
+    """Main's pre-flight checks (holders, power, reset, NUMA) survive issue 13's O(group) reads:
+    with_preflight gets the request's groups' endpoints from from_group_reads, no other device."""
+    import hostdevd.core.preflight as preflight
+    sim = big_lab(extra)
+    eng = make_engine(sim, tmp_path)
+    gathered: list[tuple[list[str], list[int]]] = []
+    real = preflight.gather
+
+    def gather(sysfs, addresses, vfio_groups=(), members=None):
+        addresses, vfio_groups = list(addresses), list(vfio_groups)
+        gathered.append((sorted(map(str, addresses)), vfio_groups))
+        return real(sysfs, addresses, vfio_groups, members)
+
+    monkeypatch.setattr(preflight, "gather", gather)
+    count = CountingReads(eng.sysfs, monkeypatch)
+    eng.critical()
+    count.reset()
+    plan = eng.plan_prepare([A.parse(PAIR)], VM1)
+    assert plan.ok and gathered == [([PAIR, PAIR_B], [])]
+    assert count.enumerations == 0 and set(count.reads) <= {PAIR, PAIR_B}
+    gathered.clear()
+    eng.prepare([A.parse(PAIR)], VM1)
+    assert gathered == [([PAIR, PAIR_B], [])]
+    assert count.enumerations == 0 and set(count.reads) <= {PAIR, PAIR_B}
+
+
 def test_adopting_running_domains_reads_their_groups_not_the_host(tmp_path, monkeypatch):
     sim = big_lab(40)
     eng = make_engine(sim, tmp_path)
