@@ -7,8 +7,9 @@
 #   ./run-tests.sh -- ARGS    extra pytest arguments
 #
 # The lab runs as three pytest sessions, each on a fresh L1: on Debian 12 every lab test but
-# those marked lab_l2, then the lab_l2 ones (they keep a nested L2 guest running, which is what
-# has, now and then, broken L1's kernel under TCG); then on Debian 13 the tests marked
+# those marked lab_l2 or lab_igb, then the lab_l2 ones (they keep a nested L2 guest running,
+# which is what has, now and then, broken L1's kernel under TCG) after the lab_igb ones, on an
+# L1 booted with a QEMU that has the igb SR-IOV NIC (tests/lab/qemu-igb.sh); then on Debian 13 the tests marked
 # lab_trixie, with hostdevd installed from its .deb. A session in which L1's *kernel* failed
 # (RCU stall, soft lockup, panic; see README "L1 stalls") is run again on a fresh L1, at most
 # $HOSTDEVD_LAB_RERUNS times (default 2), and says so loudly; any other failure fails the run.
@@ -48,8 +49,8 @@ lab_session() { # MARK-EXPRESSION [pytest args]
     done
 }
 rc=0
-lab_session "lab and not lab_l2 and not trixie_only" "$@" || rc=1
-lab_session "lab_l2 and not trixie_only" "$@" || rc=1
+lab_session "lab and not lab_l2 and not lab_igb and not trixie_only" "$@" || rc=1
+HOSTDEVD_LAB_IGB=1 lab_session "(lab_l2 or lab_igb) and not trixie_only" "$@" || rc=1
 # The Debian 13 lab: its own image in $HOSTDEVD_LAB13_DIR, hostdevd built as a .deb and installed
 # with apt; test_lab_trixie.py plus every test marked lab_trixie. HOSTDEVD_LAB_TRIXIE=0 skips it
 # (and says so).

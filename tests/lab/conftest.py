@@ -43,6 +43,7 @@ def pytest_collection_modifyitems(config, items):
     # tests that keep a nested L2 running go last: if L1 stalls there, nothing else is lost;
     # reboots and power cuts after them (L1 is in a new boot afterwards); the Debian 13 session
     # starts with its own tests and ends with the package's removal (lab_last)
+    # (lab_igb tests carry no lab_l2 mark, so they run first in the session that has them)
     items.sort(key=lambda it: (it.get_closest_marker("lab_last") is not None,
                                it.get_closest_marker("lab_l2") is not None,
                                it.get_closest_marker("lab_reboot") is not None,
@@ -110,6 +111,14 @@ def lab():
     sys.stderr.write(f"\n[lab] image ready in {labvm.lab_dir()} ({t:.1f}s)\n")
 
     vm = labvm.LabVM()
+    if os.environ.get("HOSTDEVD_LAB_IGB") == "1" and labvm.SUITE == "bookworm":
+        # run-tests.sh's lab_l2 session: its L1 carries the igb PF, so test_lab_sriov's igb tests
+        # (lab_igb) need no L1 of their own; restarts and power cuts boot the same QEMU
+        try:
+            os.environ["QEMU"] = labvm.igb_qemu()
+        except labvm.LabError as e:
+            _fail(str(e))
+        vm.has_igb = True
     # SIGTERM (CI cancel, timeout) -> KeyboardInterrupt, so pytest runs the teardown.
     prev_term = signal.getsignal(signal.SIGTERM)
 

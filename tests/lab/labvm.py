@@ -209,6 +209,7 @@ class LabVM:
     install_info: dict | None = None
     _labfn_uploaded: bool = field(default=False, repr=False)
     stalled: list[str] = field(default_factory=list)   # kernel stall lines, once L1 stalled
+    has_igb: bool = False        # booted with qemu-igb.sh's QEMU: an igb SR-IOV PF at 00:08.0
 
     # ------------------------------------------------------------------ paths
     @property
@@ -550,6 +551,17 @@ python3 -m venv --without-pip --system-site-packages {GUEST_VENV}
         _log(f"installed in L1 with apt: {info['debs']} ({info['install_s']} s)")
         self.install_info = info
         return info
+
+
+def igb_qemu(timeout: float = 900) -> str:
+    """The path of a QEMU wrapper that adds an igb SR-IOV PF (tests/lab/qemu-igb.sh: QEMU >= 8
+    from bookworm-backports, unpacked under $LAB_DIR/qemu10; a second call only checks)."""
+    try:
+        p = subprocess.run([str(Path(__file__).resolve().parent / "qemu-igb.sh")], check=True,
+                           capture_output=True, text=True, timeout=timeout, env=_script_env())
+    except subprocess.CalledProcessError as e:
+        raise LabError("cannot get a QEMU with igb (tests/lab/qemu-igb.sh):\n" + e.stderr[-3000:]) from e
+    return p.stdout.strip()
 
 
 def build_deb(src: str | os.PathLike = REPO_ROOT, timeout: float = 1200) -> list[Path]:

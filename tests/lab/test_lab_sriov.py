@@ -5,9 +5,9 @@ Part 1, the normal L1 (the session ``lab``): the emulated NVMe PF gets its VFs f
 ``<hostdev>`` (started paused), the VF count cannot change while it is assigned, and after
 ``virsh destroy`` the VF is back where it was (driverless, autoprobe 0).
 
-Part 2, a second L1 variant booted with a QEMU >= 8 from bookworm-backports that has the
-emulated SR-IOV NIC ``igb`` (tests/lab/qemu-igb.sh; the session L1 is stopped first and
-booted again afterwards if later tests need it, so only one L1 runs at a time): VF MAC, VLAN,
+Part 2 (marked lab_igb), an L1 booted with a QEMU >= 8 from bookworm-backports that has the
+emulated SR-IOV NIC ``igb`` (tests/lab/qemu-igb.sh). run-tests.sh runs these first in its
+lab_l2 session, whose L1 it boots with that QEMU; run alone, the module boots its own igb L1: VF MAC, VLAN,
 spoof-check and trust saved, set and restored through real netlink, next to libvirt setting
 them itself, and a libvirt hostdev network (``<forward mode='hostdev'><pf dev=…/>``) whose VF
 hostdevd prepares at libvirt's ``start begin`` hook, where that VF is first known.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -259,8 +258,13 @@ def test_contention_8_vfs_and_4_domains_on_the_pair(lab, nvme):
 
 @pytest.fixture(scope="module")
 def igb_lab(request, lab):
-    """Stop the session L1, boot the igb variant (QEMU >= 8), install hostdevd; reboot the session
-    L1 afterwards only if later tests in this session use it."""
+    """The L1 with the igb PF. run-tests.sh boots its lab_l2 session's L1 with it
+    (HOSTDEVD_LAB_IGB=1, conftest), so these tests reuse that L1. Run any other way, the session
+    L1 is stopped, the igb variant booted for this module, and the session L1 booted again
+    afterwards only if later tests of the session use it."""
+    if lab.has_igb:
+        yield lab
+        return
     items = request.session.items
     mine = [i for i, it in enumerate(items) if it.module is request.module]
     later = any("lab" in it.fixturenames for it in items[max(mine) + 1:]) if mine else False
@@ -271,11 +275,10 @@ def igb_lab(request, lab):
 
     lab.stop()
     try:
-        wrapper = subprocess.run([str(Path(__file__).resolve().parent / "qemu-igb.sh")], check=True,
-                                 capture_output=True, text=True, timeout=900).stdout.strip()
-    except subprocess.CalledProcessError as e:
+        wrapper = labvm.igb_qemu()
+    except labvm.LabError as e:
         session_lab_back()
-        pytest.fail("cannot get a QEMU with igb (tests/lab/qemu-igb.sh):\n" + e.stderr[-3000:], pytrace=False)
+        pytest.fail(str(e), pytrace=False)
     old = os.environ.get("QEMU")
     os.environ["QEMU"] = wrapper
     vm = labvm.LabVM()
@@ -326,6 +329,7 @@ def vf_line(vm, net: str, index: int) -> str:
     return [line.strip() for line in out.splitlines() if line.strip().startswith(f"vf {index} ")][0]
 
 
+@pytest.mark.lab_igb
 def test_igb_vfs_created_by_netdev_name(igb_lab, igb):
     vm, pf = igb_lab, igb["pf"]
     assert len(igb["vfs"]) == 4 and set(drivers(vm, *igb["vfs"]).values()) == {"none"}
@@ -337,6 +341,7 @@ def test_igb_vfs_created_by_netdev_name(igb_lab, igb):
     print(hctl(vm, "vfs").stdout)
 
 
+@pytest.mark.lab_igb
 def test_igb_interface_hostdev_managed_no_saved_set_restored(igb_lab, igb):
     """hostdevd saves, sets after the bind, restores on release; libvirt sets the same values
     (its Loop 4) and restores its own snapshot first: the VF ends exactly as it was."""
@@ -374,6 +379,7 @@ def test_igb_interface_hostdev_managed_no_saved_set_restored(igb_lab, igb):
     assert f"saved VF {vf}" in j and f"set VF {vf}" in j and f"restored VF {vf}" in j, j
 
 
+@pytest.mark.lab_igb
 def test_igb_interface_hostdev_managed_yes_is_libvirts(igb_lab, igb):
     """managed='yes': libvirt sets MAC/VLAN itself; hostdevd records and verifies, never writes."""
     vm, net, vf = igb_lab, igb["net"], igb["vfs"][2]
@@ -403,6 +409,7 @@ def test_igb_interface_hostdev_managed_yes_is_libvirts(igb_lab, igb):
 
 # managed='yes' first: after libvirt has used a VF unmanaged, libvirt 9.0 keeps it in its inactive
 # list as unmanaged and does not reattach it after a later managed use (seen in this lab; see README).
+@pytest.mark.lab_igb
 @pytest.mark.parametrize("managed", ["yes", "no"])
 def test_igb_hostdev_network(igb_lab, igb, managed):
     """libvirt 9.0 picks a hostdev network's VF after the prepare hook: 'prepare begin' sees only
