@@ -127,14 +127,14 @@ def test_a_cycle_fsyncs_intents_fully_and_outcomes_data_only(tmp_path):
     store = eng.store
     saves, durable, fsyncs = store.saves, store.durable_saves, store.fsyncs
     eng.prepare([A.parse(PAIR)], VM1)
-    # claim (with every record), then one intent per device before its writes: durable (data and
-    # directory fsynced); each device's "on vfio" and the activation: outcomes (data fsynced before
-    # the rename, the directory not: a power cut loses at worst the rename, never the file)
-    assert (store.saves - saves, store.durable_saves - durable, store.fsyncs - fsyncs) == (6, 3, 9)
+    # written ahead: the claim with both devices' intents (binding, original drivers): durable
+    # (data and directory fsynced); the activation with both on vfio: an outcome (data fsynced
+    # before the rename, the directory not: a power cut loses at worst the rename, never the file)
+    assert (store.saves - saves, store.durable_saves - durable, store.fsyncs - fsyncs) == (2, 1, 3)
     saves, durable, fsyncs = store.saves, store.durable_saves, store.fsyncs
     eng.release(VM1)
-    # releasing + one intent per device: durable; back on the host and the drop: outcomes
-    assert (store.saves - saves, store.durable_saves - durable, store.fsyncs - fsyncs) == (6, 3, 9)
+    # releasing with both devices restoring: durable; the drop: an outcome
+    assert (store.saves - saves, store.durable_saves - durable, store.fsyncs - fsyncs) == (2, 1, 3)
     assert eng.ledger().claims == {}
 
 

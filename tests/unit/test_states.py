@@ -363,8 +363,9 @@ def _spy_moves(monkeypatch) -> list[str]:
     return moves
 
 
-def test_device_already_on_vfio_at_its_bind_step_goes_host_to_vfio(tmp_path, monkeypatch):
-    """executor._bind_step: someone bound it to vfio-pci after the plan was made."""
+def test_device_already_on_vfio_at_its_bind_step_goes_binding_to_vfio(tmp_path, monkeypatch):
+    """executor._bind_step: someone bound it to vfio-pci after the claim recorded it (binding,
+    written ahead); the activation records it on vfio, to be given back to the driver it had."""
     from .conftest import load_sim, make_engine
     from .daemon_support import vfio_bind_by_hand
 
@@ -373,9 +374,10 @@ def test_device_already_on_vfio_at_its_bind_step_goes_host_to_vfio(tmp_path, mon
     moves = _spy_moves(monkeypatch)
     eng.executor.on_step = lambda name: vfio_bind_by_hand(eng, PAIR_B) if name == f"bind:{PAIR_B}" else None
     eng.prepare([PciAddress.parse(PAIR)], VM1)
-    assert "device host->vfio" in moves
+    assert "device binding->vfio" in moves
     claim = eng.ledger().claim_for_group(15)
     assert claim.state == "active" and claim.device(PAIR_B).state == "vfio"
+    assert claim.device(PAIR_B).original_driver == "e1000e"
 
 
 def test_incomplete_rollback_fails_the_claim_and_releasing_it_again_works(tmp_path, monkeypatch):
@@ -390,10 +392,11 @@ def test_incomplete_rollback_fails_the_claim_and_releasing_it_again_works(tmp_pa
         eng.prepare([PciAddress.parse(NIC)], VM1)
     claim = eng.ledger().claim_for_group(12)
     assert claim.state == "failed" and claim.device(NIC).state == "restoring"
+    # host->binding: the claim's own record, written ahead with the claim in one save
     assert moves == ["device host->binding", "device binding->restoring", "claim claimed->failed"]
     eng.release(VM1)
     assert eng.ledger().claims == {} and sim.driver(NIC) == "e1000e"
-    assert moves[3:] == ["claim failed->releasing", "device restoring->host"]
+    assert moves[3:] == ["claim failed->releasing"]      # the device's return is the drop's outcome
 
 
 def test_reconcile_completing_a_prepare_whose_rollback_had_begun(tmp_path, monkeypatch):
@@ -429,6 +432,7 @@ def test_reconcile_completing_a_prepare_whose_rollback_had_begun(tmp_path, monke
     moves = _spy_moves(monkeypatch)
     report = reconcile(fresh, [RunningDomain(VM1.name, VM1.uuid, [PciAddress.parse(PAIR)])])
     assert [f["action"] for f in report.finished] == ["completed half prepare"]
-    assert moves == ["device restoring->vfio", "claim claimed->active"]
+    # PAIR_B's rollback had saved "restoring"; PAIR was still "binding" (written ahead, bound)
+    assert moves == ["device binding->vfio", "device restoring->vfio", "claim claimed->active"]
     fresh.release(VM1)
     assert sim.driver(PAIR) == sim.driver(PAIR_B) == "e1000e"

@@ -158,19 +158,33 @@ def _bind_steps(tmp_path) -> list[str]:
     return [n for n in names if n.startswith("bind:")]
 
 
-def test_save_failing_before_the_second_bind_rolls_back_the_first(monkeypatch, tmp_path):
+def test_outcome_save_failing_after_both_binds_gives_both_back(monkeypatch, tmp_path):
+    """The ledger is written ahead: no save between the binds, so the save that can fail after
+    the first sysfs write is the activation's; both devices were bound and both go back."""
     first, second = (s.split(":", 1)[1] for s in _bind_steps(tmp_path))
     sim = load_sim("lab")
     before = sim.state()
     eng = make_engine(sim, tmp_path / "state")
     fault = DiskFault(monkeypatch, tmp_path / "state", errno.ENOSPC, times=1, armed=False)
-    eng.executor.on_step = lambda name: setattr(fault, "armed", fault.armed or name == f"bind:{second}")
+    eng.executor.on_step = lambda name: setattr(fault, "armed", fault.armed or name.startswith("activate:"))
     with pytest.raises(LedgerSaveFailed, match=r"\(ENOSPC\)") as e:
         eng.prepare([PAIR], VM1)
     assert fault.hits == 1 and e.value.hint.endswith("what was done was undone")
-    assert _touches(sim.write_log, first), "the first device was bound, then given back"
-    assert not _touches(sim.write_log, second), "no sysfs write for the device whose intent was not saved"
+    assert _touches(sim.write_log, first) and _touches(sim.write_log, second), "both were bound, then given back"
     assert sim.state() == before and eng.ledger().claims == {}
+
+
+def test_no_save_between_the_binds_of_a_fresh_claim(tmp_path):
+    """Every device's intent is on disk before the first sysfs write (the claim's one save)."""
+    sim = load_sim("lab")
+    eng = make_engine(sim, tmp_path / "state")
+    seen: list[tuple[str, int, list[str]]] = []
+    eng.executor.on_step = lambda name: seen.append((name, eng.store.saves, sorted(
+        r.state for c in eng.store.read().claims.values() for r in c.devices)))
+    eng.prepare([PAIR], VM1)
+    binds = [(n, k, st) for n, k, st in seen if n.startswith("bind:")]
+    assert len(binds) == 2 and binds[0][1] == binds[1][1], "a save between the binds"
+    assert binds[0][2] == ["binding", "binding"], "both intents recorded before the first bind"
 
 
 def test_rollback_that_cannot_save_still_restores_and_names_both(monkeypatch, tmp_path):

@@ -1,8 +1,12 @@
 """The executor: the only writer.
 
 Applies a :class:`~hostdevd.planner.Plan` to the host through
-:class:`~hostdevd.sysfs.Sysfs`, recording intent in the ledger before each
-step so a crash at any point leaves enough on disk to finish or undo it.
+:class:`~hostdevd.sysfs.Sysfs`, recording intent in the ledger before the
+first sysfs write so a crash at any point leaves enough on disk to finish or
+undo it. The ledger is written ahead: a prepare's claim records every device
+it will bind (original driver and override, target driver) in one durable
+write, and its outcome in one more; a release likewise (issue 13). Recovery
+reads sysfs and finishes or undoes from that record.
 
 * Prepare is all-or-nothing: each step registers its undo the moment it
   succeeds; on failure the undos run in reverse and the claim is dropped
@@ -36,7 +40,7 @@ from .ledger import Claim, DeviceRecord
 from .ledger_store import LedgerStore
 from .logfields import log_action
 from .planner import GroupPlan, Plan, Step, held_refusal, refused
-from .states import ClaimState, DeviceState
+from .states import ClaimState, DeviceState, allowed
 from .sysfs import Sysfs
 from .sysfs_vfio import open_nodes_text
 from .topology import VFIO
@@ -142,6 +146,9 @@ class Executor(RecordSteps, SriovSteps):
         self._boundary(f"activate:{gp.group}")
         with self.store.transaction(durable=False) as ledger:    # the outcome: every member on vfio
             claim = ledger.held(gp.group)
+            for rec in claim.devices:
+                if rec.state == DeviceState.BINDING:        # written ahead at the claim; each bind verified
+                    rec.move_to(DeviceState.VFIO)
             claim.move_to(ClaimState.ACTIVE)
             ledger.put(claim)
         log_action(log, logging.INFO, "claim", "group %s active for %s", gp.group, plan.owner.label(),
@@ -205,13 +212,17 @@ class Executor(RecordSteps, SriovSteps):
                                                       DeviceState.HOST))
             ledger.put(claim)
 
-    def _record(self, addr: PciAddress, role: str, state: DeviceState) -> DeviceRecord:
-        """A device as it is now: its driver and override to give back, and who it is."""
+    def _record(self, addr: PciAddress, role: str, state: DeviceState, target: str | None = None) -> DeviceRecord:
+        """A device as it is now: its driver and override to give back, and who it is. With a
+        ``target`` driver that it is not on: the intent to bind it there (state binding)."""
         dev = self.sysfs.read_device(addr)   # read live: the topology may be seconds old
-        return DeviceRecord(address=str(addr), role=role, state=state, original_driver=dev.driver,
-                            original_override=dev.driver_override, bound_by_us=False,
-                            vendor_device=dev.vendor_device, subsystem=dev.subsystem,
-                            vfio_driver=recorded(dev.driver) if dev.on_vfio else None)
+        rec = DeviceRecord(address=str(addr), role=role, state=state, original_driver=dev.driver,
+                           original_override=dev.driver_override, bound_by_us=False,
+                           vendor_device=dev.vendor_device, subsystem=dev.subsystem,
+                           vfio_driver=recorded(dev.driver) if dev.on_vfio else None)
+        if target is not None and not same_driver(dev.driver, target):
+            rec.state, rec.bound_by_us, rec.vfio_driver = DeviceState.BINDING, True, recorded(target)
+        return rec
 
     def _claim(self, plan: Plan, gp: GroupPlan, undo: list) -> None:
         """Record the claim atomically: a racing owner loses here, before any sysfs write."""
@@ -239,8 +250,12 @@ class Executor(RecordSteps, SriovSteps):
             if holder is not None:
                 raise Refused(f"IOMMU group {gp.group} is already being prepared for {plan.owner.label()}",
                               "wait for the first request to finish", reason=Reason.GROUP_BUSY)
+            # Written ahead: every device this group's steps will bind is recorded as binding, with
+            # what to give back, in this one durable write before the first sysfs write.
+            targets = {s.pci: s.driver or VFIO for s in plan.steps if s.action == "bind" and s.group == gp.group}
             records = [self._record(a, "companion" if a in gp.companions else "requested",
-                                    DeviceState.VFIO if a in gp.keep else DeviceState.HOST) for a in gp.bind]
+                                    DeviceState.VFIO if a in gp.keep else DeviceState.HOST,
+                                    target=None if a in gp.keep else targets.get(a)) for a in gp.bind]
             # A reservation's claim says so in the same transaction (never a second write).
             ledger.put(Claim(group=gp.group, owner=plan.owner, state=ClaimState.CLAIMED, devices=records,
                              reserved=plan.owner.kind == "reservation", boot_id=self.sysfs.boot_id()))
@@ -263,12 +278,27 @@ class Executor(RecordSteps, SriovSteps):
         with self.telemetry.timed("bind"):
             self._bind_device(plan, group, addr, undo, driver)
 
+    def _written_ahead(self, group: int, addr: PciAddress, driver: str) -> DeviceRecord | None:
+        """The claim's record of this bind when the claim's own write recorded it (a fresh claim:
+        binding, ours, to this driver); None when this bind needs its own intent (converging)."""
+        claim = self.store.peek().claim_for_group(group)
+        rec = claim.device(addr) if claim is not None and claim.state == ClaimState.CLAIMED else None
+        if rec is None or rec.state != DeviceState.BINDING or not rec.bound_by_us \
+                or rec.vfio_driver != recorded(driver):
+            return None
+        return rec.model_copy()
+
     def _bind_device(self, plan: Plan, group: int, addr: PciAddress, undo: list, driver: str) -> None:
         self._boundary(f"bind:{addr}")
+        ahead = self._written_ahead(group, addr, driver)
         if same_driver(self.sysfs.driver(addr), driver):
-            self._set_state(group, addr, state=DeviceState.VFIO, vfio_driver=recorded(driver), durable=False)
+            if ahead is None:       # written ahead: the activation records it on vfio
+                self._set_state(group, addr, state=DeviceState.VFIO, vfio_driver=recorded(driver), durable=False)
             return
         driver = self._load_vfio_driver(driver)
+        if ahead is not None:
+            self._bind_writes(plan, group, addr, undo, driver, ahead)
+            return
         # Intent first: a crash from here on leaves a record saying we were moving it. A device
         # recorded as found on vfio-pci (so never to be given back) that a converging prepare now
         # finds on a host driver gives back that driver. (A fresh claim's record stays as read at
@@ -285,6 +315,12 @@ class Executor(RecordSteps, SriovSteps):
             rec.vfio_driver = recorded(driver)      # None for vfio-pci: what older ledgers meant
             ledger.put(claim)
             rec = rec.model_copy()
+        self._bind_writes(plan, group, addr, undo, driver, rec)
+        self._set_state(group, addr, state=DeviceState.VFIO, durable=False)      # an outcome: sysfs shows it
+
+    def _bind_writes(self, plan: Plan, group: int, addr: PciAddress, undo: list, driver: str,
+                     rec: DeviceRecord) -> None:
+        """The sysfs writes of one bind, its intent (``rec``) already on disk."""
         undo.append((f"bind:{addr}", lambda r=rec, g=group: self._restore(g, r)))
         self.sysfs.set_driver_override(addr, driver)
         self.sysfs.unbind(addr)
@@ -292,7 +328,6 @@ class Executor(RecordSteps, SriovSteps):
         if not wait_until(lambda: self.sysfs.driver(addr) == driver, self.verify_timeout):
             raise ExecutionFailed(f"{addr} did not bind to {driver} (driver is now {self.sysfs.driver(addr)})",
                                   f"check `dmesg` for {driver} errors")
-        self._set_state(group, addr, state=DeviceState.VFIO, durable=False)      # an outcome: sysfs shows it
         log_action(log, logging.INFO, "bind", "bound %s to %s (was %s)", addr, driver,
                    rec.original_driver or "no driver", address=addr, group=group, owner=plan.owner,
                    action="bind", result="ok")
@@ -352,17 +387,19 @@ class Executor(RecordSteps, SriovSteps):
     # ------------------------------------------------------------------ host actions
 
     # ------------------------------------------------------------------ restore
-    def _restore(self, group: int, rec: DeviceRecord) -> None:
+    def _restore(self, group: int, rec: DeviceRecord, ahead: bool = False) -> None:
         """Put one device back exactly as recorded (driver and driver_override).
 
         A reprobe is not enough: a VF with sriov_drivers_autoprobe=0 is never
         probed unless driver_override names a driver, and a device whose
-        override pointed elsewhere would land on the wrong driver.
+        override pointed elsewhere would land on the wrong driver. ``ahead``: the
+        release's intent was written ahead (device restoring) and its outcome is
+        the release's to write; otherwise this device's own records are saved.
         """
         with self.telemetry.timed("unbind"):
-            self._restore_device(group, rec)
+            self._restore_device(group, rec, ahead)
 
-    def _restore_device(self, group: int, rec: DeviceRecord) -> None:
+    def _restore_device(self, group: int, rec: DeviceRecord, ahead: bool = False) -> None:
         addr = rec.pci
         self._boundary(f"restore:{addr}")
         if not self.sysfs.exists(addr):
@@ -372,11 +409,12 @@ class Executor(RecordSteps, SriovSteps):
             return
         # Intent first, but the device goes back even when this save fails: sysfs is the truth,
         # and the record on disk still names the original driver, so nothing is forgotten.
-        unsaved = self._try_state(group, addr, state=DeviceState.RESTORING) is not None
+        unsaved = not ahead and self._try_state(group, addr, state=DeviceState.RESTORING) is not None
         want = rec.original_driver
         # Read before writing: after a reboot (or a hand's rebind) the device may be back already.
         if self.sysfs.driver(addr) == want and self.sysfs.driver_override(addr) == rec.original_override:
-            self._restored(group, addr, want, unsaved)
+            if not ahead:
+                self._restored(group, addr, want, unsaved)
             log_action(log, logging.INFO, "restore", "%s is on %s already; nothing to write", addr,
                        want or "no driver", address=addr, group=group, action="restore", result="ok")
             return
@@ -399,7 +437,8 @@ class Executor(RecordSteps, SriovSteps):
                 raise ExecutionFailed(f"{addr} did not return to {want} (driver is now "
                                       f"{self.sysfs.driver(addr) or 'none'})",
                                       "check `dmesg`; bind it by hand with driverctl or sysfs")
-        self._restored(group, addr, want, unsaved)
+        if not ahead:
+            self._restored(group, addr, want, unsaved)
         log_action(log, logging.INFO, "restore", "returned %s to %s", addr, want or "no driver",
                    address=addr, group=group, action="restore", result="ok")
 
@@ -467,12 +506,8 @@ class Executor(RecordSteps, SriovSteps):
 
     def _release_group(self, plan: Plan, group: int, steps: list[Step]) -> str | None:
         self._boundary(f"release:{group}")
-        with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if claim is None:
-                return None
-            claim.move_to(ClaimState.RELEASING)
-            ledger.put(claim)
+        if self.store.peek().claim_for_group(group) is None:
+            return None
         # R6, R14: rebind only after QEMU has closed the group node and every member's device cdev
         # (iommufd opens only those), or the host driver's probe hits EBUSY.
         if not wait_until(lambda: self.sysfs.vfio_users(group) == 0, self.release_wait, 0.1):
@@ -486,7 +521,19 @@ class Executor(RecordSteps, SriovSteps):
             log_action(log, logging.ERROR, "release", msg, group=group, owner=plan.owner,
                        action="release", result="busy")
             return msg
-        failures = self._run_release_steps(plan, group, steps)
+        # Written ahead, in one durable write: the claim releasing and every device hostdevd bound
+        # on its way back. A crash from here on is finished by reconciliation (it reads sysfs).
+        with self.store.transaction() as ledger:
+            claim = ledger.claim_for_group(group)
+            if claim is None:
+                return None
+            claim.move_to(ClaimState.RELEASING)
+            for rec in claim.devices:
+                if rec.bound_by_us and allowed(DeviceState, rec.state, DeviceState.RESTORING):
+                    rec.move_to(DeviceState.RESTORING)
+            ledger.put(claim)
+        restored: set[str] = set()
+        failures = self._run_release_steps(plan, group, steps, restored)
         self._boundary(f"drop:{group}")
         try:
             with self.store.transaction(durable=bool(failures)) as ledger:   # a clean drop is an outcome
@@ -494,6 +541,10 @@ class Executor(RecordSteps, SriovSteps):
                 if not failures:
                     ledger.drop(group)
                 elif claim is not None:
+                    for rec in claim.devices:
+                        if rec.address in restored and rec.state == DeviceState.RESTORING:
+                            rec.move_to(DeviceState.HOST)
+                            rec.bound_by_us = False
                     claim.move_to(ClaimState.FAILED)
                     claim.notes.append("release incomplete: " + "; ".join(failures))
                     ledger.put(claim)
@@ -505,9 +556,11 @@ class Executor(RecordSteps, SriovSteps):
                    group=group, owner=plan.owner, action="release", result="ok")
         return None
 
-    def _run_release_steps(self, plan: Plan, group: int, steps: list[Step]) -> list[str]:
+    def _run_release_steps(self, plan: Plan, group: int, steps: list[Step],
+                           restored: set[str] | None = None) -> list[str]:
         """The planner's order (modules back, VF settings back while on vfio-pci, devices back
-        newest first, units started); each step best effort. Returns the failures."""
+        newest first, units started); each step best effort. Returns the failures. ``restored``:
+        the release's intent was written ahead; the devices given back are added to it."""
         failures: list[str] = []
         for step in steps:
             claim = self.store.read().claim_for_group(group)
@@ -528,7 +581,9 @@ class Executor(RecordSteps, SriovSteps):
                                    action="restore_net", result="failed")
                         raise ExecutionFailed(f"{rec.address} MAC/VLAN: {e}") from e
                 elif step.action in ("restore", "drop") and rec is not None and rec.bound_by_us:
-                    self._restore(group, rec)        # a vanished device is dropped from the record
+                    self._restore(group, rec, ahead=restored is not None)   # a vanished one is dropped
+                    if restored is not None:
+                        restored.add(rec.address)
             except Exception as e:  # best effort: continue with the others
                 failures.append(e.message if isinstance(e, ExecutionFailed) and step.action == "restore_net"
                                 else f"{step.address or step.name}: {e}")

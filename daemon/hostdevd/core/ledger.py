@@ -8,7 +8,9 @@ crashes, daemon restarts or libvirtd restarts (libvirt itself loses its
 "inactive" list on restart; we must not).
 
 Device states: ``host`` (not touched yet) -> ``binding`` (intent recorded,
-sysfs writes under way) -> ``vfio`` (on vfio-pci) -> ``restoring`` -> gone.
+sysfs writes under way or still to come: a fresh claim records every device
+it will bind as ``binding`` in its one save) -> ``vfio`` (on vfio-pci) ->
+``restoring`` -> gone.
 Claim states: ``claimed`` -> ``active`` -> ``releasing`` -> gone; ``failed``
 keeps a claim whose undo did not complete so an operator can see it.
 Both are enums (core/states.py) whose tables say which moves are legal: assigning

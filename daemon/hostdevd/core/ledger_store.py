@@ -233,9 +233,10 @@ class LedgerStore:
         boot reads: never a truncated file, never a fall-back to ``.bak``), and the intent saved
         durably before it is all recovery needs (claims of an earlier boot are released by
         reading sysfs before any write, README "Reboots"); a crash of hostdevd alone keeps it
-        (the page cache survives the process). The next durable save covers it too. A cycle
-        (prepare and release of one device) fsyncs 12 times: 4 intents x 2, 4 outcomes x 1
-        (16 before issue 13)."""
+        (the page cache survives the process). The next durable save covers it too. The
+        executor writes ahead (a request's whole intent in one save, its outcome in one more):
+        a cycle (prepare and release) fsyncs 6 times: 2 intents x 2, 2 outcomes x 1 (16 before
+        issue 13)."""
         ledger.updated = now()
         t0 = time.monotonic()
         data = ledger.model_dump_json(indent=2).encode() + b"\n"
