@@ -514,24 +514,24 @@ class Executor(RecordSteps, SriovSteps):
             msg = (f"group {group}: {open_nodes_text(self.sysfs.vfio_open_nodes(group))} still open; "
                    "devices left on their vfio drivers")
             with self.store.transaction() as ledger:
-                claim = ledger.held(group)
-                claim.move_to(ClaimState.FAILED)
-                claim.notes.append(msg)
-                ledger.put(claim)
+                busy = ledger.held(group)
+                busy.move_to(ClaimState.FAILED)
+                busy.notes.append(msg)
+                ledger.put(busy)
             log_action(log, logging.ERROR, "release", msg, group=group, owner=plan.owner,
                        action="release", result="busy")
             return msg
         # Written ahead, in one durable write: the claim releasing and every device hostdevd bound
         # on its way back. A crash from here on is finished by reconciliation (it reads sysfs).
         with self.store.transaction() as ledger:
-            claim = ledger.claim_for_group(group)
-            if claim is None:
+            releasing = ledger.claim_for_group(group)
+            if releasing is None:
                 return None
-            claim.move_to(ClaimState.RELEASING)
-            for rec in claim.devices:
+            releasing.move_to(ClaimState.RELEASING)
+            for rec in releasing.devices:
                 if rec.bound_by_us and allowed(DeviceState, rec.state, DeviceState.RESTORING):
                     rec.move_to(DeviceState.RESTORING)
-            ledger.put(claim)
+            ledger.put(releasing)
         restored: set[str] = set()
         failures = self._run_release_steps(plan, group, steps, restored)
         self._boundary(f"drop:{group}")
