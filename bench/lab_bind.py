@@ -175,6 +175,11 @@ def report(result: dict) -> str:
         if "cpu_user" + suf in k:
             notes.append("CPU per cycle, {}: user {} ms, system {} ms (wall {} ms)".format(
                 label, ms(k["cpu_user" + suf]), ms(k["cpu_sys" + suf]), ms(k.get("cycle" + suf))))
+    prof = extra.get("engine_profile_top") or []
+    if prof:
+        notes.append("Engine nic1 cycle under cProfile: {} ms per cycle; top entries by own time "
+                     "(ms per cycle, calls):".format(prof[0]["total_ms_per_cycle"]))
+        notes += ["  {:>8.2f} {:>7d}  {}".format(r["own_ms"], r["calls"], r["where"]) for r in prof[1:]]
     if "virsh_first_call_s" in extra:
         notes.append("first virsh call after boot: {:.1f} s (libvirtd {} before it); "
                      "the same call later: {:.2f} s".format(
