@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,13 @@ def _l1_health(request):
         _STALLS.setdefault(vm.name, vm.stalled)
 
 
+# What the session's L1 cost before its first test (CI's log says where setup time goes).
+_SETUP: dict[str, float] = {}
+
+
 def pytest_terminal_summary(terminalreporter):
+    if _SETUP:
+        terminalreporter.write_line("[lab] session L1 setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in _SETUP.items()))
     for vm in _stalled_vms():
         _STALLS.setdefault(vm.name, vm.stalled)
     if not _STALLS:
@@ -129,16 +136,22 @@ def lab():
     try:
         try:
             step = "booting L1"
-            vm.boot(share_dir=labvm.REPO_ROOT,
-                    timeout=float(os.environ.get("HOSTDEVD_LAB_BOOT_TIMEOUT", 300)))
+            _SETUP["image check"] = t
+            _SETUP["boot"] = vm.boot(share_dir=labvm.REPO_ROOT,
+                                     timeout=float(os.environ.get("HOSTDEVD_LAB_BOOT_TIMEOUT", 300)))
             if labvm.SUITE == "bookworm":
                 step = "installing hostdevd into L1"
-                vm.install_hostdevd()
+                info = vm.install_hostdevd()
+                _SETUP.update({"wheel build": info["build_s"], "upload": info["upload_s"],
+                               "pip install": info["install_s"]})
             else:
                 step = "building hostdevd's .deb"
+                t0 = time.monotonic()
                 debs = labvm.build_deb()
+                _SETUP[".deb build"] = time.monotonic() - t0
                 step = f"installing {debs[0].name} into the {labvm.SUITE} L1 with apt"
-                vm.install_deb(debs)
+                info = vm.install_deb(debs)
+                _SETUP["apt install"] = float(info.get("install_s", 0))
         except labvm.LabError as e:
             err = f"{step} failed:\n{e}"
         if err:
