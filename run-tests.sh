@@ -11,8 +11,9 @@
 # which is what has, now and then, broken L1's kernel under TCG) after the lab_igb ones, on an
 # L1 booted with a QEMU that has the igb SR-IOV NIC (tests/lab/qemu-igb.sh); then on Debian 13 the tests marked
 # lab_trixie, with hostdevd installed from its .deb. A session in which L1's *kernel* failed
-# (RCU stall, soft lockup, panic; see README "L1 stalls") is run again on a fresh L1, at most
-# $HOSTDEVD_LAB_RERUNS times (default 2), and says so loudly; any other failure fails the run.
+# (RCU stall, soft lockup, panic; see README "L1 stalls") has its failed tests run again on a
+# fresh L1 (pytest --last-failed), at most $HOSTDEVD_LAB_RERUNS times (default 2), and says so
+# loudly; any other failure fails the run.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -35,17 +36,20 @@ trap 'rm -f "$stall_file"' EXIT
 export HOSTDEVD_LAB_STALL_FILE=$stall_file
 
 lab_session() { # MARK-EXPRESSION [pytest args]
-    local expr=$1 left=${HOSTDEVD_LAB_RERUNS:-2} t=$SECONDS; shift
+    local expr=$1 left=${HOSTDEVD_LAB_RERUNS:-2} t=$SECONDS again=(); shift
     while :; do
         : > "$stall_file"
-        if "$PY" -m pytest tests/lab -m "$expr" -v --durations=12 "$@"; then
+        if "$PY" -m pytest tests/lab -m "$expr" -v --durations=12 "${again[@]}" "$@"; then
             echo "run-tests: lab session '$expr' passed in $((SECONDS - t)) s"
             return 0
         fi
         [ -s "$stall_file" ] && [ "$left" -gt 0 ] || return 1
         left=$((left - 1))
         echo "run-tests: *** L1's kernel failed under TCG (the emulator, not hostdevd): $(head -1 "$stall_file")"
-        echo "run-tests: *** running the '$expr' lab session again on a fresh L1 ($left more reruns allowed)"
+        echo "run-tests: *** running the failed tests of the '$expr' lab session again on a fresh L1" \
+             "($left more reruns allowed)"
+        # only what failed (every test after a stall fails at once): what passed stays passed
+        again=(--last-failed)
     done
 }
 rc=0

@@ -4,6 +4,7 @@
     nice -n 19 .venv/bin/python bench/run_all.py            # everything (~5-10 min on 2 busy cores)
     .venv/bin/python bench/run_all.py --only engine,hook    # some of them
     .venv/bin/python bench/run_all.py --quick               # fewer samples, for a smoke run
+    .venv/bin/python bench/run_all.py --lab                 # and the lab's (bench/lab_bind.py: boots L1)
 
 Benchmarks, not tests: nothing asserts a time. The machine is shared and noisy, so compare the
 ratios within one run (the project's rule), not milliseconds across runs.
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +37,9 @@ def main() -> int:
                     help="where generated hosts (and the materialised /sys) are kept between runs")
     ap.add_argument("--reconcile-claims", type=int, default=1000, help="claims in the reconciliation benchmark")
     ap.add_argument("--label", default="", help="a word for the result file name (before, after, ...)")
+    ap.add_argument("--lab", action="store_true",
+                    help="also the lab's: engine cycle / raw sysfs writes and 4 groups in parallel / one after "
+                         "another, in the nested-VM lab (bench/lab_bind.py, one L1 boot, about 7 minutes)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -63,6 +68,9 @@ def main() -> int:
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(table(res["results"]))
     print(f"written {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    if a.lab:       # its own JSON file and table (lab_bind-<date>.json): the ratios are within that run
+        return subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "lab_bind.py"),
+                               "--rounds", "3" if q else "5"]).returncode
     return 0
 
 
