@@ -68,6 +68,7 @@ def test_prepare_and_release_read_only_the_group(tmp_path, monkeypatch, extra):
     assert sim.driver(PAIR) == sim.driver(PAIR_B) == "vfio-pci"
     assert count.enumerations == 0
     assert set(count.reads) == {PAIR, PAIR_B}, count.reads       # the request and its group, nothing else
+    assert max(count.reads.values()) <= 2, count.reads     # planned under the lock, recorded at the claim
     count.reset()
     eng.release(VM1)
     assert sim.driver(PAIR) == sim.driver(PAIR_B) == "e1000e"

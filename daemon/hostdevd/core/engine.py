@@ -156,7 +156,9 @@ class Engine:
         """
         addresses = list(addresses)
         with self.telemetry.timed("prepare"):
-            groups = groups_of(from_group_reads(self.sysfs, addresses), addresses)
+            # Which groups to lock: each existing device's iommu_group link (one read each); its
+            # members are read once, below, under the locks.
+            groups = {g for a in addresses if self.sysfs.exists(a) and (g := self.sysfs.iommu_group(a)) is not None}
             with self.locks.hold(groups):
                 # Plan under the group locks, against a fresh ledger and freshly read group
                 # members (only those: O(group), issue 13): no stale decisions. The pre-flight
