@@ -563,7 +563,7 @@ class Executor(RecordSteps, SriovSteps):
         the release's intent was written ahead; the devices given back are added to it."""
         failures: list[str] = []
         for step in steps:
-            claim = self.store.read().claim_for_group(group)
+            claim = self.store.peek().claim_for_group(group)     # only looked at: parsed once per file version
             rec = claim.device(step.address) if claim is not None and step.address else None
             try:
                 if step.action in ("load_module", "start_unit"):
