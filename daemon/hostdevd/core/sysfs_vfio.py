@@ -16,6 +16,7 @@ import re
 from typing import TYPE_CHECKING
 
 from .address import PciAddress
+from .device import is_vfio_driver
 from .errors import InvalidAddress
 from .variants import NAME_RE, VariantTable, module_of, parse_vfio_aliases
 
@@ -53,7 +54,7 @@ class VfioReads:
             drv = self.driver(addr)
             if drv is None:
                 continue
-            if drv.replace("-", "_").endswith("vfio_pci") or self.backend.exists(self._dev(addr, "vfio-dev")):
+            if is_vfio_driver(drv) or self.backend.exists(self._dev(addr, "vfio-dev")):
                 out.append(addr)
         return out
 
